@@ -1,0 +1,1 @@
+"""r1-megatron: DeepSeek-R1 GRPO on megatron-core."""

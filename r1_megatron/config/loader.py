@@ -1,0 +1,196 @@
+"""Strict YAML loading: unknown keys, wrong types and inconsistent sizes are one-line errors.
+
+Order of precedence: model card < job YAML < dotted `key=value` overrides from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from r1_megatron.config.schema import JobConfig, ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODELS_DIR = Path(os.environ.get("R1M_MODELS_DIR", REPO_ROOT / "models"))
+CONFIGS_DIR = Path(os.environ.get("R1M_CONFIGS_DIR", REPO_ROOT / "configs"))
+
+
+class ConfigError(ValueError):
+    """A config problem, stated in one line that names the key."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; the only conversion is int -> float."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, path)
+    if origin is dict:
+        key_t, val_t = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, key_t, f"{path}.{k}"): _coerce(v, val_t, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_t,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_t, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (bool, str):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {tp}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys with a did-you-mean."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def find_card(name: str) -> Path:
+    """Resolve a model card name (models/<name>.yaml) or path."""
+    for candidate in (Path(name), MODELS_DIR / name, MODELS_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known cards: {known}"
+    raise ConfigError(f"model.card: no model card '{name}' in {MODELS_DIR}{hint}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}".replace("\n", " ")) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['rl.steps=5', 'model.card=tiny_moe'] into a nested dict (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. rl.steps=5)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_dict(data: dict, overrides: list[str] | None = None) -> dict:
+    """Apply overrides and expand `model.card` into the card's fields (job fields win)."""
+    data = _merge(data, parse_overrides(overrides or []))
+    model = data.get("model", {})
+    if isinstance(model, str):
+        model = {"card": model}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping or a card name, got {model!r}")
+    if model.get("card"):
+        card = _read_yaml(find_card(model["card"]))
+        card.pop("card", None)
+        model = {**card, **model}
+    data["model"] = model
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job config (YAML path or configs/<name>), apply overrides, check everything but world size."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file() and (CONFIGS_DIR / f"{path}.yaml").is_file():
+            p = CONFIGS_DIR / f"{path}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = _read_yaml(p)
+    cfg = from_dict(JobConfig, resolve_dict(data, overrides))
+    from r1_megatron.config.validate import validate
+
+    validate(cfg)
+    return cfg
+
+
+def load_card(name: str, overrides: list[str] | None = None) -> ModelConfig:
+    """Load just a model card (e.g. for conversion tools)."""
+    return load_config(None, [f"model.card={name}", *(overrides or [])]).model
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_resolved(cfg: JobConfig, run_dir: str | Path) -> Path:
+    """Write the resolved config next to the run's outputs, so a run can be reproduced exactly."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "config.resolved.yaml"
+    target.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return target
+
+
+def config_from_resolved(path: str | Path) -> JobConfig:
+    """Read back a config written by save_resolved (or stored in a checkpoint)."""
+    return from_dict(JobConfig, _read_yaml(Path(path)))

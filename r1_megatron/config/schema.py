@@ -1,0 +1,228 @@
+"""The typed config tree. Every field has a one-line docstring comment; defaults follow SPEC.md.
+
+A job config (configs/*.yaml) names a model card (models/*.yaml) under `model.card` and may override
+any card field next to it. Sections: model, parallel, optim, rl, rollout, reward, checkpoint, offload,
+data, logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the network (SPEC §3). Loaded from a model card."""
+
+    card: str = ""  # name of the model card in models/ (or a path to a YAML file)
+    arch: Literal["deepseek_v3", "qwen2", "llama"] = "deepseek_v3"  # network family
+    hidden_size: int = 256  # d_model
+    num_layers: int = 3  # transformer layers in the main model (MTP layers not counted)
+    first_k_dense: int = 1  # the first k layers use a dense MLP instead of MoE
+    num_attention_heads: int = 4  # attention heads
+    num_key_value_heads: int | None = None  # GQA groups for dense students (None = MHA)
+    # MLA
+    q_lora_rank: int | None = 128  # q compression rank (None: q is projected directly)
+    kv_lora_rank: int = 512  # kv compression rank
+    qk_nope_head_dim: int = 32  # per-head q/k dims without rope
+    qk_rope_head_dim: int = 64  # per-head q/k dims with rope (shared k_pe)
+    v_head_dim: int = 32  # per-head value dim
+    # rope / YaRN
+    rope_theta: float = 10000.0  # rope base
+    max_position_embeddings: int = 4096  # longest sequence the model supports
+    yarn_factor: float | None = None  # YaRN scaling factor (None: plain rope)
+    original_max_position: int = 4096  # YaRN: context length before scaling
+    beta_fast: float = 32.0  # YaRN beta_fast
+    beta_slow: float = 1.0  # YaRN beta_slow
+    mscale: float = 1.0  # YaRN mscale
+    mscale_all_dim: float = 0.0  # YaRN mscale_all_dim
+    # MLP
+    ffn_hidden_size: int = 512  # intermediate size of the dense MLP layers
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2 students)
+    # MoE
+    moe_ffn_hidden_size: int = 128  # intermediate size of one routed expert
+    num_experts: int = 0  # routed experts (0: dense model)
+    num_shared_experts: int = 1  # shared experts (each of moe_ffn_hidden_size)
+    router_topk: int = 2  # experts per token
+    n_group: int = 1  # expert groups for group-limited routing
+    topk_group: int = 1  # groups kept per token
+    routed_scaling_factor: float = 1.0  # multiplies the normalized gate weights
+    norm_topk_prob: bool = True  # normalize the chosen gate weights to sum 1
+    score_function: Literal["sigmoid", "softmax"] = "sigmoid"  # router score function
+    bias_update_rate: float = 0.001  # aux-loss-free expert-bias update rate (0: off)
+    seq_aux_loss_coeff: float = 0.0001  # sequence-wise auxiliary balance loss coefficient
+    # MTP
+    mtp_num_layers: int = 0  # multi-token prediction layers
+    mtp_loss_scale: float = 0.3  # weight of the MTP loss
+    # misc
+    vocab_size: int = 512  # vocabulary size
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share input and output embeddings
+    init_std: float = 0.02  # std of the random init
+    bos_token_id: int | None = None  # written into the HF config
+    eos_token_id: int | None = None  # written into the HF config
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split (megatron-core parallel_state)."""
+
+    tp: int = 1  # tensor parallel size
+    pp: int = 1  # pipeline parallel size
+    ep: int = 1  # expert parallel size
+    etp: int = 1  # expert tensor parallel size
+    dp: int = 0  # data parallel size (0: derived as world_size / (tp*pp))
+    sequence_parallel: bool = False  # required with tp>1 and MoE
+    redundant_experts: int = 0  # extra physical expert slots (R - E)
+    micro_batch_size: int = 1  # sequences (or packed rows) per microbatch
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # MoE token dispatcher
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where the trainer runs
+
+
+@dataclass
+class OptimConfig:
+    """Adam and its schedule (megatron-core optimizer)."""
+
+    lr: float = 1e-4  # peak learning rate
+    min_lr: float = 0.0  # final learning rate of the decay
+    weight_decay: float = 0.0  # decoupled weight decay
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    clip_grad: float = 1.0  # global grad-norm clip (0: off)
+    warmup_steps: int = 0  # linear warmup steps
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"  # lr decay after warmup
+    total_steps: int = 100  # steps the schedule spans
+    distributed_optimizer: bool = True  # shard optimizer state over DP (GPU only; CPU uses the plain one)
+
+
+@dataclass
+class RLConfig:
+    """GRPO (SPEC §1)."""
+
+    steps: int = 10  # GRPO steps
+    prompts_per_step: int = 8  # prompts per rollout batch
+    group_size: int = 8  # G samples per prompt
+    std_normalize: bool = True  # False: Dr. GRPO advantages
+    baseline: Literal["mean", "leave_one_out"] = "mean"  # group baseline
+    adv_eps: float = 1e-6  # advantage std epsilon
+    clip_eps_low: float = 0.2  # ratio clip below
+    clip_eps_high: float = 0.2  # ratio clip above (DAPO clip-higher: 0.28)
+    dual_clip_c: float | None = None  # dual clip bound for A<0 (None: off, 3.0 typical)
+    kl_coef: float = 0.001  # beta (0: no reference forward)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # KL estimator
+    kl_in: Literal["loss", "reward"] = "loss"  # where the KL enters
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    dynamic_sampling: bool = False  # drop all-equal groups and resample
+    max_resample_rounds: int = 3  # bound on dynamic-sampling retries
+    overlong: Literal["none", "penalty", "soft_penalty", "mask"] = "none"  # truncated-sample handling
+    overlong_buffer: int = 16  # soft penalty ramps over the last buffer tokens
+    tis: float | None = None  # truncated importance sampling cap C (None: off)
+    num_minibatches: int = 1  # optimizer steps per rollout batch
+    ppo_epochs: int = 1  # passes over the rollout batch
+    canary_tol: float = 1e-3  # max |logprob| error between trainer and vLLM after a refit
+    entropy_coef: float = 0.0  # entropy bonus (0: off)
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout engine (vLLM)."""
+
+    engine: Literal["vllm"] = "vllm"  # rollout backend
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 64  # max response length
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # vLLM weights dtype
+    tp: int = 1  # vLLM tensor parallel size (GPU)
+    gpu_memory_utilization: float = 0.5  # vLLM share of GPU memory (GPU)
+    bucket_mb: int = 64  # refit bucket size
+    enforce_eager: bool = True  # no CUDA graphs / compile
+    seed: int = 0  # sampling seed
+
+
+@dataclass
+class SandboxConfig:
+    """Limits for untrusted code (SPEC §2)."""
+
+    wall_seconds: float = 10.0  # wall-clock kill
+    cpu_seconds: int = 5  # RLIMIT_CPU
+    memory_mb: int = 1024  # RLIMIT_AS
+    max_processes: int = 64  # RLIMIT_NPROC
+    file_size_mb: int = 16  # RLIMIT_FSIZE
+    open_files: int = 64  # RLIMIT_NOFILE
+    max_output_bytes: int = 1_000_000  # stdout/stderr kept per run
+    isolation: Literal["auto", "bwrap", "unshare", "none"] = "auto"  # strongest available by default
+    require_no_network: bool = False  # refuse to run if no network namespace can be made
+
+
+@dataclass
+class RewardConfig:
+    """Reward components and the scoring pool (SPEC §2)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    num_workers: int = 2  # scoring processes
+    timeout_s: float = 10.0  # hard per-item timeout
+    code_mode: Literal["fraction", "all"] = "fraction"  # code reward: fraction of tests, or all-or-nothing
+    language: str = "en"  # target language for language consistency
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (SPEC §6)."""
+
+    dir: str = ""  # where checkpoints go (default: <run_dir>/checkpoints)
+    save_every: int = 0  # steps between saves (0: only at the end)
+    load: str = ""  # checkpoint or HF directory to start from
+    resume: bool = True  # resume from dir/latest when present
+
+
+@dataclass
+class OffloadConfig:
+    """Moving the training state off the device between phases (SPEC §7)."""
+
+    enabled: bool = True  # offload params/grads/optimizer during rollout
+    pin_memory: bool = True  # pinned host buffers (GPU only)
+    reference_on_host: bool = True  # keep the reference model on the host between its forwards
+
+
+@dataclass
+class DataConfig:
+    """Prompts and sequences."""
+
+    task: str = "arithmetic"  # built-in task name, or "" to read train_file
+    train_file: str = ""  # JSONL prompts {"prompt", "answer"} or SFT pairs {"prompt", "response"}
+    eval_file: str = ""  # JSONL eval prompts
+    seq_length: int = 256  # packed row capacity / max sequence length
+    num_eval: int = 64  # held-out eval prompts
+    seed: int = 0  # data seed
+
+
+@dataclass
+class LoggingConfig:
+    """Where results go."""
+
+    run_dir: str = "runs/default"  # run directory (resolved config, metrics, checkpoints)
+    tensorboard: bool = True  # write TensorBoard events
+    wandb_project: str = ""  # log to wandb when set
+    log_every: int = 1  # steps between metric lines
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class JobConfig:
+    """The whole job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 1234  # global seed

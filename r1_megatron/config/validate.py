@@ -1,0 +1,88 @@
+"""Cross-field checks. Each message names the keys and prints the numbers."""
+
+from __future__ import annotations
+
+from r1_megatron.config.loader import ConfigError
+from r1_megatron.config.schema import JobConfig
+
+
+def _divides(a_key: str, a: int, b_key: str, b: int) -> None:
+    if a <= 0 or b % a != 0:
+        raise ConfigError(f"{a_key}({a}) does not divide {b_key}({b})")
+
+
+def validate_model(cfg: JobConfig) -> None:
+    m = cfg.model
+    for key in ("hidden_size", "num_layers", "num_attention_heads", "vocab_size", "ffn_hidden_size"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
+    if not 0 <= m.first_k_dense <= m.num_layers:
+        raise ConfigError(f"model.first_k_dense({m.first_k_dense}) must lie in [0, model.num_layers({m.num_layers})]")
+    if m.num_experts:
+        if not 1 <= m.router_topk <= m.num_experts:
+            raise ConfigError(f"model.router_topk({m.router_topk}) must lie in [1, model.num_experts({m.num_experts})]")
+        _divides("model.n_group", m.n_group, "model.num_experts", m.num_experts)
+        if not 1 <= m.topk_group <= m.n_group:
+            raise ConfigError(f"model.topk_group({m.topk_group}) must lie in [1, model.n_group({m.n_group})]")
+        per_group = m.num_experts // m.n_group
+        if m.topk_group * per_group < m.router_topk:
+            raise ConfigError(
+                f"model.topk_group({m.topk_group}) groups of {per_group} experts cannot hold "
+                f"model.router_topk({m.router_topk}) experts"
+            )
+    if m.num_key_value_heads is not None:
+        _divides("model.num_key_value_heads", m.num_key_value_heads, "model.num_attention_heads", m.num_attention_heads)
+
+
+def validate_parallel(cfg: JobConfig, world_size: int | None = None) -> None:
+    """Check the layout against the model; with world_size, also check tp*pp*dp == world_size."""
+    p, m = cfg.parallel, cfg.model
+    for key in ("tp", "pp", "ep", "etp"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _divides("parallel.tp", p.tp, "model.num_attention_heads", m.num_attention_heads)
+    _divides("parallel.tp", p.tp, "model.vocab_size", m.vocab_size)
+    _divides("parallel.tp", p.tp, "model.ffn_hidden_size", m.ffn_hidden_size)
+    if m.num_key_value_heads is not None:
+        _divides("parallel.tp", p.tp, "model.num_key_value_heads", m.num_key_value_heads)
+    _divides("parallel.pp", p.pp, "model.num_layers", m.num_layers)
+    if m.num_experts:
+        slots = m.num_experts + p.redundant_experts
+        _divides("parallel.ep", p.ep, "physical expert slots (model.num_experts + parallel.redundant_experts)", slots)
+        _divides("parallel.etp", p.etp, "model.moe_ffn_hidden_size", m.moe_ffn_hidden_size)
+        if p.tp > 1 and not p.sequence_parallel:
+            raise ConfigError(f"parallel.sequence_parallel must be true with parallel.tp({p.tp}) > 1 and MoE")
+    elif p.ep > 1:
+        raise ConfigError(f"parallel.ep({p.ep}) > 1 needs experts, but model.num_experts is 0")
+    if p.redundant_experts < 0:
+        raise ConfigError(f"parallel.redundant_experts must be >= 0, got {p.redundant_experts}")
+    if world_size is not None:
+        model_par = p.tp * p.pp
+        if world_size % model_par:
+            raise ConfigError(
+                f"parallel: tp({p.tp})*pp({p.pp}) = {model_par} does not divide world_size({world_size})"
+            )
+        dp = p.dp or world_size // model_par
+        if p.tp * p.pp * dp != world_size:
+            raise ConfigError(f"parallel: tp({p.tp})*pp({p.pp})*dp({dp}) = {p.tp * p.pp * dp} != world_size({world_size})")
+        if (p.etp * p.ep * p.pp) and world_size % (p.etp * p.ep * p.pp):
+            raise ConfigError(
+                f"parallel: etp({p.etp})*ep({p.ep})*pp({p.pp}) = {p.etp * p.ep * p.pp} does not divide world_size({world_size})"
+            )
+
+
+def validate(cfg: JobConfig, world_size: int | None = None) -> None:
+    validate_model(cfg)
+    validate_parallel(cfg, world_size)
+    r = cfg.rl
+    if r.group_size < 2:
+        raise ConfigError(f"rl.group_size({r.group_size}) must be >= 2 for group-relative advantages")
+    if r.prompts_per_step < 1:
+        raise ConfigError(f"rl.prompts_per_step({r.prompts_per_step}) must be >= 1")
+    if cfg.rollout.max_new_tokens < 1:
+        raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p({cfg.rollout.top_p}) must lie in (0, 1]")
+    for name, w in cfg.reward.weights.items():
+        if w != w:
+            raise ConfigError(f"reward.weights.{name} is NaN")
