@@ -31,20 +31,19 @@ def _type_name(tp: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp`; the only conversion is int -> float."""
+    """Check `value` against the annotation `tp`; the only conversions are int -> float and "3e-6" -> float."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         if value not in get_args(tp):
@@ -65,6 +64,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, item_t, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-6" (no dot) as a string; accept what float() accepts, nothing more.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected float, got str {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
         return float(value)
