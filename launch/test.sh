@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets everything up (launch/setup_env.sh) and runs the whole test suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup_env.sh
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q -ra --durations=25 tests "$@"
