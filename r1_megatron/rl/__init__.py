@@ -1,0 +1,1 @@
+"""GRPO: the sample contract (types), advantages, the policy loss, the train step and the loop."""
