@@ -67,7 +67,8 @@ def group_advantages(
     std is the unbiased group std (as in DeepSeekMath's GRPO); Dr. GRPO drops it.
     """
     if rewards.dim() != 2:
-        raise ValueError(f"group_advantages: rewards must be [num_groups, G], got shape {tuple(rewards.shape)}")
+        shape = tuple(rewards.shape)
+        raise ValueError(f"group_advantages: rewards must be [num_groups, G], got shape {shape}")
     adv = rewards - get_baseline(baseline)(rewards)
     if std_normalize:
         if rewards.shape[-1] < 2:

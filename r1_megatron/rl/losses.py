@@ -78,7 +78,9 @@ def token_mean(loss_mask: torch.Tensor, token_seq_len: torch.Tensor, norm: LossN
 
 
 @register_aggregation("seq-mean-token-sum-norm")
-def seq_mean_token_sum_norm(loss_mask: torch.Tensor, token_seq_len: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+def seq_mean_token_sum_norm(
+    loss_mask: torch.Tensor, token_seq_len: torch.Tensor, norm: LossNorm
+) -> torch.Tensor:
     """w_t = m_t / (G * max_response_len) (Dr. GRPO: a constant normalizer)."""
     return loss_mask / max(norm.num_sequences * norm.max_response_len, 1)
 

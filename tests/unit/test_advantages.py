@@ -94,7 +94,7 @@ def _batch(lengths: list[list[int]], truncated: list[list[bool]]) -> RolloutBatc
     for g, (rewards, lens, truncs) in enumerate(zip(REWARDS, lengths, truncated)):
         for i, (r, n, t) in enumerate(zip(rewards, lens, truncs)):
             samples.append(
-                Sample([1, 2], list(range(3, 3 + n)), [-1.0] * n, group_id=10 + g, sample_index=i, reward=r, truncated=t)
+                Sample([1, 2], list(range(3, 3 + n)), [-1.0] * n, 10 + g, i, reward=r, truncated=t)
             )
     order = [5, 0, 7, 2, 1, 6, 3, 4]
     return RolloutBatch([samples[k] for k in order])
@@ -142,7 +142,8 @@ def test_assign_overlong_soft_penalty():
     # squares 0.03515625 + 0.00390625 + 0.09765625 + 0.03515625 = 0.171875, var 0.171875/3.
     # Group 1 lengths are all 4 <= 6: no penalty.
     batch = _batch(LENS, TRUNC0)
-    assign_advantages(batch, RLConfig(overlong="soft_penalty", overlong_buffer=4, adv_eps=0.0), max_response_len=10)
+    cfg = RLConfig(overlong="soft_penalty", overlong_buffer=4, adv_eps=0.0)
+    assign_advantages(batch, cfg, max_response_len=10)
     std = math.sqrt(0.171875 / 3)
     adv = _advantages(batch)
     assert adv[0] == pytest.approx([0.1875 / std, -0.0625 / std, -0.3125 / std, 0.1875 / std], abs=1e-12)
@@ -193,6 +194,6 @@ def test_bad_inputs_name_the_field():
         Sample([1], [2], [-1.0], group_id=0, sample_index=0, loss_mask=[1.0, 1.0])
     with pytest.raises(KeyError, match="rl.baseline"):
         group_advantages(_rewards(), "median")
-    uneven = RolloutBatch([Sample([1], [2], [0.0], 0, 0), Sample([1], [2], [0.0], 0, 1), Sample([1], [2], [0.0], 1, 0)])
+    uneven = RolloutBatch([Sample([1], [2], [0.0], g, i) for g, i in [(0, 0), (0, 1), (1, 0)]])
     with pytest.raises(ValueError, match="unequal sizes"):
         uneven.group_index()
