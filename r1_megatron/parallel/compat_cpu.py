@@ -1,0 +1,323 @@
+"""The ONE place that makes megatron-core 0.16.1 run on CPU with gloo.
+
+megatron-core assumes a CUDA device in a few dozen spots (notes/platform.md lists them). On a machine
+without one, `activate()` installs the fixes below; on a CUDA machine it does nothing, so the GPU path
+runs megatron-core exactly as shipped. Every fix has a test in tests/unit/test_compat_cpu.py that
+(a) asserts the upstream behaviour it works around is still there, so a megatron upgrade that fixes it
+upstream makes a test fail and the patch can be dropped, and (b) exercises the patched path.
+
+What is *not* here, because config flags or layer specs cover it (see r1_megatron/model/):
+`use_cpu_initialization`, every `*_fusion=False`, `moe_grouped_gemm=False`, an SDPA core attention for
+MLA (the local DotProductAttention rejects MLA's k/v channels), and an RMSNorm that accepts sequence
+parallelism (the torch norm asserts it is off).
+
+The fixes, by kind:
+1. `_CpuTorch`: upstream modules that ask for `torch.cuda.current_device()` or write `device="cuda"`
+   get a module-scoped `torch` whose device requests resolve to the CPU. The real `torch` module is
+   never modified; only the listed megatron modules see the proxy.
+2. The RNG tracker keeps CUDA generator states; on CPU it keeps CPU generator states instead.
+3. Modules that probe for transformer-engine with an import that succeeds without it (MagicMock
+   classes) get `HAVE_TE = False`; `moe_utils.te_general_gemm` is defined as None where the failed
+   import left it undefined (a NameError in the router gating otherwise).
+4. The alltoall token dispatcher's split sizes reach `all_to_all_single` as tensors on CPU (the numpy
+   conversion only happens for CUDA tensors): they are converted to lists.
+5. `clip_grad_by_total_norm_fp32` / `get_grad_norm_fp32` use apex/TE multi-tensor kernels and
+   `device='cuda'` buffers: on CPU they are computed with torch ops.
+6. `TopKRouter._apply_expert_bias` is wrapped in torch.compile (megatron's jit_fuser); on CPU inductor
+   spends seconds per process compiling this two-line in-place add, so the plain function is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+_ACTIVE = False
+
+# Upstream modules whose `torch.cuda.current_device()` / `device="cuda"` calls lie on paths we use.
+# module -> why it is listed.
+CUDA_DEVICE_MODULES: dict[str, str] = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding":
+        "RotaryEmbedding ignores use_cpu_initialization when MLA builds it, and get_emb moves inv_freq to cuda",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding":
+        "YarnRotaryEmbedding.get_emb moves inv_freq_extra/inter to cuda on every first call",
+    "megatron.core.transformer.moe.router":
+        "TopKRouter allocates expert_bias/local_tokens_per_expert on cuda; gating() moves weights to cuda",
+    "megatron.core.transformer.moe.experts":
+        "SequentialMLP/GroupedMLP allocate expert buffers on torch.cuda.current_device()",
+    "megatron.core.transformer.moe.moe_utils":
+        "track_moe_metrics allocates the aux-loss tracker with device='cuda'",
+    "megatron.core.transformer.multi_token_prediction":
+        "MTPLossLoggingHelper allocates its tracker on cuda",
+    "megatron.core.tensor_parallel.mappings":
+        "TP/SP gather and reduce-scatter allocate outputs on cuda (TP > 1)",
+    "megatron.core.tensor_parallel.layers":
+        "sequence-parallel linear all-gather buffers are allocated on cuda (TP > 1)",
+    "megatron.core.tensor_parallel.utils":
+        "split/gather helpers used by p2p communication allocate on cuda (PP > 1)",
+    "megatron.core.pipeline_parallel.schedules":
+        "every forward_backward_* schedule creates total_num_tokens with device='cuda'",
+    "megatron.core.pipeline_parallel.p2p_communication":
+        "shape exchange buffers between pipeline stages are allocated on cuda (PP > 1)",
+    "megatron.core.transformer.moe.token_dispatcher":
+        "the alltoall dispatcher creates a torch.cuda.Stream and syncs on cuda streams",
+}
+
+
+class _CpuCuda:
+    """Stand-in for `torch.cuda` inside the listed modules: device queries answer 'cpu', streams are
+    no-ops (CPU work is synchronous), anything else falls through to the real `torch.cuda`."""
+
+    class Stream:
+        """A stream that does nothing: CPU ops complete in program order."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def wait_stream(self, other: Any) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+        def record_event(self) -> _CpuCuda.Stream:
+            return self  # an "event" whose synchronize() returns at once
+
+    _current_stream = Stream()
+
+    @staticmethod
+    def current_device() -> str:
+        return "cpu"
+
+    @classmethod
+    def current_stream(cls, *args: Any) -> Stream:
+        return cls._current_stream
+
+    @staticmethod
+    def stream(s: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def synchronize(*args: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+def _cpu_device(device: Any) -> Any:
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _cpu_factory(fn: Any) -> Any:
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    factory.__name__ = fn.__name__
+    return factory
+
+
+class _CpuTorch(types.ModuleType):
+    """Module-scoped `torch` for the modules in CUDA_DEVICE_MODULES: tensor factories map
+    device='cuda' to the CPU and `torch.cuda` is `_CpuCuda`; everything else is the real torch."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "empty_like")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in self._FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+        self.device = _cpu_torch_device
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+class _DeviceMeta(type):
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, torch.device)
+
+
+class _cpu_torch_device(metaclass=_DeviceMeta):  # noqa: N801 - stands in for torch.device
+    """`torch.device("cuda")` -> cpu; isinstance checks against it still see torch.device."""
+
+    def __new__(cls, *args: Any) -> torch.device:
+        dev = torch.device(*args)
+        return torch.device("cpu") if dev.type == "cuda" else dev
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG: megatron's tracker forks CUDA generator states; on CPU it forks the CPU generator.
+# ---------------------------------------------------------------------------------------------
+
+
+def _get_cpu_rng_state(device: Any = None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _make_cpu_tracker_class(base: type) -> type:
+    class CpuRNGStatesTracker(base):
+        """megatron's CudaRNGStatesTracker with CPU generator states (same names, same seeds)."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    return CpuRNGStatesTracker
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad norm / clipping without apex or TE multi-tensor kernels.
+# ---------------------------------------------------------------------------------------------
+
+
+def _get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None, data_parallel_group=None):
+    """Same contract as megatron.core.optimizer.clip_grads.get_grad_norm_fp32, in plain torch."""
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(grads_for_norm, torch.Tensor):
+        grads_for_norm = [grads_for_norm]
+    grads = [to_local_if_dtensor(g).float() for g in grads_for_norm]
+    norm_type = float(norm_type)
+    if norm_type == math.inf:
+        total = torch.tensor([max((g.abs().max().item() for g in grads), default=0.0)])
+        op = torch.distributed.ReduceOp.MAX
+    else:
+        total = torch.zeros(1)
+        for g in grads:
+            total += torch.linalg.vector_norm(g, norm_type) ** norm_type
+        op = torch.distributed.ReduceOp.SUM
+    if data_parallel_group:
+        torch.distributed.all_reduce(total, op=op, group=data_parallel_group)
+    torch.distributed.all_reduce(total, op=op, group=grad_stats_parallel_group)
+    value = total.item()
+    return value if norm_type == math.inf else value ** (1.0 / norm_type)
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Same contract as megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32."""
+    from megatron.core.utils import to_local_if_dtensor
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for p in parameters:
+            g = getattr(p, attr, None)
+            if g is not None:
+                to_local_if_dtensor(g).mul_(clip_coeff)
+
+
+# ---------------------------------------------------------------------------------------------
+# Alltoall dispatcher: split sizes must be lists for all_to_all_single.
+# ---------------------------------------------------------------------------------------------
+
+
+def _maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """Upstream converts to numpy only for CUDA tensors; CPU split sizes stay tensors and
+    all_to_all_single raises a TypeError. Convert them too."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.cpu().numpy()
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cuda_in_use() -> bool:
+    """True when this process runs megatron-core on a CUDA device (then nothing is patched)."""
+    return torch.cuda.is_available()
+
+
+def is_active() -> bool:
+    return _ACTIVE
+
+
+def activate() -> bool:
+    """Install the CPU fixes once. A no-op when CUDA is available. Returns whether they are active."""
+    global _ACTIVE
+    if _ACTIVE:
+        return True
+    if cuda_in_use():
+        return False
+
+    cpu_torch = _CpuTorch()
+    for name in CUDA_DEVICE_MODULES:
+        importlib.import_module(name).torch = cpu_torch
+
+    import megatron.core.tensor_parallel.random as tp_random
+
+    tp_random._get_cuda_rng_state = _get_cpu_rng_state
+    tp_random._set_cuda_rng_state = _set_cpu_rng_state
+    tp_random.CudaRNGStatesTracker = _make_cpu_tracker_class(tp_random.CudaRNGStatesTracker)
+    # Drop a tracker built before activation, so the next get_cuda_rng_tracker() makes a CPU one.
+    tp_random.initialize_rng_tracker(force_reset=True)
+
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        # extensions.transformer_engine imports without TE (its classes are MagicMocks), so MLA sets
+        # HAVE_TE = True and then isinstance(linear_proj, TELinear) raises a TypeError.
+        mla.HAVE_TE = False
+
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        # The failed TE import leaves the name undefined; RouterGatingLinearFunction tests it for None.
+        moe_utils.te_general_gemm = None
+
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
+
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+
+    for module in (clip_grads, optimizer):
+        module.get_grad_norm_fp32 = _get_grad_norm_fp32
+        module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    compiled = TopKRouter.__dict__["_apply_expert_bias"]
+    TopKRouter._apply_expert_bias = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+
+    _ACTIVE = True
+    return True
