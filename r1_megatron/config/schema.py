@@ -79,6 +79,11 @@ class ParallelConfig:
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # MoE token dispatcher
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the trainer runs
+    first_stage_layers: int | None = None  # layers on the first pipeline stage (None: even split)
+    last_stage_layers: int | None = None  # layers on the last pipeline stage (None: even split)
+    recompute: Literal["none", "full"] = "none"  # activation recompute (full: every layer, megatron uniform/1)
+    gpus_per_node: int = 8  # GPUs per node (planner and launch checks)
+    gpu_memory_gb: float = 80.0  # memory of one GPU in GiB (planner budget)
 
 
 @dataclass

