@@ -1,0 +1,1 @@
+"""Rollout: the engine interface, vLLM, weight export for refits, and EPLB expert placement."""

@@ -1,0 +1,396 @@
+"""Redundant-expert placement (SPEC §3 "Redundant hotspot experts", §4), after deepseek-ai/EPLB.
+
+Input: load[L, E] (tokens per logical expert and MoE layer), R physical slots, G GPUs, n nodes,
+K expert groups. GPU g holds physical slots [g*R/G, (g+1)*R/G). The policy is the reference's:
+hierarchical when K % n == 0 (pack expert groups onto nodes, then replicate and pack inside each
+node), otherwise global (one node, one group).
+
+Where this departs from the reference:
+- **No GPU holds two replicas of one expert** (EPLB issue #22). A second copy on the same GPU
+  stores the weights twice and only mimics an uneven token split. So `replicate` caps an expert
+  at the number of GPUs it may spread over (its node's), and `pack_replicas` forbids co-location.
+  A slot count that cannot avoid co-location (R/G > experts per node) is an error.
+- **Local search after the greedy packing.** While it lowers the heaviest GPU without pushing any
+  other GPU up to it: swap two replicas between the heaviest GPU and another one, or move a slot
+  from one expert's replicas to an expert on the heaviest GPU.
+- Forbidding co-location cannot match the reference on every input. With loads (3, 2, 1), R=4,
+  G=2 the reference packs {e1, e2} | {e0, e0}, a perfect 3 | 3 (e0 effectively unreplicated).
+  Every co-location-free placement doubles one expert on both GPUs, and the best is
+  {e0, e1} | {e0, e2} = 3.5 | 2.5. tests/unit/test_eplb.py checks this by brute force, and checks
+  that on skewed (Zipf) loads we are never worse than the reference.
+
+Replica load model (SPEC §3): a token routed to expert e goes to replica (token index mod
+logcnt[e]), so every replica of e carries load[e] / logcnt[e].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# A move must lower the heaviest GPU by more than this fraction, so float noise cannot make it cycle.
+_REL_TOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where every physical expert slot lives, for each of L MoE layers.
+
+    phy2log: [L, R] int64, logical expert of each physical slot; GPU g holds slots [g*R/G, (g+1)*R/G).
+    log2phy: [L, E, maxcnt] int64, the slots of each logical expert in ascending order, -1 padded.
+    logcnt: [L, E] int64, replicas per logical expert (>= 1); log2phy[l, e, :logcnt[l, e]] are valid.
+    num_gpus: G, the EP ranks the R slots are spread over.
+    """
+
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+    num_gpus: int
+
+    @classmethod
+    def from_phy2log(cls, phy2log: torch.Tensor | Sequence, num_experts: int, num_gpus: int) -> Placement:
+        """Derive log2phy and logcnt from phy2log [L, R] (e.g. when loading a checkpoint)."""
+        p2l = torch.as_tensor(phy2log, dtype=torch.int64)
+        num_layers, num_slots = p2l.shape
+        if p2l.min() < 0 or p2l.max() >= num_experts:
+            raise ValueError(f"phy2log holds expert ids outside [0, {num_experts})")
+        logcnt = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        logcnt.scatter_add_(1, p2l, torch.ones_like(p2l))
+        if (logcnt == 0).any():
+            layer, expert = (logcnt == 0).nonzero()[0].tolist()
+            raise ValueError(f"phy2log: layer {layer} has no replica of expert {expert}")
+        log2phy = torch.full((num_layers, num_experts, int(logcnt.max())), -1, dtype=torch.int64)
+        for layer in range(num_layers):
+            filled = [0] * num_experts
+            for slot, e in enumerate(p2l[layer].tolist()):
+                log2phy[layer, e, filled[e]] = slot
+                filled[e] += 1
+        return cls(p2l, log2phy, logcnt, num_gpus)
+
+    def as_dict(self) -> dict:
+        """JSON-ready lists (the CLI output and the checkpoint record)."""
+        return {
+            "phy2log": self.phy2log.tolist(),
+            "log2phy": self.log2phy.tolist(),
+            "logcnt": self.logcnt.tolist(),
+            "num_gpus": self.num_gpus,
+        }
+
+
+def balanced_packing(weights: Sequence[float], num_packs: int) -> list[int]:
+    """Pack index of each item: heaviest first, into the lightest pack that still has room.
+
+    Every pack ends up with exactly len(weights) / num_packs items; ties go to the lowest pack.
+    """
+    if len(weights) % num_packs:
+        raise ValueError(f"balanced_packing: {len(weights)} items do not split into {num_packs} packs")
+    per_pack = len(weights) // num_packs
+    pack_load = [0.0] * num_packs
+    pack_size = [0] * num_packs
+    pack_of = [-1] * len(weights)
+    for item in sorted(range(len(weights)), key=lambda i: -weights[i]):
+        p = min((q for q in range(num_packs) if pack_size[q] < per_pack), key=pack_load.__getitem__)
+        pack_of[item] = p
+        pack_load[p] += weights[item]
+        pack_size[p] += 1
+    return pack_of
+
+
+def _extra_slots(weights: Sequence[float], num_slots: int, max_count: int) -> list[int]:
+    """The expert given each extra slot, in the order the greedy hands them out."""
+    num_experts = len(weights)
+    if not num_experts <= num_slots <= num_experts * max_count:
+        raise ValueError(f"replicate: {num_slots} slots for {num_experts} experts, at most {max_count} replicas each")
+    counts = [1] * num_experts
+    extras = []
+    for _ in range(num_experts, num_slots):
+        e = max((i for i in range(num_experts) if counts[i] < max_count), key=lambda i: weights[i] / counts[i])
+        counts[e] += 1
+        extras.append(e)
+    return extras
+
+
+def replicate(weights: Sequence[float], num_slots: int, max_count: int | None = None) -> list[int]:
+    """Replica count per expert: one each, then every extra slot to argmax w_e / count_e.
+
+    max_count caps an expert's replicas (the GPUs it may spread over, so no two share one).
+    """
+    counts = [1] * len(weights)
+    for e in _extra_slots(weights, num_slots, num_slots if max_count is None else max_count):
+        counts[e] += 1
+    return counts
+
+
+def _realizable(counts: list[int], rooms: list[int]) -> bool:
+    """Gale-Ryser: can experts with these replica counts fill GPUs with these free slots, with no
+    expert twice on a GPU? Prefixes beyond max(rooms) hold automatically once the sums agree."""
+    if sum(counts) != sum(rooms):
+        return False
+    desc = sorted(counts, reverse=True)
+    prefix = 0
+    for k in range(1, min(len(desc), max(rooms, default=0)) + 1):
+        prefix += desc[k - 1]
+        if prefix > sum(min(r, k) for r in rooms):
+            return False
+    return True
+
+
+def pack_replicas(weights: Sequence[float], counts: Sequence[int], num_gpus: int) -> list[list[int]]:
+    """Experts held by each GPU (each GPU gets sum(counts) / num_gpus distinct experts).
+
+    Experts go heaviest replica first, onto the count_e lightest GPUs with room. If that choice
+    would leave the rest unplaceable without co-location, the expert takes the GPUs with the most
+    room instead, which (bipartite Havel-Hakimi) always keeps a valid completion.
+    """
+    total = sum(counts)
+    if total % num_gpus or max(counts) > num_gpus:
+        raise ValueError(f"pack_replicas: {total} replicas (max {max(counts)} of one expert) on {num_gpus} GPUs")
+    rep = [w / c for w, c in zip(weights, counts)]
+    order = sorted(range(len(counts)), key=lambda e: -rep[e])
+    load = [0.0] * num_gpus
+    room = [total // num_gpus] * num_gpus
+    held: list[list[int]] = [[] for _ in range(num_gpus)]
+    for idx, e in enumerate(order):
+        open_gpus = [g for g in range(num_gpus) if room[g] > 0]
+        pick = sorted(open_gpus, key=lambda g: (load[g], g))[: counts[e]]
+        rest = [counts[f] for f in order[idx + 1 :]]
+        if not _realizable(rest, [room[g] - (g in pick) for g in range(num_gpus)]):
+            pick = sorted(open_gpus, key=lambda g: (-room[g], load[g], g))[: counts[e]]
+        for g in pick:
+            held[g].append(e)
+            load[g] += rep[e]
+            room[g] -= 1
+    return [sorted(h) for h in held]
+
+
+def _best_swap(rep: list[float], held: list[set[int]], load: list[float], g: int, bar: float):
+    """Best exchange of a replica e on the heaviest GPU g with a lighter replica f on another GPU h."""
+    best = None
+    for e in held[g]:
+        for h in range(len(held)):
+            if h == g or e in held[h]:
+                continue
+            for f in held[h]:
+                if rep[f] >= rep[e] or f in held[g]:
+                    continue
+                new = {g: load[g] - rep[e] + rep[f], h: load[h] - rep[f] + rep[e]}
+                score = max(new.values())
+                if score < bar and (best is None or score < best[0]):
+                    best = (score, new, "swap", e, h, f)
+    return best
+
+
+def _best_recount(
+    weights: Sequence[float], counts: list[int], held: list[set[int]], load: list[float], g: int, bar: float
+):
+    """Best turning of a replica of donor f (on GPU h) into a new replica of an expert e on g: e's
+    holders get lighter, f's other holders heavier."""
+    num_gpus = len(held)
+    holders = [{x for x in range(num_gpus) if e in held[x]} for e in range(len(counts))]
+    donors = [f for f in range(len(counts)) if counts[f] >= 2]
+    best = None
+    for e in held[g]:
+        if counts[e] >= num_gpus:
+            continue
+        r_e_new = weights[e] / (counts[e] + 1)
+        drop = weights[e] / counts[e] - r_e_new
+        for f in donors:
+            r_f = weights[f] / counts[f]
+            rise = weights[f] / (counts[f] - 1) - r_f
+            new_g = load[g] - drop + (rise if f in held[g] else 0.0)
+            if f == e or new_g >= (bar if best is None else min(bar, best[0])):
+                continue
+            # f's holders other than h get heavier (those also holding e less so)
+            others = {x: load[x] - (drop if x in holders[e] else 0.0) + rise for x in holders[f] if x != g}
+            for h in holders[f] - holders[e]:
+                raised = [v for x, v in others.items() if x != h and v > load[x]]
+                if r_e_new > r_f:
+                    raised.append(load[h] - r_f + r_e_new)
+                score = max([new_g, *raised])
+                if score < bar and (best is None or score < best[0]):
+                    new = {x: load[x] - drop for x in holders[e]}
+                    new.update({x: v for x, v in others.items() if x != h})
+                    new[g], new[h] = new_g, load[h] - r_f + r_e_new
+                    best = (score, new, "recount", e, h, f)
+    return best
+
+
+def _best_move(weights: Sequence[float], counts: list[int], held: list[set[int]], load: list[float]):
+    """The move that lowers the heaviest GPU most while keeping every GPU it raises below that GPU's
+    old load, or None. Returns (new loads of changed GPUs, kind, e, h, f)."""
+    g = max(range(len(held)), key=load.__getitem__)
+    bar = load[g] * (1 - _REL_TOL)
+    rep = [w / c for w, c in zip(weights, counts)]
+    found = [m for m in (_best_swap(rep, held, load, g, bar), _best_recount(weights, counts, held, load, g, bar)) if m]
+    return min(found, key=lambda m: m[0])[1:] if found else None
+
+
+def _refine(weights: Sequence[float], counts: list[int], held: list[set[int]], max_moves: int) -> None:
+    """Local search in place. Each move strictly lowers the sorted load vector, so it terminates."""
+    load = [sum(weights[e] / counts[e] for e in h) for h in held]
+    for _ in range(max_moves):
+        move = _best_move(weights, counts, held, load)
+        if move is None:
+            return
+        new, kind, e, h, f = move
+        if kind == "swap":
+            g = next(x for x in new if x != h)
+            held[g].remove(e)
+            held[g].add(f)
+        else:
+            counts[e] += 1
+            counts[f] -= 1
+        held[h].remove(f)
+        held[h].add(e)
+        for x, v in new.items():
+            load[x] = v
+
+
+def _reference_start(weights: Sequence[float], num_slots: int, num_gpus: int) -> tuple[list[int], list[set[int]]]:
+    """The reference's placement (uncapped replicate, plain balanced_packing) with co-location
+    removed: each GPU keeps one copy of an expert, and every freed slot takes the expert not on
+    that GPU whose new replica adds the least load there. If the reference co-locates nothing,
+    this is exactly its placement, so the local search can only improve on it."""
+    num_experts = len(weights)
+    replicas = list(range(num_experts)) + _extra_slots(weights, num_slots, num_slots)
+    counts = [replicas.count(e) for e in range(num_experts)]
+    pack_of = balanced_packing([weights[e] / counts[e] for e in replicas], num_gpus)
+    held: list[set[int]] = [set() for _ in range(num_gpus)]
+    for e, g in zip(replicas, pack_of):
+        held[g].add(e)
+    counts = [sum(e in h for h in held) for e in range(num_experts)]
+    load = [sum(weights[e] / counts[e] for e in h) for h in held]
+    per_gpu = num_slots // num_gpus
+    for g in sorted(range(num_gpus), key=lambda x: -load[x]):
+        while len(held[g]) < per_gpu:
+            f = min((x for x in range(num_experts) if x not in held[g]), key=lambda x: weights[x] / (counts[x] + 1))
+            held[g].add(f)
+            counts[f] += 1
+    return counts, held
+
+
+def _place_node(weights: list[float], num_slots: int, num_gpus: int) -> list[list[int]]:
+    """Node-local expert indices held by each of the node's GPUs.
+
+    Several starts, each refined by local search; the lightest heaviest GPU wins: the repaired
+    reference placement, and the capped greedy for every cap that binds.
+    """
+    starts = [_reference_start(weights, num_slots, num_gpus)]
+    top_cap = min(num_gpus, max(replicate(weights, num_slots)))
+    for cap in range(top_cap, -(-num_slots // len(weights)) - 1, -1):
+        counts = replicate(weights, num_slots, max_count=cap)
+        starts.append((counts, [set(h) for h in pack_replicas(weights, counts, num_gpus)]))
+    best, best_max = None, math.inf
+    for counts, held in starts:
+        _refine(weights, counts, held, max_moves=20 * num_slots)
+        heaviest = max(sum(weights[e] / counts[e] for e in h) for h in held)
+        if heaviest < best_max:
+            best, best_max = held, heaviest
+    return [sorted(h) for h in best]
+
+
+def _place_layer(w: list[float], num_slots: int, num_groups: int, num_nodes: int, num_gpus: int) -> list[int]:
+    group_size = len(w) // num_groups
+    group_load = [sum(w[k * group_size : (k + 1) * group_size]) for k in range(num_groups)]
+    node_of_group = balanced_packing(group_load, num_nodes)
+    phy2log: list[int] = []
+    for node in range(num_nodes):
+        experts = [
+            e
+            for k in range(num_groups)
+            if node_of_group[k] == node
+            for e in range(k * group_size, (k + 1) * group_size)
+        ]
+        for local in _place_node([w[e] for e in experts], num_slots // num_nodes, num_gpus // num_nodes):
+            phy2log += [experts[i] for i in local]
+    return phy2log
+
+
+def check_inputs(load: np.ndarray, num_slots: int, num_groups: int, num_nodes: int, num_gpus: int) -> None:
+    """Raise ValueError with a one-line reason if the problem is malformed or forces co-location."""
+    if load.ndim != 2 or load.shape[0] == 0 or load.shape[1] == 0:
+        raise ValueError(f"load must be a non-empty [layers, experts] matrix, got shape {tuple(load.shape)}")
+    bad = np.argwhere(~np.isfinite(load))
+    if len(bad):
+        raise ValueError(f"load[{bad[0][0]}][{bad[0][1]}] = {load[tuple(bad[0])]} is not finite")
+    bad = np.argwhere(load < 0)
+    if len(bad):
+        raise ValueError(f"load[{bad[0][0]}][{bad[0][1]}] = {load[tuple(bad[0])]} is negative")
+    num_experts = load.shape[1]
+    for name, value in (("slots", num_slots), ("groups", num_groups), ("nodes", num_nodes), ("gpus", num_gpus)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if num_slots % num_gpus:
+        raise ValueError(f"slots ({num_slots}) must be divisible by gpus ({num_gpus})")
+    if num_slots < num_experts:
+        raise ValueError(f"slots ({num_slots}) must be >= experts ({num_experts}): every expert needs a slot")
+    if num_gpus % num_nodes:
+        raise ValueError(f"gpus ({num_gpus}) must be divisible by nodes ({num_nodes})")
+    if num_experts % num_groups:
+        raise ValueError(f"experts ({num_experts}) must be divisible by groups ({num_groups})")
+    nodes = num_nodes if num_groups % num_nodes == 0 else 1
+    if num_slots // num_gpus > num_experts // nodes:
+        raise ValueError(
+            f"slots per GPU ({num_slots // num_gpus}) exceed the {num_experts // nodes} experts of a node: "
+            f"some GPU would hold two replicas of one expert (need slots <= {num_experts * num_gpus // nodes})"
+        )
+
+
+def rebalance_experts(
+    load: torch.Tensor | np.ndarray | Sequence,
+    num_slots: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> Placement:
+    """Place R = num_slots physical expert slots on num_gpus GPUs for each layer of load[L, E]."""
+    load = np.asarray(load.detach().cpu() if isinstance(load, torch.Tensor) else load, dtype=np.float64)
+    check_inputs(load, num_slots, num_groups, num_nodes, num_gpus)
+    if num_groups % num_nodes:
+        num_groups, num_nodes = 1, 1
+    rows = [_place_layer(row.tolist(), num_slots, num_groups, num_nodes, num_gpus) for row in load]
+    return Placement.from_phy2log(rows, load.shape[1], num_gpus)
+
+
+def gpu_loads(load: torch.Tensor | np.ndarray, placement: Placement) -> torch.Tensor:
+    """[L, G] tokens per GPU: each replica carries load[e] / logcnt[e]."""
+    load = torch.as_tensor(np.asarray(load, dtype=np.float64))
+    p2l = placement.phy2log
+    per_slot = load.gather(1, p2l) / placement.logcnt.gather(1, p2l)
+    return per_slot.view(p2l.shape[0], placement.num_gpus, -1).sum(-1)
+
+
+def baseline_gpu_loads(load: torch.Tensor | np.ndarray, num_gpus: int) -> torch.Tensor:
+    """[L, G] tokens per GPU without redundancy: the E experts laid contiguously, expert e on GPU
+    e*G // E (E/G each when it divides)."""
+    load = torch.as_tensor(np.asarray(load, dtype=np.float64))
+    gpu_of = torch.arange(load.shape[1]) * num_gpus // load.shape[1]
+    return torch.zeros(load.shape[0], num_gpus, dtype=torch.float64).index_add_(1, gpu_of, load)
+
+
+def max_mean(per_gpu: torch.Tensor) -> torch.Tensor:
+    """[L] heaviest GPU over the mean GPU (1.0 is perfect balance; a layer with no load counts as 1)."""
+    mean = per_gpu.mean(-1)
+    return torch.where(mean > 0, per_gpu.max(-1).values / mean.clamp_min(math.ulp(0.0)), torch.ones_like(mean))
+
+
+def rank_experts(placement: Placement, layer: int, rank: int) -> list[int]:
+    """Logical expert ids of the slots EP rank `rank` holds in `layer`, in slot order."""
+    per_gpu = placement.phy2log.shape[1] // placement.num_gpus
+    return placement.phy2log[layer, rank * per_gpu : (rank + 1) * per_gpu].tolist()
+
+
+def replica_slots(
+    expert_ids: torch.Tensor, token_index: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor
+) -> torch.Tensor:
+    """Physical slot for each routed (token, expert): replica (token index mod logcnt[e]) of e.
+
+    expert_ids: [T, k] (or [T]) logical ids; token_index: [T]; log2phy: [E, maxcnt] and logcnt: [E]
+    of one layer. Returns a tensor shaped like expert_ids.
+    """
+    token_index = token_index.view(-1, *([1] * (expert_ids.dim() - 1)))
+    return log2phy[expert_ids, token_index % logcnt[expert_ids]]
