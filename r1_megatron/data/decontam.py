@@ -7,7 +7,8 @@ operators ``+ - * / = ^ < > %`` are kept as words (else "3 + 4" and "3 - 4" woul
 A prompt with fewer than n words contributes one gram, all of its words, so a short prompt is
 caught when it is repeated verbatim (after normalization).
 
-Compare the *questions*, not templated prompts: a shared template is itself longer than 10 words.
+Compare the *questions*, not templated prompts: a shared template is itself longer than 10 words
+(and so is a fixed instruction inside a question, as in the countdown task: dedupe those by key).
 """
 
 from __future__ import annotations
