@@ -1,4 +1,4 @@
-"""Data: the toy verifiable tasks, JSONL datasets, the tiny tokenizer, chat encoding, packing, decontamination.
+"""Data: toy verifiable tasks, JSONL datasets, the tiny tokenizer, chat encoding, packing, decontamination.
 
 Modules: tasks (arithmetic / countdown items, SFT responses), jsonl (validated reading), tokenizer
 (the 512-id test tokenizer), chat (prompt and SFT-pair encoding with a loss mask), packing

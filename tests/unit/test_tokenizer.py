@@ -77,7 +77,8 @@ def test_task_text_round_trips(tok):
             texts += [it["prompt"] for it in items]
             texts += [p["response"] for p in tasks.sft_pairs(items, seed=1, wrong_fraction=0.5)]
     texts += [p["prompt"] + p["response"] for p in tasks.chitchat_pairs(16, seed=0)]
-    texts += ["我们今天学习加法和减法。请一步一步地思考。", "  two  spaces\n\ttab\r\nend ", "emoji 🙂 ok"]
+    texts += ["我们今天学习加法和减法。请一步一步地思考。", "  two  spaces\n\ttab\r\nend "]
+    texts += ["emoji 🙂 ok"]
     for text in texts:
         ids = tok(text)["input_ids"]
         assert tok.decode(ids, skip_special_tokens=True) == text
