@@ -160,6 +160,9 @@ class SandboxConfig:
     max_output_bytes: int = 1_000_000  # stdout/stderr kept per run
     isolation: Literal["auto", "bwrap", "unshare", "none"] = "auto"  # strongest available by default
     require_no_network: bool = False  # refuse to run if no network namespace can be made
+    uid: int = 65534  # unprivileged uid the code runs as when the trainer is root (root ignores RLIMIT_NPROC)
+    python: str = ""  # interpreter for the code ("": the trainer's base interpreter, else /usr/bin/python3)
+    tmpfs_mb: int = 64  # size of the code's /tmp (its working directory) and /dev/shm under bwrap
 
 
 @dataclass

@@ -1,0 +1,274 @@
+"""The test runner that executes inside the sandbox. Standard library only: sandbox.py starts it as
+`python -I -S -c <this file's source>`, already isolated, already running as the unprivileged uid.
+
+It reads one JSON payload on stdin: {"program", "tests": [{"stdin", "assert"}], "marker", "limits"}.
+For each test it forks a child that applies the rlimits and runs the program (then, for an assert test,
+the assert code and a line with the marker). The runner feeds the child the test's stdin, reads its
+stdout and stderr up to the byte cap, and kills it at the wall-clock deadline. Per test it writes one frame
+to its own stdout, which is the report channel: a JSON header line, then the raw stdout and stderr bytes.
+It stops after the first test that was killed, since any limit violation zeroes the reward.
+
+Why a fork per test rather than a fresh sandbox per test: the namespaces and the interpreter start once
+per program (~40 ms), and a fork of the warm runner costs ~1 ms.
+
+Trust: the runner makes itself non-dumpable, so test code running as the same uid can neither ptrace it
+nor open its file descriptors through /proc. A test can kill the runner (sandbox.py then reports
+"sandbox:killed"), but it cannot write to the report channel. The expected outputs never enter the
+sandbox: sandbox.py and code.py compare outside.
+
+Every process a test leaves behind is killed before the next test starts: the runner is a child subreaper,
+so orphans re-parent to it and stay in its process tree.
+"""
+
+import builtins
+import ctypes
+import io
+import json
+import os
+import resource
+import selectors
+import signal
+import sys
+import time
+import traceback
+
+_PR_SET_DUMPABLE = 4
+_PR_SET_CHILD_SUBREAPER = 36
+_CHUNK = 65536
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}, {value})")
+
+
+def _set_limits(lim: dict) -> None:
+    cpu = lim["cpu_seconds"]
+    # The soft limit sends SIGXCPU; the hard one, a second later, SIGKILL for code that ignores it.
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (lim["memory_mb"] << 20,) * 2)
+    resource.setrlimit(resource.RLIMIT_NPROC, (lim["max_processes"],) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (lim["file_size_mb"] << 20,) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lim["open_files"],) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _child(program: str, assert_code: str | None, marker: str, lim: dict, fds: tuple[int, int, int]) -> None:
+    """Runs in the forked child: becomes the test's process and never returns."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    os.closerange(3, 1 << 16)
+    _set_limits(lim)
+    # Fresh text streams on fds 0-2: the runner's own sys.stdin has read ahead the payload.
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r")), encoding="utf-8")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(1, "w")), encoding="utf-8", errors="backslashreplace"
+    )
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+        io.BufferedWriter(io.FileIO(2, "w")), encoding="utf-8", errors="backslashreplace", line_buffering=True
+    )
+    sys.argv = ["main.py"]
+    code = 0
+    try:
+        scope = {"__name__": "__main__", "__builtins__": builtins, "__file__": "main.py"}
+        exec(compile(program, "main.py", "exec"), scope)
+        if assert_code is not None:
+            exec(compile(assert_code, "tests.py", "exec"), scope)
+            # Proof that the asserts ran to the end: a program that exits early never prints it.
+            sys.stdout.write("\n" + marker + "\n")
+    except SystemExit as e:
+        code = _exit_code(e.code)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        code = code or 1
+    os._exit(code)
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below `root`, from the parent pids in /proc/*/stat."""
+    parent: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the ")" that closes the command name: state, ppid, ...
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] != b"Z":
+            parent.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        kids = parent.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _reap_all() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _kill_tree(deadline: float) -> None:
+    """SIGKILL everything below the runner until nothing is alive (a fork bomb keeps forking meanwhile).
+    Reaping is left to the caller: the test's own exit status must be collected first."""
+    me = os.getpid()
+    while time.monotonic() < deadline:
+        pids = descendants(me)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.002)
+
+
+class _Output:
+    """A test's stdout and stderr pipes, read without blocking and capped together at `cap` bytes."""
+
+    def __init__(self, fds: tuple[int, int], cap: int):
+        self.bufs = {fd: bytearray() for fd in fds}
+        self.open = set(fds)
+        self.cap = cap
+        self.limited = False
+
+    def read(self, fd: int) -> bool:
+        """Read one chunk; False when nothing is available now or the pipe is at EOF."""
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            self.open.discard(fd)
+            return False
+        room = self.cap - sum(len(b) for b in self.bufs.values())
+        self.bufs[fd] += chunk[: max(room, 0)]
+        self.limited = len(chunk) > room
+        return not self.limited
+
+
+def _run_test(program: str, test: dict, marker: str, lim: dict) -> tuple[dict, bytes, bytes]:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _child(program, test.get("assert"), marker, lim, (in_r, out_w, err_w))
+        finally:
+            os._exit(70)
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    pidfd = os.pidfd_open(pid)
+    data = test.get("stdin", "").encode()
+    out = _Output((out_r, err_r), lim["max_output_bytes"])
+    sel = selectors.DefaultSelector()
+    for fd in (in_w, out_r, err_r):
+        os.set_blocking(fd, False)
+    sel.register(out_r, selectors.EVENT_READ)
+    sel.register(err_r, selectors.EVENT_READ)
+    sel.register(pidfd, selectors.EVENT_READ)
+    sel.register(in_w, selectors.EVENT_WRITE)
+    deadline = start + lim["wall_seconds"]
+    timed_out = exited = False
+    while not (exited or timed_out or out.limited):
+        left = deadline - time.monotonic()
+        timed_out = left <= 0
+        for key, _ in [] if timed_out else sel.select(left):
+            if key.fd == pidfd:
+                exited = True
+            elif key.fd == in_w:
+                try:
+                    data = data[os.write(in_w, data[:_CHUNK]) :]
+                except BrokenPipeError:
+                    data = b""
+                if not data:
+                    # EOF on the test's stdin.
+                    sel.unregister(in_w)
+                    os.close(in_w)
+                    in_w = -1
+            else:
+                out.read(key.fd)
+                if key.fd not in out.open:
+                    sel.unregister(key.fd)
+    if exited:
+        # Take what the test process wrote before it exited; anything it left running is cut off below.
+        for fd in list(out.open):
+            while out.read(fd):
+                pass
+    # Live processes of this test now: at the process limit when a fork bomb ran into the wall clock.
+    processes = len(descendants(os.getpid()))
+    if not exited:
+        _kill_tree(time.monotonic() + 2.0)
+    _, status, usage = os.wait4(pid, 0)
+    _kill_tree(time.monotonic() + 2.0)
+    # Orphans re-parented to the runner: their zombies would count against the next test's RLIMIT_NPROC.
+    _reap_all()
+    sel.close()
+    for fd in (in_w, out_r, err_r, pidfd):
+        if fd >= 0:
+            os.close(fd)
+    header = {
+        "exit": os.waitstatus_to_exitcode(status),
+        "timed_out": timed_out,
+        "output_limited": out.limited,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "wall_s": time.monotonic() - start,
+        "processes": processes,
+        "stdout_len": len(out.bufs[out_r]),
+        "stderr_len": len(out.bufs[err_r]),
+    }
+    return header, bytes(out.bufs[out_r]), bytes(out.bufs[err_r])
+
+
+def main() -> None:
+    _prctl(_PR_SET_DUMPABLE, 0)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    payload = json.loads(sys.stdin.buffer.read())
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    try:
+        # Under memory pressure the kernel's OOM killer should pick test code before anything else.
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    report = sys.stdout.buffer
+    program, marker, lim = payload["program"], payload["marker"], payload["limits"]
+    for test in payload["tests"]:
+        header, out, err = _run_test(program, test, marker, lim)
+        report.write(json.dumps(header).encode() + b"\n" + out + err)
+        report.flush()
+        if header["timed_out"] or header["output_limited"] or header["exit"] < 0:
+            break
+
+
+if __name__ == "__main__":
+    main()
