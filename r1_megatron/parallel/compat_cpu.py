@@ -67,6 +67,14 @@ CUDA_DEVICE_MODULES: dict[str, str] = {
         "shape exchange buffers between pipeline stages are allocated on cuda (PP > 1)",
     "megatron.core.transformer.moe.token_dispatcher":
         "the alltoall dispatcher creates a torch.cuda.Stream and syncs on cuda streams",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async":
+        "the torch_dist save preloads tensors to host and then calls torch.cuda.synchronize()",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver":
+        "the save's global success check all-reduces a flag allocated on cuda",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel":
+        "fully parallel save/load wrappers synchronize cuda around the exchange",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict":
+        "state-dict preprocessing synchronizes cuda",
 }
 
 
@@ -321,3 +329,17 @@ def activate() -> bool:
 
     _ACTIVE = True
     return True
+
+
+# =============================================================================================
+# Parallel-training patches (data parallelism, the optimizer, checkpoints). Owned by the trainer
+# (parallel/groups.py, rl/train_step.py, checkpoint/dist.py); tested in
+# tests/unit/test_compat_cpu_parallel.py. Module-level additions, read by activate() when it runs.
+# =============================================================================================
+
+CUDA_DEVICE_MODULES.update({
+    "megatron.core.distributed.param_and_grad_buffer":
+        "DDP allocates its contiguous grad (and param) buffers on torch.cuda.current_device()",
+    "megatron.core.optimizer.optimizer":
+        "FP32Optimizer keeps its loss scale in a torch.tensor(..., device='cuda')",
+})

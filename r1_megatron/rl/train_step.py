@@ -1,0 +1,303 @@
+"""The trainer: one pipeline stage's model chunk under megatron DDP, its optimizer and schedule.
+
+Every later stage trains through `Trainer.train_step(microbatches, loss_fn)` (SFT, GRPO,
+distillation) and reads logprobs through `Trainer.forward_logprobs(microbatches)`.
+
+Loss contract. The model's forward returns, per token, the log-probability of its label (fp32,
+computed vocab-parallel: minus megatron's per-token cross entropy). `loss_fn(logprobs, mb)` returns
+`(loss, sums)`: this microbatch's share of the step objective, already normalized by *global*
+counts (rl/losses.py `LossNorm`), and a dict of additive metric tensors. The step objective is then
+the plain sum of microbatch losses over microbatches and DP ranks. Megatron would average instead
+(its schedule divides each microbatch loss by num_microbatches and DDP scales grads by 1/dp), so
+the loss handed to megatron is multiplied by num_microbatches * dp; what it then does turns that
+back into the sum.
+
+The MTP loss and the MoE sequence aux loss stay megatron's own: each microbatch contributes its
+token-mean MTP loss (times mtp_loss_scale) and its aux loss, divided by num_microbatches, and DDP
+averages them over DP. With the same global set of microbatches this is the mean over all global
+microbatches, whatever the layout. Megatron computes the seq aux loss per *row*, so for a packed
+stream the "sequence" is the whole stream (a departure from DeepSeek-V3, which takes each sequence).
+The aux-loss-free expert-bias update runs in megatron's finalize_model_grads, with token counts
+summed over the whole TP x DP batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from r1_megatron.config.schema import JobConfig, ParallelConfig
+from r1_megatron.model.provider import build_model, mtp_disabled
+from r1_megatron.rl.microbatch import Microbatch
+
+LossFn = Callable[[torch.Tensor, Microbatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def _stage_overrides(cfg: JobConfig, layout: ParallelConfig) -> dict:
+    """TransformerConfig fields for uneven pipeline stages and activation recompute."""
+    out: dict = {}
+    if layout.pp > 1:
+        if layout.first_stage_layers is not None:
+            out["num_layers_in_first_pipeline_stage"] = layout.first_stage_layers
+        if layout.last_stage_layers is not None:
+            out["num_layers_in_last_pipeline_stage"] = layout.last_stage_layers
+    if layout.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return out
+
+
+class Trainer:
+    """This rank's model chunk (megatron DDP), optimizer (Adam) and LR schedule.
+
+    Construct after `parallel.groups.init_process_groups`. `model` is a list of model chunks (one:
+    no virtual pipeline), `optimizer` megatron's (chained: dense + expert params), `scheduler` the
+    OptimizerParamScheduler. `step` counts optimizer steps taken.
+    """
+
+    def __init__(self, cfg: JobConfig, layout: ParallelConfig, device: torch.device) -> None:
+        self.cfg, self.layout, self.device = cfg, layout, device
+        gpu = device.type == "cuda"
+        module = build_model(cfg.model, layout, device=device, **_stage_overrides(cfg, layout))
+        self.config = module.config
+        use_dist_opt = gpu and cfg.optim.distributed_optimizer
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=use_dist_opt,
+            check_for_nan_in_grad=False,
+        )
+        self.model = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)]
+        self.config.no_sync_func = self.model[0].no_sync
+        self.config.finalize_model_grads_func = finalize_model_grads
+        o = cfg.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                use_distributed_optimizer=use_dist_opt,
+                params_dtype=self.config.params_dtype,
+                bf16=self.config.bf16,
+                fp16=self.config.fp16,
+            ),
+            self.model,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=max(o.total_steps, 1),
+            lr_decay_style=o.decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=max(o.total_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The GPTModel of this stage (under DDP)."""
+        return self.model[0].module
+
+    @property
+    def dp_size(self) -> int:
+        return parallel_state.get_data_parallel_world_size()
+
+    def dp_sum(self, value: float | torch.Tensor) -> torch.Tensor:
+        """Sum a number over the data-parallel ranks (e.g. loss tokens, for global normalizers)."""
+        t = torch.as_tensor(value, dtype=torch.float64).reshape(1).clone()
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+        return t[0]
+
+    # ------------------------------------------------------------------------------------------
+    def _prepare(self, microbatches: Sequence[Microbatch]) -> tuple[list[Microbatch], int, int]:
+        """Pad every microbatch to one length (a multiple of tp under sequence parallelism); move
+        them to the device. Returns (microbatches, seq_length, micro_batch_size)."""
+        if not microbatches:
+            raise ValueError("train_step/forward_logprobs: no microbatches for this rank")
+        rows = {mb.shape[0] for mb in microbatches}
+        if len(rows) > 1:
+            raise ValueError(f"microbatches have different row counts {sorted(rows)}; megatron needs one")
+        length = max(mb.shape[1] for mb in microbatches)
+        if self.layout.sequence_parallel:
+            length = -(-length // self.layout.tp) * self.layout.tp
+        return [mb.padded_to(length).to(self.device) for mb in microbatches], length, rows.pop()
+
+    def _forward_step(self, loss_wrapper: Callable, data_iterator, model):
+        mb: Microbatch = next(data_iterator)
+        packed = None
+        if mb.cu_seqlens is not None:
+            cu = mb.cu_seqlens.to(torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            packed = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+            )
+        out = model(
+            mb.tokens, mb.position_ids, None, labels=mb.labels, loss_mask=mb.loss_mask, packed_seq_params=packed
+        )
+        return out, functools.partial(loss_wrapper, mb)
+
+    def _run(self, mbs: list[Microbatch], seq_length: int, mbs_rows: int, loss_wrapper, forward_only: bool):
+        fb = get_forward_backward_func()
+        return fb(
+            forward_step_func=functools.partial(self._forward_step, loss_wrapper),
+            data_iterator=iter(mbs),
+            model=self.model,
+            num_microbatches=len(mbs),
+            seq_length=seq_length,
+            micro_batch_size=mbs_rows,
+            forward_only=forward_only,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, microbatches: Sequence[Microbatch], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over this DP rank's microbatches; metrics identical on every rank.
+
+        Returns the summed `loss_fn` metrics (over microbatches and DP ranks), plus grad_norm, lr,
+        mtp_loss / moe_aux_loss (means over microbatches, when enabled) and update_ok.
+        """
+        mbs, seq_length, rows = self._prepare(microbatches)
+        scale = len(mbs) * self.dp_size
+
+        def loss_wrapper(mb: Microbatch, nll: torch.Tensor):
+            loss, sums = loss_fn(-nll.float(), mb)
+            return loss * scale, {k: v.detach().float() for k, v in sums.items()}
+
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        _clear_loss_trackers()
+        outputs = self._run(mbs, seq_length, rows, loss_wrapper, forward_only=False)
+        # lr for step s (1-based) is the schedule at s: the scheduler moves before the update.
+        self.scheduler.step(increment=1)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.step += 1
+        metrics = self._reduce_sums(outputs)
+        metrics.update(self._aux_metrics(len(mbs)))
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["update_ok"] = float(bool(update_ok))
+        return metrics
+
+    @torch.no_grad()
+    def forward_logprobs(self, microbatches: Sequence[Microbatch]) -> list[torch.Tensor]:
+        """Per-token label logprobs [b, s] (fp32, CPU) for each of this DP rank's microbatches.
+
+        Forward only, main model only (no MTP); every rank of the pipeline gets the result."""
+        mbs, seq_length, rows = self._prepare(microbatches)
+
+        def keep(mb: Microbatch, nll: torch.Tensor):
+            return torch.zeros((), device=nll.device), {"logprobs": -nll.float()}
+
+        for chunk in self.model:
+            chunk.eval()
+        with mtp_disabled(self.unwrapped):
+            outputs = self._run(mbs, seq_length, rows, keep, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        result = []
+        last = parallel_state.is_pipeline_last_stage()
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        group = parallel_state.get_pipeline_model_parallel_group()
+        for i, (mb, orig) in enumerate(zip(mbs, microbatches, strict=True)):
+            lp = outputs[i]["logprobs"] if last else torch.empty(mb.shape, dtype=torch.float32, device=self.device)
+            if self.layout.pp > 1:
+                dist.broadcast(lp, src=src, group=group)
+            result.append(lp[:, : orig.shape[1]].cpu())
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    def _reduce_sums(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Sum the loss_fn metrics over microbatches, then over DP; share them from the last stage."""
+        last = parallel_state.is_pipeline_last_stage()
+        keys = sorted(outputs[0]) if last and outputs else []
+        if self.layout.pp > 1:
+            box = [keys]
+            dist.broadcast_object_list(
+                box,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+            keys = box[0]
+        vec = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        if last:
+            for out in outputs:
+                vec += torch.stack([out[k].double().reshape(()) for k in keys]).to(self.device)
+            dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
+        if self.layout.pp > 1:
+            dist.broadcast(
+                vec,
+                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                group=parallel_state.get_pipeline_model_parallel_group(),
+            )
+        return dict(zip(keys, vec.tolist(), strict=True))
+
+    def _aux_metrics(self, num_microbatches: int) -> dict[str, float]:
+        """Raw MTP cross entropy (mean over MTP layers) and MoE seq aux loss (summed over layers,
+        coefficient not applied) of this step, as means over microbatches and DP ranks. Their
+        shares of the objective are mtp_loss_scale * mtp_loss and seq_aux_loss_coeff * moe_aux_loss."""
+        values = torch.zeros(2, dtype=torch.float64, device=self.device)
+        mtp = MTPLossLoggingHelper.tracker.get("values")
+        if mtp is not None and parallel_state.is_pipeline_last_stage():
+            values[0] = mtp.double().mean()
+        for entry in get_moe_layer_wise_logging_tracker().values():
+            part = entry["values"].double().sum().reshape(1)
+            # The seq aux loss is computed on each TP rank's sequence shard: partial sums.
+            if entry.get("reduce_group") is not None:
+                dist.all_reduce(part, group=entry["reduce_group"])
+            values[1] += part[0]
+        values /= num_microbatches
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        values /= self.dp_size
+        if self.layout.pp > 1:
+            dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+        _clear_loss_trackers()
+        out = {}
+        if self.cfg.model.mtp_num_layers:
+            out["mtp_loss"] = float(values[0])
+        if self.cfg.model.num_experts and self.cfg.model.seq_aux_loss_coeff > 0:
+            out["moe_aux_loss"] = float(values[1])
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Non-sharded trainer state that goes into every checkpoint (step and LR schedule)."""
+        return {"step": self.step, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _clear_loss_trackers() -> None:
+    """Zero megatron's MTP / MoE aux-loss logging trackers (module globals filled by forwards)."""
+    if "values" in MTPLossLoggingHelper.tracker:
+        MTPLossLoggingHelper.clean_loss_in_tracker()
+    clear_aux_losses_tracker()
+
+
+def replace_layout(cfg: JobConfig, **changes) -> JobConfig:
+    """A copy of `cfg` with `parallel` fields changed (tests and tools that switch layouts)."""
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **changes))
