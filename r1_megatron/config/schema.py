@@ -200,7 +200,14 @@ class OffloadConfig:
 class DataConfig:
     """Prompts and sequences."""
 
-    task: str = "arithmetic"  # built-in task name, or "" to read train_file
+    task: str = "arithmetic"  # built-in task (arithmetic | countdown), or "" to read train_file
+    template: Literal["r1_zero", "compact", "plain"] = "compact"  # prompt template (all end "Assistant: <think>")
+    chat: bool = False  # wrap prompts in the tokenizer's chat template (same for SFT and RL)
+    digits: int = 2  # arithmetic operand digits
+    ops: list[str] = field(default_factory=lambda: ["+", "-"])  # arithmetic operators
+    mul_digits: int = 1  # digits of the second operand of a product
+    sft_examples: int = 2000  # synthetic SFT pairs for a base/cold-start stage
+    sft_wrong_fraction: float = 0.0  # share of SFT answers made wrong on purpose (a weak base)
     train_file: str = ""  # JSONL prompts {"prompt", "answer"} or SFT pairs {"prompt", "response"}
     eval_file: str = ""  # JSONL eval prompts
     seq_length: int = 256  # packed row capacity / max sequence length
