@@ -1,0 +1,278 @@
+"""Hugging Face directories on disk: safetensors shards + index, config.json <-> ModelConfig, tokenizer.
+
+Shards are written as tensors stream in (bounded by `max_shard_bytes`), then renamed to the
+`model-0000k-of-0000n.safetensors` names once n is known, with `model.safetensors.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from r1_megatron.checkpoint.hf import ConversionError
+from r1_megatron.config.schema import ModelConfig
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+# ------------------------------------------------------------------------------------- config.json
+
+
+def hf_config(m: ModelConfig) -> dict:
+    """config.json for card `m`, in the published layout of each architecture."""
+    cfg = {
+        "architectures": [ARCHITECTURES[m.arch]],
+        "model_type": m.arch,
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_key_value_heads or m.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_position_embeddings,
+        "initializer_range": m.init_std,
+        "rms_norm_eps": m.rms_norm_eps,
+        "rope_theta": m.rope_theta,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": m.bos_token_id,
+        "eos_token_id": m.eos_token_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    if m.arch == "deepseek_v3":
+        cfg.update(
+            moe_intermediate_size=m.moe_ffn_hidden_size,
+            n_routed_experts=m.num_experts,
+            n_shared_experts=m.num_shared_experts,
+            num_experts_per_tok=m.router_topk,
+            n_group=m.n_group,
+            topk_group=m.topk_group,
+            routed_scaling_factor=m.routed_scaling_factor,
+            norm_topk_prob=m.norm_topk_prob,
+            first_k_dense_replace=m.first_k_dense,
+            moe_layer_freq=1,
+            topk_method="noaux_tc",
+            scoring_func=m.score_function,
+            q_lora_rank=m.q_lora_rank,
+            kv_lora_rank=m.kv_lora_rank,
+            qk_nope_head_dim=m.qk_nope_head_dim,
+            qk_rope_head_dim=m.qk_rope_head_dim,
+            v_head_dim=m.v_head_dim,
+            num_nextn_predict_layers=m.mtp_num_layers,
+            attention_bias=False,
+            attention_dropout=0.0,
+        )
+        if m.yarn_factor:
+            cfg["rope_scaling"] = {
+                "type": "yarn",
+                "factor": m.yarn_factor,
+                "original_max_position_embeddings": m.original_max_position,
+                "beta_fast": m.beta_fast,
+                "beta_slow": m.beta_slow,
+                "mscale": m.mscale,
+                "mscale_all_dim": m.mscale_all_dim,
+            }
+    else:
+        cfg["attention_bias"] = m.qkv_bias
+        if m.arch == "qwen2":
+            cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.num_layers)
+        else:
+            cfg.update(mlp_bias=False, head_dim=m.hidden_size // m.num_attention_heads)
+    return cfg
+
+
+def _rope(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, yarn dict or None) from either the legacy or the transformers-5 layout."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind in ("default", None):
+        return float(theta), None
+    if kind != "yarn":
+        raise ConversionError(f"config.json: rope type '{kind}' is not supported (only default and yarn)")
+    return float(theta), scaling
+
+
+def model_config_from_hf(cfg: dict) -> ModelConfig:
+    """ModelConfig from an HF config.json dict (DeepseekV3 / Qwen2 / Llama)."""
+    arch = cfg.get("model_type")
+    if arch not in ARCHITECTURES:
+        raise ConversionError(f"config.json: model_type '{arch}' is not one of {sorted(ARCHITECTURES)}")
+    theta, yarn = _rope(cfg)
+    eos = cfg.get("eos_token_id")
+    fields = dict(
+        arch=arch,
+        hidden_size=cfg["hidden_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
+        ffn_hidden_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_std=cfg.get("initializer_range", 0.02),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+    )
+    if arch == "deepseek_v3":
+        if cfg.get("scoring_func", "sigmoid") != "sigmoid" or cfg.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ConversionError("config.json: only scoring_func 'sigmoid' with topk_method 'noaux_tc' is supported")
+        fields.update(
+            first_k_dense=cfg.get("first_k_dense_replace", 0),
+            q_lora_rank=cfg.get("q_lora_rank"),
+            kv_lora_rank=cfg["kv_lora_rank"],
+            qk_nope_head_dim=cfg["qk_nope_head_dim"],
+            qk_rope_head_dim=cfg["qk_rope_head_dim"],
+            v_head_dim=cfg["v_head_dim"],
+            moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+            num_experts=cfg["n_routed_experts"],
+            num_shared_experts=cfg.get("n_shared_experts") or 0,
+            router_topk=cfg["num_experts_per_tok"],
+            n_group=cfg.get("n_group") or 1,
+            topk_group=cfg.get("topk_group") or 1,
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            mtp_num_layers=cfg.get("num_nextn_predict_layers", cfg.get("num_mtp_layers", 0)) or 0,
+        )
+        if yarn:
+            fields.update(
+                yarn_factor=float(yarn["factor"]),
+                original_max_position=int(yarn["original_max_position_embeddings"]),
+                beta_fast=float(yarn.get("beta_fast", 32.0)),
+                beta_slow=float(yarn.get("beta_slow", 1.0)),
+                mscale=float(yarn.get("mscale", 1.0)),
+                mscale_all_dim=float(yarn.get("mscale_all_dim", 0.0)),
+            )
+    else:
+        if arch == "llama" and cfg.get("attention_bias"):
+            raise ConversionError("config.json: llama attention_bias (bias on o_proj too) is not supported")
+        fields.update(
+            first_k_dense=cfg["num_hidden_layers"],
+            num_experts=0,
+            mtp_num_layers=0,
+            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+        )
+    return ModelConfig(**fields)
+
+
+def read_hf_config(hf_dir: str | Path) -> ModelConfig:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir}: no config.json")
+    try:
+        return model_config_from_hf(json.loads(path.read_text()))
+    except KeyError as e:
+        raise ConversionError(f"{path}: missing field {e.args[0]!r}") from e
+
+
+# ------------------------------------------------------------------------------------- tensors
+
+
+class HFCheckpoint:
+    """Lazy read access to the tensors of an HF directory (sharded or single-file safetensors)."""
+
+    def __init__(self, hf_dir: str | Path) -> None:
+        self.dir = Path(hf_dir)
+        index = self.dir / INDEX
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / SINGLE).is_file():
+            with safe_open(self.dir / SINGLE, "pt") as f:
+                self.where = {k: SINGLE for k in f.keys()}
+        else:
+            raise ConversionError(f"{hf_dir}: neither {INDEX} nor {SINGLE} found")
+        self._files: dict[str, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ConversionError(f"missing key '{name}' in {self.dir}")
+        fname = self.where[name]
+        if fname not in self._files:
+            self._files[fname] = safe_open(self.dir / fname, "pt")
+        return self._files[fname].get_tensor(name)
+
+
+def save_hf(
+    out_dir: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: dict,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """Write shards + index + config.json (+ tokenizer files) into out_dir, one shard in memory at a time."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shard_keys: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    size = total = 0
+
+    def flush() -> None:
+        save_file(current, str(out / f".shard-{len(shard_keys)}.tmp"), metadata={"format": "pt"})
+        shard_keys.append(list(current))
+        current.clear()
+
+    for name, tensor in tensors:
+        if name in seen:
+            raise ConversionError(f"duplicate key '{name}' in export")
+        seen.add(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        # a contiguous copy: a split view would otherwise drag its whole base storage along
+        current[name] = tensor.detach().to("cpu").contiguous().clone()
+        size += nbytes
+        total += nbytes
+    flush()
+    weight_map = {}
+    for k, keys in enumerate(shard_keys):
+        fname = f"model-{k + 1:05d}-of-{len(shard_keys):05d}.safetensors"
+        (out / f".shard-{k}.tmp").replace(out / fname)
+        weight_map.update({name: fname for name in keys})
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    copy_tokenizer(tokenizer_dir, out)
+    return out
+
+
+def copy_tokenizer(src: str | Path | None, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files present in src (if any) into dst; returns the names copied."""
+    if src is None or not Path(src).is_dir():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file() and Path(src).resolve() != Path(dst).resolve():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def iter_hf(ckpt: HFCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in ckpt.keys():
+        yield name, ckpt(name)

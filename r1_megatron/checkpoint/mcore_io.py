@@ -1,0 +1,69 @@
+"""Single-rank megatron checkpoints: dist_checkpointing (torch_dist) plus the model card beside it.
+
+Layout of a directory written here:
+  metadata.json, .metadata, __*.distcp, common.pt   megatron dist_checkpointing (reshards on load)
+  model_card.yaml                                  the ModelConfig the weights belong to
+  tokenizer files                                  when the source had them
+
+dist_checkpointing's writer starts a `spawn` multiprocessing manager, so scripts that call `save_mcore`
+need an `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import yaml
+
+from r1_megatron.checkpoint.hf import ConversionError
+from r1_megatron.config.loader import ConfigError, from_dict
+from r1_megatron.config.schema import ModelConfig
+
+CARD_FILE = "model_card.yaml"
+
+
+def is_mcore_dir(path: str | Path) -> bool:
+    return (Path(path) / CARD_FILE).is_file() and (Path(path) / "metadata.json").is_file()
+
+
+def read_card(ckpt_dir: str | Path) -> ModelConfig:
+    path = Path(ckpt_dir) / CARD_FILE
+    if not path.is_file():
+        raise ConversionError(f"{ckpt_dir}: no {CARD_FILE} (not a megatron checkpoint written by r1m)")
+    try:
+        return from_dict(ModelConfig, yaml.safe_load(path.read_text()) or {}, "model")
+    except ConfigError as e:
+        raise ConversionError(f"{path}: {e}") from e
+
+
+def save_mcore(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """Save a single-rank GPTModel and its card to out_dir (created; must not hold a checkpoint)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "metadata.json").exists():
+        raise ConversionError(f"{out}: already holds a checkpoint; choose an empty directory")
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    dist_checkpointing.save(model.sharded_state_dict(), str(out), sharded_strategy=strategy)
+    (out / CARD_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return out
+
+
+def load_mcore_into(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
+    """Load a dist checkpoint into an already built model (shapes must match the card)."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    except Exception as e:  # dist_checkpointing raises many types; name the directory and cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"{ckpt_dir}: checkpoint does not match {CARD_FILE}: {first}") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise ConversionError(f"{ckpt_dir}: {'missing' if missing else 'unknown'} key '{key}'")

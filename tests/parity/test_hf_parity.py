@@ -1,0 +1,120 @@
+"""Our megatron-core model, loaded from a transformers checkpoint, gives transformers' logits.
+
+Guarantees (fp32, max |logit difference| <= 1e-4):
+- DeepseekV3ForCausalLM with and without q_lora, grouped and ungrouped routing, router_topk/topk_group
+  of 1, 3 and 2 (megatron's stock group score only matches DeepSeek-V3's at 2), non-zero
+  e_score_correction_bias, YaRN on and off, norm_topk_prob on and off, a checkpoint with an MTP layer
+  (transformers ignores it; its import is checked in test_convert.py), and the vLLM-loadable tiny_moe card.
+- Qwen2ForCausalLM (GQA, qkv bias, tied embeddings) and LlamaForCausalLM.
+- The router alone matches transformers' DeepseekV3TopkRouter exactly on adversarial scores, and
+  megatron's stock group-limited router provably picks different experts there.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from r1_megatron.checkpoint import hf, hf_io
+from r1_megatron.config.loader import load_card
+from r1_megatron.model.provider import build_model, forward_logits
+from r1_megatron.model.random_hf import make_hf_checkpoint
+from r1_megatron.model.router import deepseek_v3_route
+from r1_megatron.parallel.device import single_rank_world
+
+TOL = 1e-4
+
+# (card, overrides): each row is a DeepSeek-V3 variant the parity must hold for.
+DEEPSEEK_CASES = {
+    "q_lora+yarn+groups(topk/topk_group=1)+mtp": (
+        "micro_moe",
+        dict(yarn_factor=4.0, original_max_position=64, mscale_all_dim=1.0),
+    ),
+    "no_q_lora+12experts+topk6/2groups+no_norm": (
+        "micro_moe",
+        dict(q_lora_rank=None, num_experts=12, n_group=3, topk_group=2, router_topk=6, norm_topk_prob=False,
+             routed_scaling_factor=1.5, num_layers=3),
+    ),
+    "ungrouped+2shared+all_moe+no_mtp": (
+        "micro_moe",
+        dict(n_group=1, topk_group=1, router_topk=3, num_shared_experts=2, first_k_dense=0, mtp_num_layers=0),
+    ),
+    "tiny_moe_card(vllm dims, topk/topk_group=1)": ("tiny_moe", dict(yarn_factor=2.0, original_max_position=512)),
+}
+
+DENSE_CASES = {
+    "qwen2+tied": ("qwen2_tiny", dict(tie_embeddings=True)),
+    "qwen2": ("qwen2_tiny", dict()),
+    "llama": ("qwen2_tiny", dict(arch="llama", qkv_bias=False, num_key_value_heads=1)),
+}
+
+
+@pytest.fixture(scope="module")
+def world():
+    return single_rank_world(0)
+
+
+def _compare(card: str, overrides: dict, tmp_path, seed: int) -> float:
+    m = replace(load_card(card), **overrides)
+    ref = make_hf_checkpoint(m, tmp_path, seed=seed)
+    cfg = hf_io.read_hf_config(tmp_path)
+    model = build_model(cfg).eval()
+    ckpt = hf_io.HFCheckpoint(tmp_path)
+    hf.import_weights(model, ckpt, cfg, ckpt.keys())
+    tokens = torch.randint(0, m.vocab_size, (2, 48), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ours = forward_logits(model, tokens)
+        theirs = ref(tokens).logits
+    assert ours.shape == theirs.shape
+    assert theirs.abs().max() > 0.1  # the comparison is not between two near-zero tensors
+    return (ours - theirs).abs().max().item()
+
+
+@pytest.mark.parametrize("case", list(DEEPSEEK_CASES))
+def test_deepseek_v3_logits_match_transformers(world, tmp_path, case):
+    card, overrides = DEEPSEEK_CASES[case]
+    assert _compare(card, overrides, tmp_path, seed=len(case)) <= TOL
+
+
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_dense_student_logits_match_transformers(world, tmp_path, case):
+    card, overrides = DENSE_CASES[case]
+    assert _compare(card, overrides, tmp_path, seed=len(case)) <= TOL
+
+
+def _stock_megatron_route(logits, bias, topk, n_group, topk_group, scale):
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    return topk_routing_with_score_function(
+        logits, topk, num_groups=n_group, group_topk=topk_group, scaling_factor=scale,
+        score_function="sigmoid", expert_bias=bias,
+    )
+
+
+@pytest.mark.parametrize("experts,n_group,topk_group,topk", [(16, 4, 2, 2), (24, 4, 2, 6), (256, 8, 4, 8)])
+def test_router_matches_transformers_and_not_stock_megatron(experts, n_group, topk_group, topk):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    gen = torch.Generator().manual_seed(experts)
+    hidden = 32
+    config = DeepseekV3Config(
+        hidden_size=hidden, n_routed_experts=experts, n_group=n_group, topk_group=topk_group,
+        num_experts_per_tok=topk, routed_scaling_factor=2.5, norm_topk_prob=True,
+    )
+    ref = DeepseekV3TopkRouter(config)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(experts, hidden, generator=gen))
+        ref.e_score_correction_bias.copy_(0.5 * torch.rand(experts, generator=gen))
+    x = torch.randn(512, hidden, generator=gen)
+    logits, ref_w, ref_idx = ref(x)
+    probs, routing_map = deepseek_v3_route(logits, ref.e_score_correction_bias, topk, n_group, topk_group, 2.5, True)
+    ref_probs = torch.zeros_like(logits).scatter(1, ref_idx, ref_w)
+    assert torch.equal(routing_map, ref_probs > 0)
+    torch.testing.assert_close(probs, ref_probs, rtol=0, atol=1e-6)
+
+    stock_probs, stock_map = _stock_megatron_route(logits, ref.e_score_correction_bias, topk, n_group, topk_group, 2.5)
+    if topk // topk_group == 2:
+        assert torch.equal(stock_map, routing_map)  # the one case where megatron's group score is DSv3's
+    else:
+        assert not torch.equal(stock_map, routing_map)
