@@ -6,7 +6,7 @@
 
 The math check runs in a one-worker RewardPool, so a pathological answer is killed at --timeout exactly
 as in training. The program runs in the sandbox (reward/code.py). tests.json is a list of tests, or
-{"tests": [...]}; a test is {"stdin": ..., "stdout": ...} or {"assert": ...}.
+{"tests": [...]}; a test is {"stdin": ..., "stdout": ...} (stdin optional) or {"assert": ...}.
 
 Exit status: 0 when a result was printed (whatever the score; its "error" says if scoring failed),
 2 for bad arguments or unreadable input, with a one-line message naming the file and the problem.
@@ -47,11 +47,11 @@ def load_tests(path: str) -> list[dict]:
     if not isinstance(tests, list) or not tests:
         raise InputError(f'--tests {path}: expected a non-empty list of tests or {{"tests": [...]}}')
     for i, t in enumerate(tests):
-        io_test = isinstance(t, dict) and isinstance(t.get("stdin"), str) and isinstance(t.get("stdout"), str)
-        assert_test = isinstance(t, dict) and isinstance(t.get("assert"), str)
-        if not (io_test or assert_test):
+        keys = set(t) if isinstance(t, dict) else None
+        if keys not in ({"stdin", "stdout"}, {"stdout"}, {"assert"}) or not all(isinstance(v, str) for v in t.values()):
             raise InputError(
-                f'--tests {path}: test {i} must be {{"stdin": str, "stdout": str}} or {{"assert": str}}, got {t!r:.80}'
+                f'--tests {path}: test {i} must be {{"stdin": str, "stdout": str}} (stdin optional) '
+                f'or {{"assert": str}}, got {t!r:.80}'
             )
     return tests
 

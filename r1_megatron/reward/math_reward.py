@@ -18,6 +18,15 @@ import logging
 import re
 from typing import Any
 
+import sympy
+from math_verify import parse, verify
+from sympy.parsing.sympy_parser import (
+    convert_xor,
+    implicit_multiplication_application,
+    parse_expr,
+    standard_transformations,
+)
+
 from r1_megatron.reward.registry import RewardResult, register
 
 # The warning says "timeouts are disabled, interrupt it yourself" on every process's first call; the
@@ -98,8 +107,6 @@ def _is_prose(answer: str) -> bool:
 
 
 def _mv_parse(text: str) -> list:
-    from math_verify import parse
-
     return parse(text, parsing_timeout=None, raise_on_error=True)
 
 
@@ -119,20 +126,11 @@ def _parse_gold(gold: str) -> list:
 
 
 def _has_sympy(parsed: list) -> bool:
-    from sympy import Basic, MatrixBase
-
-    return any(isinstance(x, (Basic, MatrixBase)) for x in parsed)
+    return any(isinstance(x, (sympy.Basic, sympy.MatrixBase)) for x in parsed)
 
 
 def _sympy_parse(text: str) -> Any | None:
     """sympy's own parser on a plain expression, refusing anything outside a safe alphabet."""
-    from sympy.parsing.sympy_parser import (
-        convert_xor,
-        implicit_multiplication_application,
-        parse_expr,
-        standard_transformations,
-    )
-
     text = text.strip().rstrip(".").replace("\\cdot", "*").replace("\\times", "*")
     if not text or len(text) > _MAX_SYMPY_CHARS or not _SAFE_EXPR.fullmatch(text):
         return None
@@ -148,8 +146,6 @@ def _sympy_parse(text: str) -> Any | None:
 
 def sympy_equal(gold: str, pred: str) -> bool | None:
     """True/False when sympy can read both sides, None when it cannot."""
-    import sympy
-
     g, p = _sympy_parse(gold), _sympy_parse(pred)
     if g is None or p is None:
         return None
@@ -165,8 +161,6 @@ def _normalize(text: str) -> str:
 
 def check_answer(answer: str, gold: str) -> tuple[bool, str | None]:
     """(correct, error type or None) for an extracted answer against the ground truth."""
-    from math_verify import verify
-
     try:
         gold_mv = _parse_gold(gold)
     except Exception:  # math-verify raised where it should have returned: a gold it chokes on

@@ -32,22 +32,23 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
 from typing import Any
 
 import psutil
 
-from r1_megatron.config.schema import RewardConfig
+from r1_megatron.config.schema import RewardConfig, SandboxConfig
 from r1_megatron.reward import score_sample
-from r1_megatron.reward.registry import RewardResult, names
+from r1_megatron.reward.registry import RewardResult, get, names
 
 Scorer = Callable[[str, Any], RewardResult]
 _MAX_STARTUP_FAILURES = 3  # consecutive worker deaths before ready: the pool cannot work (e.g. import error)
@@ -56,13 +57,26 @@ _PR_SET_PDEATHSIG = 1
 
 @dataclass
 class WeightedScorer:
-    """The default scorer: `score_sample` with fixed weights and target language (picklable)."""
+    """The default scorer: `score_sample` with fixed weights and target language (picklable). The code
+    component's sandbox limits and mode are module state in reward/code.py, set by prepare()."""
 
     weights: dict[str, float]
     language: str = "en"
+    sandbox: SandboxConfig | None = None
+    code_mode: str = "fraction"
 
     def __call__(self, response: str, ground_truth: Any) -> RewardResult:
         return score_sample(response, ground_truth, self.weights, self.language)
+
+    def prepare(self) -> None:
+        """Once per process before scoring: configure the code sandbox, and run the math check once so
+        its first-call setup (parser tables) is not charged to an item's timeout."""
+        if "code" in self.weights:
+            from r1_megatron.reward.code import configure
+
+            configure(self.sandbox, self.code_mode)
+        if "accuracy" in self.weights:
+            get("accuracy")(r"\boxed{\frac{1}{2}}", "0.5")
 
 
 def _die_with_parent() -> None:
@@ -76,6 +90,8 @@ def _worker_main(conn: Connection, scorer: Scorer) -> None:
     os.setpgid(0, 0)  # its own process group, so a kill takes whatever it started along
     _die_with_parent()
     names()  # import the built-in components now, outside any item's deadline
+    if hasattr(scorer, "prepare"):
+        scorer.prepare()
     conn.send(("ready",))
     while True:
         try:
@@ -147,7 +163,6 @@ class _Item:
 class _Group:
     results: list[RewardResult | None]
     remaining: int
-    item_seconds: list[float] = field(default_factory=list)
 
 
 class RewardPool:
@@ -172,6 +187,10 @@ class RewardPool:
             raise ValueError(f"reward.timeout_s({self.timeout_s}) must be > 0")
         if scorer is None:
             scorer = self._default_scorer(cfg)
+        try:
+            pickle.dumps(scorer)
+        except Exception as e:
+            raise TypeError(f"RewardPool: the scorer must be picklable (a module-level function or object): {e}") from None
         self._scorer = scorer
         self._ctx = mp.get_context(start_method)
         self._cond = threading.Condition()
@@ -205,7 +224,7 @@ class RewardPool:
                 raise ValueError(f"reward.weights.{name}: no reward component '{name}'; registered: {known}")
         if "language" in cfg.weights and cfg.language not in SCRIPTS:
             raise ValueError(f"reward.language: unknown language {cfg.language!r}; known: {sorted(SCRIPTS)}")
-        return WeightedScorer(dict(cfg.weights), cfg.language)
+        return WeightedScorer(dict(cfg.weights), cfg.language, cfg.sandbox, cfg.code_mode)
 
     # ---- caller side -------------------------------------------------------------------------------
 
@@ -261,11 +280,6 @@ class RewardPool:
     def score(self, items: Sequence[tuple[str, Any]]) -> list[RewardResult]:
         """Synchronous convenience: submit one group and wait for it."""
         return self.wait(self.submit(items))
-
-    def item_seconds(self, ticket: int) -> list[float]:
-        """Seconds from dispatch to result of each item of a not-yet-gathered group (completion order)."""
-        with self._cond:
-            return list(self._groups[ticket].item_seconds)
 
     def stats(self, reset: bool = False) -> dict[str, float]:
         """Counters (`reward_error/<type>`, `reward/items`, `reward/worker_restarts`, `reward/rescored`)
@@ -441,7 +455,6 @@ class RewardPool:
         if group is not None:
             group.results[item.index] = result
             group.remaining -= 1
-            group.item_seconds.append(seconds)
         self._counters["reward/items"] += 1
         for error in (result.error or "").split(","):
             if error:
@@ -456,11 +469,13 @@ class RewardPool:
             workers = list(self._workers)
             self._workers.clear()
         for w in workers:
-            if w.item is None:
+            if w.ready and w.item is None:
                 try:
                     w.conn.send(None)  # idle: let it exit on its own
                 except OSError:
                     pass
+            else:  # scoring or still importing: nothing of value to wait for
+                _kill_tree(w.proc)
         deadline = time.monotonic() + 2.0
         for w in workers:
             w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
