@@ -20,7 +20,9 @@ LOG_DIR=${LOG_DIR:-$RUN_DIR/logs/job-$SLURM_JOB_ID}
 mkdir -p "$LOG_DIR" "$CKPT_DIR"
 
 # The first node of the allocation hosts the c10d rendezvous store.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# (mapfile, not `| head -n 1`: head closing the pipe early kills scontrol with SIGPIPE under pipefail)
+mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${hosts[0]:?scontrol returned no hosts for $SLURM_JOB_NODELIST}
 export CONFIG CMD NPROC_PER_NODE MASTER_ADDR MASTER_PORT LOG_DIR
 export NNODES=$SLURM_JOB_NUM_NODES
 export RDZV_ID=$SLURM_JOB_ID

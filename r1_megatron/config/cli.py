@@ -39,13 +39,17 @@ def _check(args: argparse.Namespace, world: int | None) -> tuple[str | None, str
         if world is None and p.dp:
             world = job_world_size(cfg)
         summary = [
-            f"config {args.config}: model {cfg.model.card or cfg.model.arch}; tp {p.tp} pp {p.pp} ep {p.ep} "
-            f"etp {p.etp}; layers per stage "
-            f"{stage_layers(cfg.model.num_layers, p.pp, p.first_stage_layers, p.last_stage_layers)}; "
-            f"device {p.device}, backend {p.backend}"
+            (
+                f"config {args.config}: model {cfg.model.card or cfg.model.arch}; "
+                f"tp {p.tp} pp {p.pp} ep {p.ep} etp {p.etp}; layers per stage "
+                f"{stage_layers(cfg.model.num_layers, p.pp, p.first_stage_layers, p.last_stage_layers)}; "
+                f"device {p.device}, backend {p.backend}"
+            )
         ]
         if world is None:
-            return None, "\n".join(summary + ["world size unknown (parallel.dp 0, not under torchrun): no plan"])
+            return None, "\n".join(
+                summary + ["world size unknown (parallel.dp 0, not under torchrun): no plan"]
+            )
         summary[0] += f"; world {world} = tp {p.tp} x pp {p.pp} x dp {p.dp or world // (p.tp * p.pp)}"
         pl = plan_job(cfg, world)
     except ConfigError as e:
@@ -74,13 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="r1m validate", description=__doc__.splitlines()[0])
     ap.add_argument("config", help="job config (path or configs/<name>)")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    ap.add_argument("--world-size", type=int, default=None, help="check against this world size without torchrun")
+    ap.add_argument(
+        "--world-size", type=int, default=None, help="check against this world size without torchrun"
+    )
     args = ap.parse_intermixed_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     in_torchrun = "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if in_torchrun else args.world_size
     error, summary = _check(args, world)
-    failures = _agree(error is not None) if in_torchrun and world > 1 else int(error is not None)
+    try:
+        failures = _agree(error is not None) if in_torchrun and world > 1 else int(error is not None)
+    except (RuntimeError, OSError) as e:  # torch.distributed's timeout and store errors are RuntimeErrors
+        print(
+            f"r1m validate [rank {rank}]: ranks did not agree within {TIMEOUT_S:g}s: {e}".splitlines()[0],
+            file=sys.stderr,
+        )
+        return 1
     if error:
         print(f"r1m validate [rank {rank}]: {error}", file=sys.stderr)
     elif failures:

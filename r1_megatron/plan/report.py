@@ -20,7 +20,9 @@ def job_world_size(cfg: JobConfig, world_size: int | None = None) -> int:
         return world_size
     if p.dp > 0:
         return p.tp * p.pp * p.dp
-    raise ConfigError("parallel.dp is 0 (derived from the world size): set parallel.dp or pass --world-size N")
+    raise ConfigError(
+        "parallel.dp is 0 (derived from the world size): set parallel.dp or pass --world-size N"
+    )
 
 
 def plan_job(cfg: JobConfig, world_size: int | None = None) -> Plan:
@@ -71,7 +73,11 @@ def to_json(pl: Plan) -> dict:
         "active_params_per_token": pl.counts.active_per_token,
         "layout": {**asdict(pl.layout), "world": pl.layout.world, "edp": pl.layout.edp},
         "workload": asdict(pl.workload),
-        "per_rank": {**worst.bytes, **{f"peak_{k}": v for k, v in worst.phases.items()}, "stage": worst.stage},
+        "per_rank": {
+            **worst.bytes,
+            **{f"peak_{k}": v for k, v in worst.phases.items()},
+            "stage": worst.stage,
+        },
         "per_stage": [asdict(s) for s in pl.stages],
         "budget_bytes": pl.budget_bytes,
         "rollout": {k: int(v) for k, v in pl.rollout.items()},
@@ -109,13 +115,19 @@ def format_text(pl: Plan) -> str:
         else " (no MTP)"
     )
     lines = [
-        f"model {pl.card or '(inline)'}: {_n(c.total)} params{mtp}; {_n(c.active_per_token)} active per token",
-        f"layout: world {lay.world} = tp {lay.tp} x cp {lay.cp} x pp {lay.pp} x dp {lay.dp}; experts: ep {lay.ep} x "
-        f"etp {lay.etp} x edp {lay.edp} x pp {lay.pp}; {-(-lay.world // lay.gpus_per_node)} nodes x {lay.gpus_per_node} "
-        f"GPUs of {lay.gpu_memory_gb:g} GiB; recompute {lay.recompute}",
+        f"model {pl.card or '(inline)'}: {_n(c.total)} params{mtp}; {_n(c.active_per_token)} active/token",
+        (
+            f"layout: world {lay.world} = tp {lay.tp} x cp {lay.cp} x pp {lay.pp} x dp {lay.dp}; "
+            f"experts: ep {lay.ep} x etp {lay.etp} x edp {lay.edp} x pp {lay.pp}; "
+            f"{-(-lay.world // lay.gpus_per_node)} nodes x {lay.gpus_per_node} GPUs "
+            f"of {lay.gpu_memory_gb:g} GiB; "
+            f"recompute {lay.recompute}"
+        ),
         f"budget per GPU: {pl.budget_bytes / GiB:.1f} GiB (after reserve); GiB per rank by stage:",
-        f"{'stage':>5} {'layers':>6} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'logits':>8}"
-        f" {'train':>8} {'ref fwd':>8} {'rollout':>8} {'host':>8} {'refit tx':>8}",
+        (
+            f"{'stage':>5} {'layers':>6} {'params':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'logits':>8}"
+            f" {'train':>8} {'ref fwd':>8} {'rollout':>8} {'host':>8} {'refit tx':>8}"
+        ),
     ]
     for s in pl.stages:
         b, ph = s.bytes, s.phases
@@ -126,13 +138,17 @@ def format_text(pl: Plan) -> str:
         )
     r = pl.rollout
     lines += [
-        f"rollout (vLLM tp {pl.workload.rollout_tp}, {int(r['instances'])} instances): share "
-        f"{r['vllm_share_bytes'] / GiB:.1f} GiB - weights {r['weights_per_gpu_bytes'] / GiB:.1f} GiB - overhead "
-        f"{r['overhead_bytes'] / GiB:.1f} GiB = KV {r['kv_cache_bytes'] / GiB:.1f} GiB = {r['kv_tokens']:.0f} tokens "
-        f"({r['kv_bytes_per_token']:.0f} B/token), {int(r['full_length_sequences'])} sequences of "
-        f"{pl.workload.seq_length}",
-        f"refit: stream {pl.refit_stream_bytes / GiB:.1f} GiB; host memory when offloaded: "
-        f"{pl.host_per_node_bytes() / GiB:.1f} GiB per node",
+        (
+            f"rollout (vLLM tp {pl.workload.rollout_tp}, {int(r['instances'])} instances): share "
+            f"{r['vllm_share_bytes'] / GiB:.1f} GiB - weights {r['weights_per_gpu_bytes'] / GiB:.1f} GiB "
+            f"- overhead {r['overhead_bytes'] / GiB:.1f} GiB = KV {r['kv_cache_bytes'] / GiB:.1f} GiB = "
+            f"{r['kv_tokens']:.0f} tokens ({r['kv_bytes_per_token']:.0f} B/token), "
+            f"{int(r['full_length_sequences'])} sequences of {pl.workload.seq_length}"
+        ),
+        (
+            f"refit: stream {pl.refit_stream_bytes / GiB:.1f} GiB; host memory when offloaded: "
+            f"{pl.host_per_node_bytes() / GiB:.1f} GiB per node"
+        ),
     ]
     if pl.fits:
         lines.append("fits: yes")
