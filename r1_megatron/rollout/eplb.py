@@ -10,9 +10,12 @@ Where this departs from the reference:
   stores the weights twice and only mimics an uneven token split. So `replicate` caps an expert
   at the number of GPUs it may spread over (its node's), and `pack_replicas` forbids co-location.
   A slot count that cannot avoid co-location (R/G > experts per node) is an error.
-- **Local search after the greedy packing.** While it lowers the heaviest GPU without pushing any
-  other GPU up to it: swap two replicas between the heaviest GPU and another one, or move a slot
-  from one expert's replicas to an expert on the heaviest GPU.
+- **Search instead of one greedy pass.** Inside each node we build several starting placements
+  (the reference's own, with co-located copies turned into replicas of other experts, and the
+  capped greedy for every cap that binds), improve each by a short tabu search on the heaviest
+  GPU (swap replicas between GPUs, or turn a replica of one expert into a replica of another),
+  and search longer from the best. The search keeps the best state it saw, so whenever the
+  reference co-locates nothing on a node, our heaviest GPU there is at most the reference's.
 - Forbidding co-location cannot match the reference on every input. With loads (3, 2, 1), R=4,
   G=2 the reference packs {e1, e2} | {e0, e0}, a perfect 3 | 3 (e0 effectively unreplicated).
   Every co-location-free placement doubles one expert on both GPUs, and the best is
@@ -32,8 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# A move must lower the heaviest GPU by more than this fraction, so float noise cannot make it cycle.
+# A new best must lower the heaviest GPU by more than this fraction, so float noise cannot count.
 _REL_TOL = 1e-9
+# Tabu search budget per node: at most this many moves, stopping after PATIENCE without a new best.
+_ITERS = 200
+_PATIENCE = 30
 
 
 @dataclass(frozen=True)
@@ -104,11 +110,14 @@ def _extra_slots(weights: Sequence[float], num_slots: int, max_count: int) -> li
     """The expert given each extra slot, in the order the greedy hands them out."""
     num_experts = len(weights)
     if not num_experts <= num_slots <= num_experts * max_count:
-        raise ValueError(f"replicate: {num_slots} slots for {num_experts} experts, at most {max_count} replicas each")
+        raise ValueError(
+            f"replicate: {num_slots} slots for {num_experts} experts, at most {max_count} replicas each"
+        )
     counts = [1] * num_experts
     extras = []
     for _ in range(num_experts, num_slots):
-        e = max((i for i in range(num_experts) if counts[i] < max_count), key=lambda i: weights[i] / counts[i])
+        growable = (i for i in range(num_experts) if counts[i] < max_count)
+        e = max(growable, key=lambda i: weights[i] / counts[i])
         counts[e] += 1
         extras.append(e)
     return extras
@@ -148,7 +157,9 @@ def pack_replicas(weights: Sequence[float], counts: Sequence[int], num_gpus: int
     """
     total = sum(counts)
     if total % num_gpus or max(counts) > num_gpus:
-        raise ValueError(f"pack_replicas: {total} replicas (max {max(counts)} of one expert) on {num_gpus} GPUs")
+        raise ValueError(
+            f"pack_replicas: {total} replicas (up to {max(counts)} of one expert) on {num_gpus} GPUs"
+        )
     rep = [w / c for w, c in zip(weights, counts)]
     order = sorted(range(len(counts)), key=lambda e: -rep[e])
     load = [0.0] * num_gpus
@@ -167,90 +178,129 @@ def pack_replicas(weights: Sequence[float], counts: Sequence[int], num_gpus: int
     return [sorted(h) for h in held]
 
 
-def _best_swap(rep: list[float], held: list[set[int]], load: list[float], g: int, bar: float):
-    """Best exchange of a replica e on the heaviest GPU g with a lighter replica f on another GPU h."""
-    best = None
-    for e in held[g]:
-        for h in range(len(held)):
-            if h == g or e in held[h]:
-                continue
-            for f in held[h]:
-                if rep[f] >= rep[e] or f in held[g]:
-                    continue
-                new = {g: load[g] - rep[e] + rep[f], h: load[h] - rep[f] + rep[e]}
-                score = max(new.values())
-                if score < bar and (best is None or score < best[0]):
-                    best = (score, new, "swap", e, h, f)
-    return best
+class _Moves:
+    """Finds the best admissible move out of the heaviest GPU g. The moves, each given as the new
+    loads of the GPUs it changes and its edits, a list of (gpu, expert out, expert in):
+    - swap: e on g and f on another GPU h trade places;
+    - convert on g: g's replica of f (count >= 2) becomes a new replica of an expert e not on g;
+    - convert elsewhere: a replica of donor f on GPU h becomes a new replica of an expert e on g,
+      so every holder of e gets lighter.
+    A convert changes two experts' counts, so it also changes their other holders' loads. A move
+    is ranked by (heaviest GPU, sum of squared loads) after it; candidates whose new load on g
+    alone is already worse than the best found are skipped."""
 
+    def __init__(self, weights, counts, held, load, sumsq, tabu: dict, step: int, best_top: float):
+        self.weights, self.counts, self.held, self.load, self.sumsq = weights, counts, held, load, sumsq
+        self.tabu, self.step, self.best_top = tabu, step, best_top
+        self.order = sorted(range(len(held)), key=lambda x: -load[x])
+        self.rep = [w / c for w, c in zip(weights, counts)]
+        self.holders = [[] for _ in counts]
+        for x, h in enumerate(held):
+            for e in h:
+                self.holders[e].append(x)
+        self.best = None
+        self.bound = math.inf  # heaviest GPU after the best move found so far
 
-def _best_recount(
-    weights: Sequence[float], counts: list[int], held: list[set[int]], load: list[float], g: int, bar: float
-):
-    """Best turning of a replica of donor f (on GPU h) into a new replica of an expert e on g: e's
-    holders get lighter, f's other holders heavier."""
-    num_gpus = len(held)
-    holders = [{x for x in range(num_gpus) if e in held[x]} for e in range(len(counts))]
-    donors = [f for f in range(len(counts)) if counts[f] >= 2]
-    best = None
-    for e in held[g]:
-        if counts[e] >= num_gpus:
-            continue
-        r_e_new = weights[e] / (counts[e] + 1)
-        drop = weights[e] / counts[e] - r_e_new
-        for f in donors:
-            r_f = weights[f] / counts[f]
-            rise = weights[f] / (counts[f] - 1) - r_f
-            new_g = load[g] - drop + (rise if f in held[g] else 0.0)
-            if f == e or new_g >= (bar if best is None else min(bar, best[0])):
-                continue
-            # f's holders other than h get heavier (those also holding e less so)
-            others = {x: load[x] - (drop if x in holders[e] else 0.0) + rise for x in holders[f] if x != g}
-            for h in holders[f] - holders[e]:
-                raised = [v for x, v in others.items() if x != h and v > load[x]]
-                if r_e_new > r_f:
-                    raised.append(load[h] - r_f + r_e_new)
-                score = max([new_g, *raised])
-                if score < bar and (best is None or score < best[0]):
-                    new = {x: load[x] - drop for x in holders[e]}
-                    new.update({x: v for x, v in others.items() if x != h})
-                    new[g], new[h] = new_g, load[h] - r_f + r_e_new
-                    best = (score, new, "recount", e, h, f)
-    return best
-
-
-def _best_move(weights: Sequence[float], counts: list[int], held: list[set[int]], load: list[float]):
-    """The move that lowers the heaviest GPU most while keeping every GPU it raises below that GPU's
-    old load, or None. Returns (new loads of changed GPUs, kind, e, h, f)."""
-    g = max(range(len(held)), key=load.__getitem__)
-    bar = load[g] * (1 - _REL_TOL)
-    rep = [w / c for w, c in zip(weights, counts)]
-    found = [m for m in (_best_swap(rep, held, load, g, bar), _best_recount(weights, counts, held, load, g, bar)) if m]
-    return min(found, key=lambda m: m[0])[1:] if found else None
-
-
-def _refine(weights: Sequence[float], counts: list[int], held: list[set[int]], max_moves: int) -> None:
-    """Local search in place. Each move strictly lowers the sorted load vector, so it terminates."""
-    load = [sum(weights[e] / counts[e] for e in h) for h in held]
-    for _ in range(max_moves):
-        move = _best_move(weights, counts, held, load)
-        if move is None:
+    def _consider(self, new: dict[int, float], edits: list[tuple[int, int, int]]) -> None:
+        top = max(new.values())
+        for x in self.order:
+            if x not in new:
+                top = max(top, self.load[x])
+                break
+        if top > self.bound:
             return
-        new, kind, e, h, f = move
-        if kind == "swap":
-            g = next(x for x in new if x != h)
-            held[g].remove(e)
-            held[g].add(f)
+        key = (top, self.sumsq + sum(v * v - self.load[x] ** 2 for x, v in new.items()))
+        if (self.best is None or key < self.best[0]) and self._admissible(top, edits):
+            self.best, self.bound = (key, new, edits), top
+
+    def _admissible(self, top: float, edits: list[tuple[int, int, int]]) -> bool:
+        """Not putting back an expert recently moved off a GPU, unless that makes a new best."""
+        if top < self.best_top * (1 - _REL_TOL):
+            return True
+        return all(self.tabu.get((x, e_in), -1) <= self.step for x, _, e_in in edits)
+
+    def _convert(self, x: int, f: int, e: int, new_g: float) -> None:
+        """GPU x's replica of f becomes a replica of e."""
+        if new_g > self.bound:
+            return
+        w, c, rep, load = self.weights, self.counts, self.rep, self.load
+        r_e_new, r_f_new = w[e] / (c[e] + 1), w[f] / (c[f] - 1)
+        new = {y: load[y] - rep[e] + r_e_new for y in self.holders[e]}
+        for y in self.holders[f]:
+            new[y] = new.get(y, load[y]) + (r_e_new - rep[f] if y == x else r_f_new - rep[f])
+        self._consider(new, [(x, f, e)])
+
+    def search(self):
+        held, rep, load, counts, w = self.held, self.rep, self.load, self.counts, self.weights
+        g, num_gpus = self.order[0], len(held)
+        for e in held[g]:
+            for h in range(num_gpus):
+                if h == g or e in held[h]:
+                    continue
+                for f in held[h]:
+                    new_g = load[g] - rep[e] + rep[f]
+                    if rep[f] < rep[e] and f not in held[g] and new_g <= self.bound:
+                        self._consider({g: new_g, h: load[h] - rep[f] + rep[e]}, [(g, e, f), (h, f, e)])
+        growable = [e for e in range(len(counts)) if counts[e] < num_gpus and e not in held[g]]
+        for f in held[g]:
+            if counts[f] >= 2:
+                for e in growable:
+                    self._convert(g, f, e, load[g] - rep[f] + w[e] / (counts[e] + 1))
+        for e in held[g]:
+            if counts[e] >= num_gpus:
+                continue
+            drop = rep[e] - w[e] / (counts[e] + 1)
+            for f in range(len(counts)):
+                if counts[f] < 2 or f == e:
+                    continue
+                new_g = load[g] - drop + (w[f] / (counts[f] - 1) - rep[f] if f in held[g] else 0.0)
+                for x in self.holders[f]:
+                    if e not in held[x]:
+                        self._convert(x, f, e, new_g)
+        return self.best
+
+
+def _search(weights: Sequence[float], counts: list[int], held: list[set[int]], iters: int, patience: int):
+    """Tabu search on the heaviest GPU, in place; keeps the best state seen. Objective: the
+    heaviest GPU, then the sum of squared loads. Each step takes the best move out of the
+    heaviest GPU even if it is worse, so the search walks off local optima; an expert just
+    moved off a GPU may not come back for a few steps unless that beats the best."""
+    num_gpus = len(held)
+    load = [sum(weights[e] / counts[e] for e in h) for h in held]
+    key = (max(load), sum(v * v for v in load))
+    best_key, best = key, (list(counts), [set(h) for h in held])
+    tenure = max(3, num_gpus // 2)
+    tabu: dict[tuple[int, int], int] = {}
+    since_best = 0
+    for step in range(iters):
+        choice = _Moves(weights, counts, held, load, key[1], tabu, step, best_key[0]).search()
+        if choice is None:
+            break
+        key, new, edits = choice
+        for x, e_out, e_in in edits:
+            held[x].remove(e_out)
+            held[x].add(e_in)
+            tabu[(x, e_out)] = step + tenure
+        if len(edits) == 1:
+            _, e_out, e_in = edits[0]
+            counts[e_out] -= 1
+            counts[e_in] += 1
+        for x in new:  # recomputed, not updated by differences, so the loads do not drift
+            load[x] = sum(weights[e] / counts[e] for e in held[x])
+        key = (max(load), sum(v * v for v in load))
+        if key[0] < best_key[0] * (1 - _REL_TOL):
+            best_key, best, since_best = key, (list(counts), [set(h) for h in held]), 0
         else:
-            counts[e] += 1
-            counts[f] -= 1
-        held[h].remove(f)
-        held[h].add(e)
-        for x, v in new.items():
-            load[x] = v
+            since_best += 1
+            if since_best >= patience:
+                break
+    counts[:] = best[0]
+    for h, b in zip(held, best[1]):
+        h.clear()
+        h.update(b)
 
 
-def _reference_start(weights: Sequence[float], num_slots: int, num_gpus: int) -> tuple[list[int], list[set[int]]]:
+def _reference_start(weights: Sequence[float], num_slots: int, num_gpus: int) -> tuple[list[int], list[set]]:
     """The reference's placement (uncapped replicate, plain balanced_packing) with co-location
     removed: each GPU keeps one copy of an expert, and every freed slot takes the expert not on
     that GPU whose new replica adds the least load there. If the reference co-locates nothing,
@@ -267,7 +317,8 @@ def _reference_start(weights: Sequence[float], num_slots: int, num_gpus: int) ->
     per_gpu = num_slots // num_gpus
     for g in sorted(range(num_gpus), key=lambda x: -load[x]):
         while len(held[g]) < per_gpu:
-            f = min((x for x in range(num_experts) if x not in held[g]), key=lambda x: weights[x] / (counts[x] + 1))
+            absent = (x for x in range(num_experts) if x not in held[g])
+            f = min(absent, key=lambda x: weights[x] / (counts[x] + 1))
             held[g].add(f)
             counts[f] += 1
     return counts, held
@@ -276,21 +327,19 @@ def _reference_start(weights: Sequence[float], num_slots: int, num_gpus: int) ->
 def _place_node(weights: list[float], num_slots: int, num_gpus: int) -> list[list[int]]:
     """Node-local expert indices held by each of the node's GPUs.
 
-    Several starts, each refined by local search; the lightest heaviest GPU wins: the repaired
-    reference placement, and the capped greedy for every cap that binds.
+    Starts: the repaired reference placement, and the capped greedy for every cap that binds.
     """
     starts = [_reference_start(weights, num_slots, num_gpus)]
     top_cap = min(num_gpus, max(replicate(weights, num_slots)))
     for cap in range(top_cap, -(-num_slots // len(weights)) - 1, -1):
         counts = replicate(weights, num_slots, max_count=cap)
         starts.append((counts, [set(h) for h in pack_replicas(weights, counts, num_gpus)]))
-    best, best_max = None, math.inf
+    # a short search from every start, then a long one from the best
     for counts, held in starts:
-        _refine(weights, counts, held, max_moves=20 * num_slots)
-        heaviest = max(sum(weights[e] / counts[e] for e in h) for h in held)
-        if heaviest < best_max:
-            best, best_max = held, heaviest
-    return [sorted(h) for h in best]
+        _search(weights, counts, held, iters=_ITERS, patience=3)
+    counts, held = min(starts, key=lambda st: max(sum(weights[e] / st[0][e] for e in h) for h in st[1]))
+    _search(weights, counts, held, iters=_ITERS, patience=_PATIENCE)
+    return [sorted(h) for h in held]
 
 
 def _place_layer(w: list[float], num_slots: int, num_groups: int, num_nodes: int, num_gpus: int) -> list[int]:
@@ -321,7 +370,8 @@ def check_inputs(load: np.ndarray, num_slots: int, num_groups: int, num_nodes: i
     if len(bad):
         raise ValueError(f"load[{bad[0][0]}][{bad[0][1]}] = {load[tuple(bad[0])]} is negative")
     num_experts = load.shape[1]
-    for name, value in (("slots", num_slots), ("groups", num_groups), ("nodes", num_nodes), ("gpus", num_gpus)):
+    sizes = {"slots": num_slots, "groups": num_groups, "nodes": num_nodes, "gpus": num_gpus}
+    for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if num_slots % num_gpus:
@@ -336,7 +386,8 @@ def check_inputs(load: np.ndarray, num_slots: int, num_groups: int, num_nodes: i
     if num_slots // num_gpus > num_experts // nodes:
         raise ValueError(
             f"slots per GPU ({num_slots // num_gpus}) exceed the {num_experts // nodes} experts of a node: "
-            f"some GPU would hold two replicas of one expert (need slots <= {num_experts * num_gpus // nodes})"
+            "some GPU would hold two replicas of one expert "
+            f"(need slots <= {num_experts * num_gpus // nodes})"
         )
 
 
@@ -375,7 +426,8 @@ def baseline_gpu_loads(load: torch.Tensor | np.ndarray, num_gpus: int) -> torch.
 def max_mean(per_gpu: torch.Tensor) -> torch.Tensor:
     """[L] heaviest GPU over the mean GPU (1.0 is perfect balance; a layer with no load counts as 1)."""
     mean = per_gpu.mean(-1)
-    return torch.where(mean > 0, per_gpu.max(-1).values / mean.clamp_min(math.ulp(0.0)), torch.ones_like(mean))
+    ratio = per_gpu.max(-1).values / mean.clamp_min(math.ulp(0.0))
+    return torch.where(mean > 0, ratio, torch.ones_like(mean))
 
 
 def rank_experts(placement: Placement, layer: int, rank: int) -> list[int]:

@@ -66,7 +66,8 @@ def _hierarchical_layer(
     node_experts = np.empty((num_nodes, groups_per_node * group_size), dtype=np.int64)
     for g in range(num_groups):
         start = group_rank[g] * group_size
-        node_experts[group_pack[g], start : start + group_size] = np.arange(g * group_size, (g + 1) * group_size)
+        experts = np.arange(g * group_size, (g + 1) * group_size)
+        node_experts[group_pack[g], start : start + group_size] = experts
 
     phy2log = np.full(num_phy, -1, dtype=np.int64)
     phy_rank = np.full(num_phy, -1, dtype=np.int64)
