@@ -138,7 +138,8 @@ class Plan:
 
     @property
     def worst(self) -> StagePlan:
-        return max(self.stages, key=lambda s: max(s.phases.values()))
+        """The stage with the highest training-side peak (rollout takes the same share on every stage)."""
+        return max(self.stages, key=lambda s: max(v for k, v in s.phases.items() if k != "rollout"))
 
     def host_per_node_bytes(self) -> int:
         return self.layout.gpus_per_node * max(s.host_offload_bytes for s in self.stages)

@@ -76,6 +76,15 @@ def test_deepseek_v3_matches_published_counts():
     assert abs(c.mtp_with_copies / 14e9 - 1) < 0.05  # "14B of MTP" includes its embedding/head copies
 
 
+def test_moonlight_matches_published_counts():
+    # Moonlight-16B-A3B (arXiv:2502.16982, HF model card table): 15.29B total, 2.24B activated, counted
+    # without the input embedding and the output head (2 x 163840 x 2048).
+    m = load_card("moonlight_16b")
+    c, emb_and_head = count_params(m), 2 * m.vocab_size * m.hidden_size
+    assert abs((c.total - emb_and_head) / 15.29e9 - 1) < 0.001
+    assert abs((c.active_per_token - emb_and_head) / 2.24e9 - 1) < 0.005
+
+
 def test_micro_moe_counts_by_hand():
     # micro_moe: H 64, 2 layers (1 dense), 4 heads, q_lora 32, kv_lora 32, nope 16, rope 16, v 16,
     # ffn 128, expert ffn 32, 8 experts + 1 shared, top-2, vocab 128, 1 MTP layer.
