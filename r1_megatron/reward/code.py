@@ -80,7 +80,9 @@ def code_reward(response: str, ground_truth) -> RewardResult:
     if isinstance(ground_truth, str):
         ground_truth = json.loads(ground_truth)
     if not isinstance(ground_truth, dict) or "tests" not in ground_truth:
-        raise ValueError(f"code reward: ground_truth must be a dict with 'tests', got {type(ground_truth).__name__}")
+        raise ValueError(
+            f"code reward: ground_truth must be a dict with 'tests', got {type(ground_truth).__name__}"
+        )
     tests = ground_truth["tests"]
     _check_tests(tests)
     program = extract_code(response)
@@ -108,9 +110,9 @@ def _check_tests(tests) -> None:
         raise ValueError(f"code tests: expected a non-empty list, got {tests!r:.80}")
     for i, test in enumerate(tests):
         keys = set(test) if isinstance(test, dict) else None
-        if keys == {"assert"} or keys in ({"stdout"}, {"stdin", "stdout"}):
-            if all(isinstance(v, str) for v in test.values()):
-                continue
+        well_formed = keys == {"assert"} or keys in ({"stdout"}, {"stdin", "stdout"})
+        if well_formed and all(isinstance(v, str) for v in test.values()):
+            continue
         raise ValueError(
             f"code tests[{i}]: expected {{'stdin': str, 'stdout': str}} or {{'assert': str}}, got {test!r:.120}"
         )

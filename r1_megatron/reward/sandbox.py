@@ -32,6 +32,7 @@ also for why the runner cannot be made to forge a result). Any limit violation s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -171,6 +172,7 @@ def _pick_python(cfg: SandboxConfig, uid: int | None) -> tuple[str, tuple[str, .
             out = subprocess.run(
                 [exe, "-I", "-S", "-c", probe],
                 capture_output=True,
+                check=False,
                 timeout=30,
                 cwd="/",
                 env=_environment("/tmp"),
@@ -198,7 +200,9 @@ def _environment(home: str) -> dict[str, str]:
 
 def _bwrap_args(setup: _Setup, cfg: SandboxConfig) -> list[str]:
     args = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"]
-    args += ["--new-session", "--ro-bind", "/usr", "/usr"]
+    # The runner is the pid namespace's init, so bwrap reaps it itself. With bwrap's own init, bwrap exits
+    # on that init's report without reaping it, and every run leaves a zombie for the host's pid 1.
+    args += ["--as-pid-1", "--new-session", "--ro-bind", "/usr", "/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = Path("/", name)
         if path.is_symlink():  # merged /usr: /lib -> usr/lib
@@ -216,8 +220,21 @@ def _bwrap_args(setup: _Setup, cfg: SandboxConfig) -> list[str]:
     return args
 
 
+@functools.cache
+def _runner_source() -> bytes:
+    return _RUNNER.read_bytes()
+
+
+# The interpreter reads the runner's source from stdin (length line, source), then the runner reads the
+# payload: the command line stays short and readable in `ps`.
+_BOOT = (
+    "import sys; s = sys.stdin.buffer; "
+    "exec(compile(s.read(int(s.readline())), 'sandbox_runner.py', 'exec'), {'__name__': '__main__'})"
+)
+
+
 def _command(setup: _Setup, cfg: SandboxConfig) -> list[str]:
-    runner = [setup.python, "-I", "-S", "-c", _RUNNER.read_text()]
+    runner = [setup.python, "-I", "-S", "-c", _BOOT]
     if setup.level == "bwrap":
         return _bwrap_args(setup, cfg) + runner
     if setup.level == "unshare":
@@ -236,7 +253,9 @@ def _run(setup: _Setup, cfg: SandboxConfig, program: str, tests: list[dict]) -> 
     }
     limits["max_output_bytes"] = cfg.max_output_bytes
     cases = [{"stdin": t.get("stdin", ""), "assert": t.get("assert")} for t in tests]
+    source = _runner_source()
     payload = json.dumps({"program": program, "tests": cases, "marker": marker, "limits": limits}).encode()
+    payload = b"%d\n%s%s" % (len(source), source, payload)
     # Per test the runner may spend its wall limit plus up to 2 s killing leftovers, then the frame.
     deadline = start + _STARTUP_S + len(tests) * (cfg.wall_seconds + 3.0)
     cap = len(tests) * (cfg.max_output_bytes + 4096) + 4096
@@ -289,7 +308,9 @@ def _force_remove(func, path, exc_info) -> None:
         os.unlink(path)
 
 
-def _communicate(proc: subprocess.Popen, payload: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
+def _communicate(
+    proc: subprocess.Popen, payload: bytes, deadline: float, cap: int
+) -> tuple[bytes, bytes, str | None]:
     """Feed the payload, collect the report (at most `cap` bytes) and the runner's stderr until EOF or
     the deadline. Returns (report, stderr, "sandbox:timeout" | "sandbox:output_limit" | None)."""
     sel = selectors.DefaultSelector()
@@ -421,7 +442,7 @@ def _violation(run: TestRun, max_processes: int) -> str | None:
     if run.output_limited:
         return "sandbox:output_limit"
     if run.timed_out:
-        # The namespace's init and the runner take two slots of the budget: the rest was all in use.
+        # The runner takes a slot of the budget (so may bwrap's init), and the test had all the rest.
         return "sandbox:nproc" if run.processes >= max_processes - 2 else "sandbox:timeout"
     if run.exit == -signal.SIGKILL:
         return "sandbox:killed"  # the hard CPU limit, or the kernel's OOM killer

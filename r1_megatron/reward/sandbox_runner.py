@@ -1,7 +1,7 @@
-"""The test runner that executes inside the sandbox. Standard library only: sandbox.py starts it as
-`python -I -S -c <this file's source>`, already isolated, already running as the unprivileged uid.
+"""The test runner that executes inside the sandbox. Standard library only: sandbox.py starts an
+isolated `python -I -S` as the unprivileged uid and sends it this file's source on stdin.
 
-It reads one JSON payload on stdin: {"program", "tests": [{"stdin", "assert"}], "marker", "limits"}.
+After its source, it reads one JSON payload on stdin: {"program", "tests": [{"stdin", "assert"}], "marker", "limits"}.
 For each test it forks a child that applies the rlimits and runs the program (then, for an assert test,
 the assert code and a line with the marker). The runner feeds the child the test's stdin, reads its
 stdout and stderr up to the byte cap, and kills it at the wall-clock deadline. Per test it writes one frame
@@ -9,15 +9,17 @@ to its own stdout, which is the report channel: a JSON header line, then the raw
 It stops after the first test that was killed, since any limit violation zeroes the reward.
 
 Why a fork per test rather than a fresh sandbox per test: the namespaces and the interpreter start once
-per program (~40 ms), and a fork of the warm runner costs ~1 ms.
+per program, and forking the warm runner is cheap. Measured with bubblewrap on a loaded 2-core machine,
+10 stdin tests took 78 ms in one sandbox against 595 ms in ten.
 
 Trust: the runner makes itself non-dumpable, so test code running as the same uid can neither ptrace it
 nor open its file descriptors through /proc. A test can kill the runner (sandbox.py then reports
 "sandbox:killed"), but it cannot write to the report channel. The expected outputs never enter the
 sandbox: sandbox.py and code.py compare outside.
 
-Every process a test leaves behind is killed before the next test starts: the runner is a child subreaper,
-so orphans re-parent to it and stay in its process tree.
+Every process a test leaves behind is killed before the next test starts: the runner is a child subreaper
+(and, in a pid namespace, its init), so orphans re-parent to it and stay in its process tree. As the
+namespace's init it also ignores signals sent from inside: a test cannot kill it there.
 """
 
 import builtins
@@ -67,7 +69,7 @@ def _child(program: str, assert_code: str | None, marker: str, lim: dict, fds: t
     """Runs in the forked child: becomes the test's process and never returns."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
-    os.closerange(3, 1 << 16)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
     _set_limits(lim)
     # Fresh text streams on fds 0-2: the runner's own sys.stdin has read ahead the payload.
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r")), encoding="utf-8")
@@ -81,20 +83,20 @@ def _child(program: str, assert_code: str | None, marker: str, lim: dict, fds: t
     code = 0
     try:
         scope = {"__name__": "__main__", "__builtins__": builtins, "__file__": "main.py"}
-        exec(compile(program, "main.py", "exec"), scope)
+        exec(compile(program, "main.py", "exec"), scope)  # noqa: S102 - running it is the point
         if assert_code is not None:
-            exec(compile(assert_code, "tests.py", "exec"), scope)
+            exec(compile(assert_code, "tests.py", "exec"), scope)  # noqa: S102
             # Proof that the asserts ran to the end: a program that exits early never prints it.
             sys.stdout.write("\n" + marker + "\n")
     except SystemExit as e:
         code = _exit_code(e.code)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any failure of the program is reported, like python would
         traceback.print_exc()
         code = 1
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - a stream the program closed or broke
         code = code or 1
     os._exit(code)
 
@@ -248,18 +250,16 @@ def _run_test(program: str, test: dict, marker: str, lim: dict) -> tuple[dict, b
 
 
 def main() -> None:
+    # Under memory pressure the kernel's OOM killer should pick test code first. Set before the runner
+    # turns non-dumpable: that makes its /proc files root-owned, this one included.
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
     _prctl(_PR_SET_DUMPABLE, 0)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     payload = json.loads(sys.stdin.buffer.read())
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    try:
-        # Under memory pressure the kernel's OOM killer should pick test code before anything else.
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
     report = sys.stdout.buffer
     program, marker, lim = payload["program"], payload["marker"], payload["limits"]
     for test in payload["tests"]:
