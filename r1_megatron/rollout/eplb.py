@@ -391,6 +391,12 @@ def check_inputs(load: np.ndarray, num_slots: int, num_groups: int, num_nodes: i
         )
 
 
+def _float64(load: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
+    if isinstance(load, torch.Tensor):
+        load = load.detach().to("cpu", torch.float64)
+    return np.asarray(load, dtype=np.float64)
+
+
 def rebalance_experts(
     load: torch.Tensor | np.ndarray | Sequence,
     num_slots: int,
@@ -399,7 +405,7 @@ def rebalance_experts(
     num_gpus: int,
 ) -> Placement:
     """Place R = num_slots physical expert slots on num_gpus GPUs for each layer of load[L, E]."""
-    load = np.asarray(load.detach().cpu() if isinstance(load, torch.Tensor) else load, dtype=np.float64)
+    load = _float64(load)
     check_inputs(load, num_slots, num_groups, num_nodes, num_gpus)
     if num_groups % num_nodes:
         num_groups, num_nodes = 1, 1
@@ -409,7 +415,7 @@ def rebalance_experts(
 
 def gpu_loads(load: torch.Tensor | np.ndarray, placement: Placement) -> torch.Tensor:
     """[L, G] tokens per GPU: each replica carries load[e] / logcnt[e]."""
-    load = torch.as_tensor(np.asarray(load, dtype=np.float64))
+    load = torch.from_numpy(_float64(load))
     p2l = placement.phy2log
     per_slot = load.gather(1, p2l) / placement.logcnt.gather(1, p2l)
     return per_slot.view(p2l.shape[0], placement.num_gpus, -1).sum(-1)
@@ -418,7 +424,7 @@ def gpu_loads(load: torch.Tensor | np.ndarray, placement: Placement) -> torch.Te
 def baseline_gpu_loads(load: torch.Tensor | np.ndarray, num_gpus: int) -> torch.Tensor:
     """[L, G] tokens per GPU without redundancy: the E experts laid contiguously, expert e on GPU
     e*G // E (E/G each when it divides)."""
-    load = torch.as_tensor(np.asarray(load, dtype=np.float64))
+    load = torch.from_numpy(_float64(load))
     gpu_of = torch.arange(load.shape[1]) * num_gpus // load.shape[1]
     return torch.zeros(load.shape[0], num_gpus, dtype=torch.float64).index_add_(1, gpu_of, load)
 
