@@ -44,7 +44,7 @@ def _merge_card(from_hf: ModelConfig, card_name: str | None) -> ModelConfig:
         return from_hf
     card = load_card(card_name)
     ours, theirs = architecture(card), architecture(from_hf)
-    for name in sorted(set(ours) | set(theirs)):
+    for name in dict.fromkeys([*theirs, *ours]):
         if ours.get(name) != theirs.get(name):
             raise hf.ConversionError(
                 f"model card '{card_name}' has {name}={ours.get(name)!r} but config.json has {theirs.get(name)!r}"
@@ -95,7 +95,7 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, card: str | None = None
 
 
 def mcore_to_hf(
-    ckpt_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None, max_shard_mb: int = 2048
+    ckpt_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None, max_shard_mb: float = 2048
 ) -> Path:
     model, cfg = load_mcore_model(ckpt_dir)
     return hf_io.save_hf(
@@ -103,7 +103,7 @@ def mcore_to_hf(
         hf.export_weights(model, cfg),
         hf_io.hf_config(cfg),
         tokenizer_dir=tokenizer or ckpt_dir,
-        max_shard_bytes=max_shard_mb * 1024**2,
+        max_shard_bytes=int(max_shard_mb * 1024**2),
     )
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ckpt", required=True, help="megatron checkpoint directory written by r1m")
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--tokenizer", default=None, help="directory with tokenizer files (default: --ckpt)")
-    b.add_argument("--max-shard-mb", type=int, default=2048, help="safetensors shard size")
+    b.add_argument("--max-shard-mb", type=float, default=2048, help="safetensors shard size (MiB)")
     args = parser.parse_args(argv)
     try:
         if args.direction == "hf-to-mcore":

@@ -237,10 +237,8 @@ def import_weights(
         parts = [get_hf(n) for n in names]
         value = merge_fused(kind, parts, cfg)
         if tuple(value.shape) != tuple(target.shape):
-            shapes = ", ".join(f"'{n}' {tuple(p.shape)}" for n, p in zip(names, parts))
-            raise ConversionError(
-                f"shape mismatch: {shapes} -> {tuple(value.shape)}, but megatron '{name}' is {tuple(target.shape)}"
-            )
+            shapes = " + ".join(f"'{n}' {tuple(p.shape)}" for n, p in zip(names, parts))
+            raise ConversionError(f"shape mismatch: {shapes} but megatron '{name}' is {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(value.to(target.dtype))
         used.update(names)

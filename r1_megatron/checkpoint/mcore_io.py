@@ -56,12 +56,16 @@ def save_mcore(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path) ->
 def load_mcore_into(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     """Load a dist checkpoint into an already built model (shapes must match the card)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    except Exception as e:  # dist_checkpointing raises many types; name the directory and cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{ckpt_dir}: checkpoint does not match {CARD_FILE}: {first}") from e
+    # torch's CheckpointException derives from BaseException and wraps the cause in a multi-line
+    # report whose last line names the key; keep that line.
+    except (Exception, CheckpointException) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        cause = lines[-1].split("Exception: ", 1)[-1]
+        raise ConversionError(f"{ckpt_dir}: checkpoint does not match {CARD_FILE}: {cause}") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

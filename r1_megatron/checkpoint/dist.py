@@ -1,0 +1,213 @@
+"""Distributed training checkpoints: save, resume, reshard (megatron dist_checkpointing, torch_dist).
+
+A checkpoint root holds one directory per saved step and a `latest` pointer:
+
+  <root>/step_000003/   megatron dist checkpoint: model + optimizer (sharded, reshardable), per-rank RNG
+                        (common.pt: step, LR schedule, caller state such as the data position, layout)
+                        model_card.yaml and config.yaml: the model card and the resolved job config
+  <root>/latest         the name of the newest complete step directory
+
+Atomicity: every rank writes into `<root>/.tmp-step_000003`; after all ranks are done, rank 0 writes
+the card and config, renames the directory to `step_000003`, and only then replaces `latest` (write
+a temp file, fsync, rename). A crash at any point leaves `latest` naming the previous complete
+checkpoint; a leftover temp directory is removed by the next save.
+
+Model weights are stored under megatron's own sharded keys, so `r1m convert` / `r1m score` read a
+training checkpoint directly, at any layout. Loading at a different layout reshards the model and the
+optimizer; the RNG state is then not restored (it is per rank) and the caller is told so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from r1_megatron.checkpoint.mcore_io import CARD_FILE
+from r1_megatron.rl.train_step import Trainer
+
+LATEST = "latest"
+CONFIG_FILE = "config.yaml"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: names the path and the reason."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None when there is none."""
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _layout_key(trainer: Trainer) -> dict:
+    p = trainer.layout
+    return {"world": dist.get_world_size(), "tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp, "dp": p.dp}
+
+
+def _sharded_state(trainer: Trainer, *, loading: bool, with_optimizer: bool = True) -> dict:
+    model_sd = trainer.unwrapped.sharded_state_dict()
+    state = {"model": model_sd}
+    if with_optimizer:
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=loading)
+    # One RNG object per global rank: it only means something at the same layout.
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return state
+
+
+def save(
+    trainer: Trainer,
+    root: str | Path,
+    *,
+    extra: dict | None = None,
+    on_written: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save `trainer` (model, optimizer, RNG, step, schedule) plus `extra` (e.g. the data position)
+    under `root` as step_<trainer.step>; collective over all ranks. Returns the final directory.
+
+    `on_written(tmp_dir)` runs on every rank after the shards are written and before the commit
+    (tests use it to kill a process mid-save)."""
+    root = Path(root)
+    name = step_dir_name(trainer.step)
+    tmp, final = root / f".tmp-{name}", root / name
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crashed save
+        tmp.mkdir()
+    dist.barrier()
+    state = _sharded_state(trainer, loading=False)
+    state["trainer"] = trainer.state_dict()
+    state["extra"] = dict(extra or {})
+    state["layout"] = _layout_key(trainer)
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
+    if on_written is not None:
+        on_written(tmp)
+    dist.barrier()
+    if rank == 0:
+        (tmp / CARD_FILE).write_text(yaml.safe_dump(dataclasses.asdict(trainer.cfg.model), sort_keys=False))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(trainer.cfg), sort_keys=False))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)  # a re-save of the same step (e.g. after a resume)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST, name)
+    dist.barrier()
+    return final
+
+
+def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> dict:
+    """Load a checkpoint directory (any layout) into `trainer`; returns the caller's `extra` state.
+
+    The RNG state is restored only when the checkpoint was written at this exact layout; the
+    returned dict then has "_rng_restored": True."""
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    same_layout = common.get("layout") == _layout_key(trainer)
+    sharded = _sharded_state(trainer, loading=True, with_optimizer=with_optimizer)
+    if not same_layout:
+        del sharded["rng"]
+    try:
+        state = dist_checkpointing.load(sharded, str(path))
+    except Exception as e:  # dist_checkpointing raises many types; name the path and the cause
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot load into this model/layout: {first}") from e
+    missing, unexpected = trainer.unwrapped.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise CheckpointError(f"{path}: {'missing' if missing else 'unexpected'} model key '{key}'")
+    if with_optimizer:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.load_state_dict(common["trainer"])
+    if same_layout:
+        _set_rng_state(state["rng"])
+    extra = dict(common.get("extra", {}))
+    extra["_rng_restored"] = same_layout
+    return extra
+
+
+def resume(trainer: Trainer, root: str | Path) -> dict | None:
+    """Load `root`'s latest checkpoint if there is one; returns its extra state, or None."""
+    path = latest(root)
+    return None if path is None else load(trainer, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
