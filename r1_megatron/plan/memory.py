@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import ModelConfig
@@ -62,7 +63,7 @@ class Layout:
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
     sequence_parallel: bool = False
-    recompute: str = "none"  # "none" or "full"
+    recompute: Literal["none", "full"] = "none"  # full: keep only each layer's input, recompute the rest
     distributed_optimizer: bool = True
     optimizer_on_host: bool = False  # megatron-core optimizer_cpu_offload (a what-if; not in r1-megatron)
     gpus_per_node: int = 8
@@ -173,6 +174,8 @@ def check_layout(m: ModelConfig, lay: Layout, work: Workload) -> None:
             f"tp({lay.tp})*cp({lay.cp})*pp({lay.pp})*dp({lay.dp})"
         )
     stage_layers(m.num_layers, lay.pp, lay.first_stage_layers, lay.last_stage_layers)
+    if lay.recompute not in ("none", "full"):
+        raise ConfigError(f"parallel.recompute must be 'none' or 'full', got {lay.recompute!r}")
     if lay.world % work.rollout_tp or m.num_attention_heads % work.rollout_tp:
         raise ConfigError(
             f"rollout.tp({work.rollout_tp}) must divide world({lay.world}) and "
@@ -246,7 +249,9 @@ def activation_bytes_per_token(m: ModelConfig, moe: bool, lay: Layout, p: Precis
 
 def _stage_activations(
     m: ModelConfig, lay: Layout, work: Workload, p: Precision, stage: int, first: int, n: int
-):
+) -> tuple[float, float, float]:
+    """(activations kept by 1F1B, logits, one layer's working set) in bytes for the `n` layers of
+    `stage` starting at layer `first` (plus MTP on the last stage)."""
     tokens = work.seq_length * work.micro_batch_size / lay.cp
     per_layer = [
         tokens * activation_bytes_per_token(m, is_moe_layer(m, i), lay, p) for i in range(first, first + n)
