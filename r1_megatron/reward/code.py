@@ -11,9 +11,10 @@ Reward: the fraction of tests passed ("fraction", default) or 1 only when all pa
 sandbox limit violation gives 0 with its typed reason ("sandbox:timeout", "sandbox:memory", ...) in
 `error`, in either mode. A response without a python block gives 0 with error "no_code".
 
-Departure from "run it and compare": assert code runs in the program's own process, so a program
-determined enough (reading the test file from memory) could still fool an assert test. Stdin/stdout
-tests cannot be fooled this way: their expected outputs never enter the sandbox.
+Known limit of assert tests: the assert code runs in the program's own process, so the early-exit
+proof stops only the plain trick. A program can still return an object whose __eq__ is always true, or
+dig the proof line out of the runner's frames. Prefer stdin/stdout tests for RL: their expected outputs
+never enter the sandbox, and the comparison happens out here.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ Isolation levels, strongest first. `isolation_level()` says which one is active,
 - "unshare": util-linux `unshare` with new user, pid, net, ipc, uts and mount namespaces. The filesystem
   is the host's: only file permissions, through the unprivileged uid below, keep secrets out.
 - "rlimits-only": no namespaces. The network is reachable (a warning is logged, and
-  `require_no_network` refuses to run), and a process that leaves its process group and whose runner
-  was killed can outlive the run.
+  `require_no_network` refuses to run), a process that leaves its process group and whose runner was
+  killed can outlive the run, and the process budget is shared by all sandboxes of the same uid.
 
 At every level the code runs in its own session under rlimits (CPU seconds, address space, processes,
 file size, open files, no core files), with a minimal environment and a wall-clock kill of the whole

@@ -139,6 +139,15 @@ def test_unknown_interpreter_is_a_clear_error():
         isolation_level(_cfg("none", python="/nonexistent/python3"))
 
 
+def test_a_runner_that_fails_is_a_sandbox_error_not_the_programs_fault(monkeypatch, caplog):
+    isolation_level(_cfg("auto"))  # probed with the real runner first
+    monkeypatch.setattr(sandbox, "_runner_source", lambda: b"raise RuntimeError('runner broke')\n")
+    with caplog.at_level(logging.WARNING, logger="r1_megatron.reward.sandbox"):
+        run = run_one("print(1)", _cfg("auto"))
+    assert run.violation == "sandbox:error" and run.tests == []
+    assert any("runner broke" in r.getMessage() for r in caplog.records)
+
+
 # --- correct programs still work ---
 
 
@@ -337,3 +346,37 @@ def test_bwrap_scratch_space_is_a_capped_tmpfs():
     program = "import os\nfor p in ('/tmp', '/dev/shm'):\n    s = os.statvfs(p)\n    print(s.f_blocks * s.f_frsize)\n"
     run = run_one(program, _cfg("bwrap", tmpfs_mb=16))
     assert run.tests[0].stdout.split() == [str(16 << 20).encode()] * 2
+
+
+def test_a_non_root_trainer_gets_the_same_containment():
+    """The trainer on a cluster is an ordinary user: no uid change, bwrap (or unshare) unprivileged."""
+    repo = PROJECT_FILE.parent
+    if not ROOT or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs root to become another user, and /usr/bin/python3")
+    script = (
+        "import sys\nsys.path.insert(0, sys.argv[1])\n"
+        "from r1_megatron.config.schema import SandboxConfig\n"
+        "from r1_megatron.reward.sandbox import run_tests, isolation_level\n"
+        "cfg = SandboxConfig(max_processes=12, wall_seconds=2.0)\n"
+        "bomb = 'import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n        pass\\n'\n"
+        "ok = run_tests('import os\\nprint(os.getuid())', [{'stdin': ''}], cfg).tests[0].stdout.decode().strip()\n"
+        "print(isolation_level(cfg), run_tests(bomb, [{'stdin': ''}], cfg).violation, ok)\n"
+    )
+    out = subprocess.run(
+        ["/usr/bin/python3", "-c", script, str(repo)],
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=60,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        user=PRIVATE_UID,
+        group=PRIVATE_UID,
+        extra_groups=[],
+    )
+    if "Permission denied" in out.stderr and "r1_megatron" in out.stderr:
+        pytest.skip(f"{repo} is not readable by another user")
+    level, violation, uid = out.stdout.split()
+    expected = next(lv for lv in ("bwrap", "unshare", "none") if _host_offers(lv))
+    assert (level, violation) == ({"none": "rlimits-only"}.get(expected, expected), "sandbox:nproc")
+    assert uid == str(PRIVATE_UID)  # no user namespace mapping games: the code is that same user
