@@ -25,18 +25,32 @@ import time
 from r1_megatron.config.schema import RewardConfig, SandboxConfig
 from r1_megatron.reward.pool import RewardPool, WeightedScorer
 
+# task -> (right program, wrong program, (a, b) -> (stdin, expected stdout))
 _PROGRAMS = {
-    "add": ("a, b = map(int, input().split())\nprint(a + b)\n", lambda r: [(f"{a} {b}\n", f"{a + b}\n") for a, b in r]),
-    "rev": ("print(input()[::-1])\n", lambda r: [(f"{a}x{b}\n", f"{a}x{b}"[::-1] + "\n") for a, b in r]),
-    "max": ("print(max(map(int, input().split())))\n", lambda r: [(f"{a} {b} 7\n", f"{max(a, b, 7)}\n") for a, b in r]),
+    "add": (
+        "a, b = map(int, input().split())\nprint(a + b)\n",
+        "a, b = map(int, input().split())\nprint(a - b)\n",
+        lambda a, b: (f"{a} {b}\n", f"{a + b}\n"),
+    ),
+    "rev": (
+        "print(input()[::-1])\n",
+        "print(input())\n",
+        lambda a, b: (f"{a}x{b}\n", f"{a}x{b}"[::-1] + "\n"),
+    ),
+    "max": (
+        "print(max(map(int, input().split())))\n",
+        "print(0)\n",
+        lambda a, b: (f"{a} {b} 7\n", f"{max(a, b, 7)}\n"),
+    ),
 }
-_WRONG = {"add": "a, b = map(int, input().split())\nprint(a - b)\n", "rev": "print(input())\n", "max": "print(0)\n"}
 
 
 def math_sample(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(1, 50), rng.randint(2, 60)
     truth = rf"\frac{{{a}}}{{{b}}}"
-    shown = rng.choice([rf"\frac{{{a}}}{{{b}}}", f"{a}/{b}", f"{a / b:.6f}".rstrip("0"), rf"\frac{{{a + 1}}}{{{b}}}"])
+    decimal = f"{a / b:.6f}".rstrip("0")
+    wrong = rf"\frac{{{a + 1}}}{{{b}}}"
+    shown = rng.choice([rf"\frac{{{a}}}{{{b}}}", f"{a}/{b}", decimal, wrong])
     think = f"<think>We divide {a} by {b} and simplify the fraction.</think> "
     answer = rng.choice([rf"The answer is $\boxed{{{shown}}}$.", f"<answer>{shown}</answer>"])
     return think + answer, truth
@@ -44,10 +58,10 @@ def math_sample(rng: random.Random) -> tuple[str, str]:
 
 def code_sample(rng: random.Random) -> tuple[str, dict]:
     name = rng.choice(sorted(_PROGRAMS))
-    source, make_tests = _PROGRAMS[name]
-    program = source if rng.random() < 0.7 else _WRONG[name]
-    pairs = [(rng.randint(0, 99), rng.randint(0, 99)) for _ in range(3)]
-    tests = [{"stdin": i, "stdout": o} for i, o in make_tests(pairs)]
+    right, wrong, make_test = _PROGRAMS[name]
+    program = right if rng.random() < 0.7 else wrong
+    io = [make_test(rng.randint(0, 99), rng.randint(0, 99)) for _ in range(3)]
+    tests = [{"stdin": i, "stdout": o} for i, o in io]
     response = f"<think>Read the input and compute the {name}.</think>\n```python\n{program}```\n"
     return response, {"tests": tests}
 
@@ -76,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=512, help="samples in the batch")
     ap.add_argument("--workers", type=int, default=2, help="scoring processes")
     ap.add_argument("--group", type=int, default=16, help="samples per group (G)")
-    ap.add_argument("--math-only", action="store_true", help="no code samples (when reward/code.py is absent)")
+    ap.add_argument("--math-only", action="store_true", help="no code samples (if reward/code.py is absent)")
     args = ap.parse_args(argv)
     if not args.math_only and importlib.util.find_spec("r1_megatron.reward.code") is None:
         print("bench/reward.py: r1_megatron.reward.code is missing, so the mixed batch cannot be scored "
@@ -109,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         hidden = pool.stats()["reward/hidden_frac"]
 
     mean = sum(r.score for r in pooled) / len(pooled)
-    print(f"batch: {len(batch)} samples ({'math' if args.math_only else 'math+code'}), mean reward {mean:.3f}, "
-          f"errors {errors or 'none'}, pool/serial mismatches {mismatched}")
+    kind = "math" if args.math_only else "math+code"
+    print(f"batch: {len(batch)} samples ({kind}), mean reward {mean:.3f}, errors {errors or 'none'}, "
+          f"pool/serial mismatches {mismatched}")
     print(f"serial: {t_serial:.2f} s ({len(batch) / t_serial:.1f} samples/s)")
     print(f"pool ({args.workers} workers): {t_pool:.2f} s ({len(batch) / t_pool:.1f} samples/s)")
     print(f"stream of {len(groups)} groups, {gen_s:.3f} s generation each: sequential {t_seq:.2f} s, "

@@ -22,6 +22,9 @@ from pathlib import Path
 from r1_megatron.reward.registry import RewardResult
 
 
+_TEST_KEYS = ({"stdin", "stdout"}, {"stdout"}, {"assert"})
+
+
 class InputError(ValueError):
     """Unreadable or malformed input, stated in one line that names the file."""
 
@@ -42,13 +45,14 @@ def load_tests(path: str) -> list[dict]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"--tests {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        where = f"line {e.lineno} column {e.colno}"
+        raise InputError(f"--tests {path}: invalid JSON at {where}: {e.msg}") from None
     tests = data.get("tests") if isinstance(data, dict) else data
     if not isinstance(tests, list) or not tests:
         raise InputError(f'--tests {path}: expected a non-empty list of tests or {{"tests": [...]}}')
     for i, t in enumerate(tests):
         keys = set(t) if isinstance(t, dict) else None
-        if keys not in ({"stdin", "stdout"}, {"stdout"}, {"assert"}) or not all(isinstance(v, str) for v in t.values()):
+        if keys not in _TEST_KEYS or not all(isinstance(v, str) for v in t.values()):
             raise InputError(
                 f'--tests {path}: test {i} must be {{"stdin": str, "stdout": str}} (stdin optional) '
                 f'or {{"assert": str}}, got {t!r:.80}'
@@ -72,7 +76,9 @@ def score_math(response: str, answer: str, timeout_s: float) -> RewardResult:
 def _math(args: argparse.Namespace) -> RewardResult:
     if (args.response is None) == (args.response_file is None):
         raise InputError("give exactly one of --response TEXT or --response-file FILE")
-    response = args.response if args.response is not None else _read_text(args.response_file, "--response-file")
+    response = args.response
+    if response is None:
+        response = _read_text(args.response_file, "--response-file")
     return score_math(response, args.answer, args.timeout)
 
 
@@ -96,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("code", help="fraction of tests a program passes in the sandbox")
     c.add_argument("--program", required=True, help="a Python source file")
     c.add_argument("--tests", required=True, help='JSON: [{"stdin","stdout"} | {"assert"}, ...]')
-    c.add_argument("--mode", choices=["fraction", "all"], default="fraction", help="fraction of tests, or all")
+    c.add_argument("--mode", choices=["fraction", "all"], default="fraction", help="fraction or all")
     c.set_defaults(run=_code)
     return parser
 

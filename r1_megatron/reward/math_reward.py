@@ -42,6 +42,7 @@ _MATH_WORDS = {"sqrt", "sin", "cos", "tan", "log", "ln", "exp", "pi", "and", "or
 _SAFE_EXPR = re.compile(r"[0-9A-Za-z+\-*/^().,= ]*")
 _SAFE_NAMES = {"sqrt", "sin", "cos", "tan", "log", "ln", "exp", "pi", "oo", "E", "I"}
 _MAX_SYMPY_CHARS = 200
+_TRANSFORMS = standard_transformations + (implicit_multiplication_application, convert_xor)
 
 
 def _matching_braces(text: str) -> dict[int, int]:
@@ -63,7 +64,7 @@ def _matching_braces(text: str) -> dict[int, int]:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last balanced `\\boxed{…}` / `\\boxed {…}` / `\\fbox{…}` / `\\boxed 5`, or None."""
+    """Content of the last balanced `\\boxed{…}` (or `\\boxed {…}`, `\\fbox{…}`, `\\boxed 5`)."""
     matches = list(_BOX.finditer(text))
     if not matches:
         return None
@@ -83,7 +84,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 def extract_answer(response: str) -> str | None:
-    """The final answer: last balanced box, else the last `<answer>…</answer>`; None when absent or empty."""
+    """The final answer: last balanced box, else the last `<answer>…</answer>`; None if absent or empty."""
     boxed = extract_boxed(response)
     if boxed is not None and boxed.strip():
         return boxed.strip()
@@ -137,9 +138,7 @@ def _sympy_parse(text: str) -> Any | None:
     if any(len(name) > 1 and name not in _SAFE_NAMES for name in re.findall(r"[A-Za-z]+", text)):
         return None
     try:
-        return parse_expr(
-            text, transformations=standard_transformations + (implicit_multiplication_application, convert_xor)
-        )
+        return parse_expr(text, transformations=_TRANSFORMS)
     except Exception:  # any parse failure means "sympy cannot read this", not a reward error
         return None
 

@@ -16,8 +16,8 @@ Why processes, and why this way:
 - Every error is counted as `reward_error/<type>`; no sample is lost and none becomes a silent 0.
 - Workers start with the "spawn" method by default: the trainer may hold threads (fork is unsafe), and
   spawned workers are our direct children, so nothing outlives `close()` (forkserver would leave its
-  server process). Workers import the reward modules before taking work, so import time is never
-  charged to an item's timeout; a replacement costs one interpreter start.
+  server process). A worker calls its scorer's `prepare()` (imports, warm-up) before taking work, so
+  import time is never charged to an item's timeout; a replacement costs one interpreter start.
 - One dispatcher thread owns the workers: it feeds idle workers, collects results and enforces deadlines.
   It also starts every worker, because the workers ask to die with the thread that started them
   (PR_SET_PDEATHSIG), so a crashed trainer leaves no scorers behind.
@@ -47,7 +47,7 @@ from typing import Any
 import psutil
 
 from r1_megatron.config.schema import RewardConfig, SandboxConfig
-from r1_megatron.reward import score_sample
+from r1_megatron.reward import SKIP, component_truth, score_sample
 from r1_megatron.reward.registry import RewardResult, get, names
 
 Scorer = Callable[[str, Any], RewardResult]
@@ -69,14 +69,25 @@ class WeightedScorer:
         return score_sample(response, ground_truth, self.weights, self.language)
 
     def prepare(self) -> None:
-        """Once per process before scoring: configure the code sandbox, and run the math check once so
-        its first-call setup (parser tables) is not charged to an item's timeout."""
+        """Once per process before scoring: import the components, configure the code sandbox, and run
+        the math check once so its first-call setup (parser tables) is not charged to an item's timeout."""
+        names()
         if "code" in self.weights:
             from r1_megatron.reward.code import configure
 
             configure(self.sandbox, self.code_mode)
         if "accuracy" in self.weights:
             get("accuracy")(r"\boxed{\frac{1}{2}}", "0.5")
+
+    def extra_seconds(self, ground_truth: Any) -> float:
+        """Time a sample may take beyond reward.timeout_s: a code sample gets the sandbox's own outer
+        deadline (sandbox.py: 10 s start-up + per test wall_seconds + 3 s), so the sandbox reports its
+        typed reason ("sandbox:timeout") before the pool would kill the worker."""
+        truth = component_truth("code", ground_truth, self.language)
+        if "code" not in self.weights or truth is SKIP or not isinstance(truth.get("tests"), list):
+            return 0.0
+        wall = (self.sandbox or SandboxConfig()).wall_seconds
+        return 10.0 + len(truth["tests"]) * (wall + 3.0)
 
 
 def _die_with_parent() -> None:
@@ -89,9 +100,8 @@ def _die_with_parent() -> None:
 def _worker_main(conn: Connection, scorer: Scorer) -> None:
     os.setpgid(0, 0)  # its own process group, so a kill takes whatever it started along
     _die_with_parent()
-    names()  # import the built-in components now, outside any item's deadline
     if hasattr(scorer, "prepare"):
-        scorer.prepare()
+        scorer.prepare()  # imports and warm-up now, outside any item's deadline
     conn.send(("ready",))
     while True:
         try:
@@ -148,6 +158,7 @@ class _Worker:
     ready: bool = False
     item: int | None = None  # id of the item in flight
     started: float = 0.0  # when that item was sent
+    deadline: float = 0.0  # when it gets killed
 
 
 @dataclass
@@ -156,6 +167,7 @@ class _Item:
     index: int
     response: str
     truth: Any
+    timeout: float
     crashes: int = 0
 
 
@@ -190,7 +202,7 @@ class RewardPool:
         try:
             pickle.dumps(scorer)
         except Exception as e:
-            raise TypeError(f"RewardPool: the scorer must be picklable (a module-level function or object): {e}") from None
+            raise TypeError(f"RewardPool: the scorer must be picklable (module-level): {e}") from None
         self._scorer = scorer
         self._ctx = mp.get_context(start_method)
         self._cond = threading.Condition()
@@ -231,10 +243,11 @@ class RewardPool:
     def submit(self, items: Sequence[tuple[str, Any]]) -> int:
         """Queue a group of (response, ground_truth) items; returns its ticket at once."""
         checked = []
+        extra = getattr(self._scorer, "extra_seconds", None)
         for i, item in enumerate(items):
             if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str)):
-                raise TypeError(f"RewardPool.submit: item {i} must be (response: str, ground_truth), got {item!r:.80}")
-            checked.append((item[0], item[1]))
+                raise TypeError(f"RewardPool.submit: item {i} must be (response: str, truth): {item!r:.40}")
+            checked.append((item[0], item[1], self.timeout_s + (extra(item[1]) if extra else 0.0)))
         with self._cond:
             if self._closed:
                 raise RuntimeError("RewardPool.submit: the pool is closed")
@@ -246,8 +259,8 @@ class RewardPool:
             if checked and self._outstanding == 0:
                 self._busy_since = time.monotonic()
             self._outstanding += len(checked)
-            for index, (response, truth) in enumerate(checked):
-                self._items[self._next_item] = _Item(ticket, index, response, truth)
+            for index, (response, truth, timeout) in enumerate(checked):
+                self._items[self._next_item] = _Item(ticket, index, response, truth, timeout)
                 self._queue.append(self._next_item)
                 self._next_item += 1
         self._wake()
@@ -367,11 +380,12 @@ class RewardPool:
                     except OSError:  # it just died: its sentinel fires next round, the item waits
                         self._queue.appendleft(item_id)
                         continue
-                    w.item, w.started = item_id, now
-            deadlines = [w.started + self.timeout_s for w in self._workers if w.item is not None]
+                    w.item, w.started, w.deadline = item_id, now, now + item.timeout
+            deadlines = [w.deadline for w in self._workers if w.item is not None]
             workers = list(self._workers)
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        ready = set(wait_any([self._wake_r, *(w.conn for w in workers), *(w.proc.sentinel for w in workers)], timeout))
+        watched = [self._wake_r, *(w.conn for w in workers), *(w.proc.sentinel for w in workers)]
+        ready = set(wait_any(watched, timeout))
         if self._wake_r in ready:
             os.read(self._wake_r, 4096)
         with self._cond:
@@ -383,7 +397,7 @@ class RewardPool:
                     self._on_death(w)
             now = time.monotonic()
             for w in list(self._workers):
-                if w.item is not None and now >= w.started + self.timeout_s:
+                if w.item is not None and now >= w.deadline:
                     self._on_timeout(w)
             self._cond.notify_all()
             to_spawn, self._to_spawn = self._to_spawn, 0
@@ -402,7 +416,8 @@ class RewardPool:
                 elif msg[0] == "done" and msg[1] == w.item:
                     _, item_id, score, components, error = msg
                     w.item = None
-                    self._resolve(item_id, RewardResult(score, components, error), time.monotonic() - w.started)
+                    seconds = time.monotonic() - w.started
+                    self._resolve(item_id, RewardResult(score, components, error), seconds)
         except (EOFError, OSError):
             return True
         return False

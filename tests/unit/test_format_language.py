@@ -128,7 +128,8 @@ def test_component_exception_is_counted_not_raised():
     def failing(response, truth):
         return RewardResult(0.0, {}, "sandbox:memory")
 
-    result = score_sample("a</think>b", "1", {"format": 1.0, "test_broken_component": 2.0, "test_failing_component": 1.0})
+    weights = {"format": 1.0, "test_broken_component": 2.0, "test_failing_component": 1.0}
+    result = score_sample("a</think>b", "1", weights)
     assert result.score == 1.0
     assert result.error == "exception:ZeroDivisionError,sandbox:memory"
     assert result.components["test_broken_component/error"] == 1.0

@@ -12,9 +12,8 @@ import pytest
 
 
 def r1m(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "r1_megatron.cli", "reward", *args], capture_output=True, text=True, timeout=timeout
-    )
+    command = [sys.executable, "-m", "r1_megatron.cli", "reward", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 def _json(proc: subprocess.CompletedProcess) -> dict:
@@ -83,7 +82,8 @@ def test_code_scores_a_program(tmp_path):
     program.write_text("a, b = map(int, input().split())\nprint(a + b)\n")
     tests = tmp_path / "tests.json"
     # The second expected output is wrong on purpose: 1 of 2 tests passes.
-    tests.write_text(json.dumps({"tests": [{"stdin": "1 2\n", "stdout": "3\n"}, {"stdin": "2 2\n", "stdout": "5\n"}]}))
+    cases = [{"stdin": "1 2\n", "stdout": "3\n"}, {"stdin": "2 2\n", "stdout": "5\n"}]
+    tests.write_text(json.dumps({"tests": cases}))
     out = _json(r1m("code", "--program", str(program), "--tests", str(tests)))
     assert out["score"] == 0.5 and out["error"] is None
     out = _json(r1m("code", "--program", str(program), "--tests", str(tests), "--mode", "all"))
