@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -93,8 +93,14 @@ def _layout_key(trainer: Trainer) -> dict:
     return {"world": dist.get_world_size(), "tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp, "dp": p.dp}
 
 
+def model_sharded_state_dict(model: torch.nn.Module) -> dict:
+    """megatron's sharded state dict of one GPTModel chunk (keys as a single-rank model has them)."""
+    # The MTP stage ties its embedding copy to the first stage's and needs the DP group for that.
+    return model.sharded_state_dict(metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)})
+
+
 def _sharded_state(trainer: Trainer, *, loading: bool, with_optimizer: bool = True) -> dict:
-    model_sd = trainer.unwrapped.sharded_state_dict()
+    model_sd = model_sharded_state_dict(trainer.unwrapped)
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=loading)

@@ -38,6 +38,12 @@ def read_card(ckpt_dir: str | Path) -> ModelConfig:
         raise ConversionError(f"{path}: {e}") from e
 
 
+def _sharded_state_dict(model: torch.nn.Module) -> dict:
+    # An explicit (empty) metadata dict: GPTModel indexes metadata['dp_cp_group'] on a pipeline stage
+    # that holds MTP but not the embedding, and only fills it in when given a dict.
+    return model.sharded_state_dict(metadata={})
+
+
 def save_mcore(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path) -> Path:
     """Save a single-rank GPTModel and its card to out_dir (created; must not hold a checkpoint)."""
     from megatron.core import dist_checkpointing
@@ -48,7 +54,7 @@ def save_mcore(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path) ->
     if (out / "metadata.json").exists():
         raise ConversionError(f"{out}: already holds a checkpoint; choose an empty directory")
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
-    dist_checkpointing.save(model.sharded_state_dict(), str(out), sharded_strategy=strategy)
+    dist_checkpointing.save(_sharded_state_dict(model), str(out), sharded_strategy=strategy)
     (out / CARD_FILE).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     return out
 
@@ -59,7 +65,7 @@ def load_mcore_into(model: torch.nn.Module, ckpt_dir: str | Path) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+        state = dist_checkpointing.load(_sharded_state_dict(model), str(ckpt_dir))
     # torch's CheckpointException derives from BaseException and wraps the cause in a multi-line
     # report whose last line names the key; keep that line.
     except (Exception, CheckpointException) as e:

@@ -39,10 +39,11 @@ def _device_flags(gpu: bool) -> dict:
     )
 
 
-def _parallel_flags(p: ParallelConfig | None) -> dict:
+def _parallel_flags(p: ParallelConfig | None, dtype: torch.dtype) -> dict:
     if p is None:
         return {}
     return dict(
+        pipeline_dtype=dtype,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         expert_model_parallel_size=p.ep,
@@ -108,7 +109,7 @@ def transformer_config(
         **_device_flags(gpu),
         **_moe_flags(m),
     )
-    common.update(_parallel_flags(parallel))
+    common.update(_parallel_flags(parallel, dtype))
     if m.arch == "deepseek_v3":
         cfg = MLATransformerConfig(
             **common,

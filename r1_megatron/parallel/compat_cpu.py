@@ -20,9 +20,12 @@ The fixes, by kind:
    classes) get `HAVE_TE = False`; `moe_utils.te_general_gemm` is defined as None where the failed
    import left it undefined (a NameError in the router gating otherwise).
 4. The alltoall token dispatcher's split sizes reach `all_to_all_single` as tensors on CPU (the numpy
-   conversion only happens for CUDA tensors): they are converted to lists.
+   conversion only happens for CUDA tensors): they are converted to numpy as on GPU.
 5. `clip_grad_by_total_norm_fp32` / `get_grad_norm_fp32` use apex/TE multi-tensor kernels and
    `device='cuda'` buffers: on CPU they are computed with torch ops.
+7. `LanguageModule.setup_embeddings_and_output_layer` moves the embedding shared between the first and
+   last pipeline stage (PP > 1 with MTP or tied embeddings) with `.cuda()` before its all-reduce; the
+   all-reduce is done on the CPU tensor instead.
 6. `TopKRouter._apply_expert_bias` is wrapped in torch.compile (megatron's jit_fuser); on CPU inductor
    spends seconds per process compiling this two-line in-place add, so the plain function is used.
 """
@@ -39,42 +42,39 @@ from typing import Any
 import torch
 
 _ACTIVE = False
+_MISSING = object()  # marks an attribute that did not exist before activate()
+# "module.attr" -> the upstream object activate() replaced (or _MISSING).
+REPLACED: dict[str, Any] = {}
 
 # Upstream modules whose `torch.cuda.current_device()` / `device="cuda"` calls lie on paths we use.
 # module -> why it is listed.
 CUDA_DEVICE_MODULES: dict[str, str] = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding":
-        "RotaryEmbedding ignores use_cpu_initialization when MLA builds it, and get_emb moves inv_freq to cuda",
+        "MLA builds RotaryEmbedding without use_cpu_initialization; get_emb moves inv_freq to cuda",
     "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding":
-        "YarnRotaryEmbedding.get_emb moves inv_freq_extra/inter to cuda on every first call",
+        "YarnRotaryEmbedding.get_emb moves inv_freq_extra/inter to cuda on its first call",
     "megatron.core.transformer.moe.router":
         "TopKRouter allocates expert_bias/local_tokens_per_expert on cuda; gating() moves weights to cuda",
-    "megatron.core.transformer.moe.experts":
-        "SequentialMLP/GroupedMLP allocate expert buffers on torch.cuda.current_device()",
+    "megatron.core.transformer.moe.token_dispatcher":
+        "the alltoall dispatcher creates a torch.cuda.Stream and records/syncs cuda events",
     "megatron.core.transformer.moe.moe_utils":
-        "track_moe_metrics allocates the aux-loss tracker with device='cuda'",
+        "track_moe_metrics(force_initialize=True) allocates the aux-loss tracker with device='cuda'",
     "megatron.core.transformer.multi_token_prediction":
-        "MTPLossLoggingHelper allocates its tracker on cuda",
-    "megatron.core.tensor_parallel.mappings":
-        "TP/SP gather and reduce-scatter allocate outputs on cuda (TP > 1)",
-    "megatron.core.tensor_parallel.layers":
-        "sequence-parallel linear all-gather buffers are allocated on cuda (TP > 1)",
-    "megatron.core.tensor_parallel.utils":
-        "split/gather helpers used by p2p communication allocate on cuda (PP > 1)",
+        "MTPLossLoggingHelper allocates its loss tracker on cuda (every training forward with MTP)",
     "megatron.core.pipeline_parallel.schedules":
         "every forward_backward_* schedule creates total_num_tokens with device='cuda'",
     "megatron.core.pipeline_parallel.p2p_communication":
-        "shape exchange buffers between pipeline stages are allocated on cuda (PP > 1)",
-    "megatron.core.transformer.moe.token_dispatcher":
-        "the alltoall dispatcher creates a torch.cuda.Stream and syncs on cuda streams",
+        "receive buffers between pipeline stages are allocated on cuda (PP > 1)",
+    "megatron.core.tensor_parallel.mappings":
+        "TP/SP all-gather and reduce-scatter allocate their outputs on cuda (TP > 1)",
+    "megatron.core.tensor_parallel.layers":
+        "the sequence-parallel linear allocates its all-gather buffer on cuda (TP > 1)",
+    "megatron.core.utils":
+        "GlobalMemoryBuffer (the sequence-parallel all-gather buffers) allocates on cuda (TP > 1)",
     "megatron.core.dist_checkpointing.strategies.filesystem_async":
         "the torch_dist save preloads tensors to host and then calls torch.cuda.synchronize()",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver":
         "the save's global success check all-reduces a flag allocated on cuda",
-    "megatron.core.dist_checkpointing.strategies.fully_parallel":
-        "fully parallel save/load wrappers synchronize cuda around the exchange",
-    "megatron.core.dist_checkpointing.tensor_aware_state_dict":
-        "state-dict preprocessing synchronizes cuda",
 }
 
 
@@ -265,6 +265,41 @@ def _maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared embedding across pipeline stages (PP > 1 with MTP or tied embeddings).
+# ---------------------------------------------------------------------------------------------
+
+
+class _NoDistTorch(types.ModuleType):
+    """`torch` as seen by language_module while its setup runs: distributed looks uninitialized."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.distributed = types.SimpleNamespace(is_initialized=lambda: False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _make_setup_embeddings(original: Any) -> Any:
+    def setup_embeddings_and_output_layer(self) -> None:
+        """Upstream moves the stage-shared embedding with `.cuda()` before all-reducing it between the
+        first and last pipeline stage. Run upstream with that branch skipped, then all-reduce on CPU."""
+        import megatron.core.models.common.language_module.language_module as lm
+
+        saved_torch, saved_flag = lm.torch, getattr(lm.LanguageModule, "embedding_warning_printed", False)
+        lm.torch, lm.LanguageModule.embedding_warning_printed = _NoDistTorch(), True
+        try:
+            original(self)
+        finally:
+            lm.torch, lm.LanguageModule.embedding_warning_printed = saved_torch, saved_flag
+        if torch.distributed.is_initialized() and self._is_in_embd_group():
+            weight = self.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(weight.data, group=self.embd_group)
+
+    return setup_embeddings_and_output_layer
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def cuda_in_use() -> bool:
@@ -274,6 +309,13 @@ def cuda_in_use() -> bool:
 
 def is_active() -> bool:
     return _ACTIVE
+
+
+def _replace(owner: Any, attr: str, value: Any) -> None:
+    """Set owner.attr = value, remembering what was there (REPLACED) so tests can check upstream."""
+    key = f"{getattr(owner, '__name__', owner)}.{attr}"
+    REPLACED.setdefault(key, getattr(owner, attr, _MISSING))
+    setattr(owner, attr, value)
 
 
 def activate() -> bool:
@@ -286,60 +328,60 @@ def activate() -> bool:
 
     cpu_torch = _CpuTorch()
     for name in CUDA_DEVICE_MODULES:
-        importlib.import_module(name).torch = cpu_torch
+        _replace(importlib.import_module(name), "torch", cpu_torch)
 
     import megatron.core.tensor_parallel.random as tp_random
 
-    tp_random._get_cuda_rng_state = _get_cpu_rng_state
-    tp_random._set_cuda_rng_state = _set_cpu_rng_state
-    tp_random.CudaRNGStatesTracker = _make_cpu_tracker_class(tp_random.CudaRNGStatesTracker)
+    _replace(tp_random, "_get_cuda_rng_state", _get_cpu_rng_state)
+    _replace(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state)
+    _replace(tp_random, "CudaRNGStatesTracker", _make_cpu_tracker_class(tp_random.CudaRNGStatesTracker))
     # Drop a tracker built before activation, so the next get_cuda_rng_tracker() makes a CPU one.
     tp_random.initialize_rng_tracker(force_reset=True)
 
     import megatron.core.transformer.multi_latent_attention as mla
 
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
+    if not _have_te():
         # extensions.transformer_engine imports without TE (its classes are MagicMocks), so MLA sets
         # HAVE_TE = True and then isinstance(linear_proj, TELinear) raises a TypeError.
-        mla.HAVE_TE = False
+        _replace(mla, "HAVE_TE", False)
 
     import megatron.core.transformer.moe.moe_utils as moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         # The failed TE import leaves the name undefined; RouterGatingLinearFunction tests it for None.
-        moe_utils.te_general_gemm = None
+        _replace(moe_utils, "te_general_gemm", None)
 
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
 
-    token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
+    _replace(token_dispatcher, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)
 
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as optimizer
 
     for module in (clip_grads, optimizer):
-        module.get_grad_norm_fp32 = _get_grad_norm_fp32
-        module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+        _replace(module, "get_grad_norm_fp32", _get_grad_norm_fp32)
+        _replace(module, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _replace(
+        LanguageModule,
+        "setup_embeddings_and_output_layer",
+        _make_setup_embeddings(LanguageModule.setup_embeddings_and_output_layer),
+    )
 
     from megatron.core.transformer.moe.router import TopKRouter
 
     compiled = TopKRouter.__dict__["_apply_expert_bias"]
-    TopKRouter._apply_expert_bias = getattr(compiled, "_torchdynamo_orig_callable", compiled)
+    _replace(TopKRouter, "_apply_expert_bias", getattr(compiled, "_torchdynamo_orig_callable", compiled))
 
     _ACTIVE = True
     return True
 
 
-# =============================================================================================
-# Parallel-training patches (data parallelism, the optimizer, checkpoints). Owned by the trainer
-# (parallel/groups.py, rl/train_step.py, checkpoint/dist.py); tested in
-# tests/unit/test_compat_cpu_parallel.py. Module-level additions, read by activate() when it runs.
-# =============================================================================================
-
-CUDA_DEVICE_MODULES.update({
-    "megatron.core.distributed.param_and_grad_buffer":
-        "DDP allocates its contiguous grad (and param) buffers on torch.cuda.current_device()",
-    "megatron.core.optimizer.optimizer":
-        "FP32Optimizer keeps its loss scale in a torch.tensor(..., device='cuda')",
-})
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
