@@ -200,7 +200,9 @@ def test_fork_bomb_is_bounded_and_cleaned_up(level, catches):
         watcher.join()
     assert run.violation == "sandbox:nproc"
     assert time.monotonic() - start < cfg.wall_seconds + 8
-    assert 2 <= peak[0] <= cfg.max_processes
+    assert peak[0] <= cfg.max_processes
+    if catches:  # it holds its processes until the wall clock: the watcher sees the budget in use
+        assert peak[0] >= cfg.max_processes - 2
     assert _tagged(tag) == []
     assert subprocess.run(["true"], check=False).returncode == 0  # this process can still fork
 
