@@ -385,3 +385,17 @@ def _have_te() -> bool:
     except ImportError:
         return False
     return True
+
+
+# =============================================================================================
+# Parallel-training additions (data parallelism and the optimizer), owned by the trainer
+# (parallel/groups.py, rl/train_step.py, checkpoint/dist.py) and tested in
+# tests/unit/test_compat_cpu_parallel.py. Module-level, so activate() above picks them up when it runs.
+# =============================================================================================
+
+CUDA_DEVICE_MODULES.update({
+    "megatron.core.distributed.param_and_grad_buffer":
+        "DDP allocates its contiguous grad (and param) buffers on torch.cuda.current_device()",
+    "megatron.core.optimizer.optimizer":
+        "FP32Optimizer keeps its loss scale in a torch.tensor(..., device='cuda')",
+})

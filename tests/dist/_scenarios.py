@@ -1,0 +1,233 @@
+"""Worker side of the multi-rank tests: `python tests/dist/_scenarios.py MODE OUT_DIR [ARGS...]`.
+
+Each mode runs under tests/dist/_launch.py (torchrun-like env) and writes its results to OUT_DIR as
+torch files; the test modules compare them. Modes:
+  reference OUT           world 1: initial checkpoint, one SFT step, export, post-step logprobs
+  layouts OUT INIT L...   for each layout L ("tp,pp,ep,dp,dispatcher"): load INIT, same step, export
+  resume OUT              3 steps, save, 2 steps; a fresh trainer resumes and redoes the 2 steps
+  crash OUT               1 step, save; 1 step, save killed (SIGKILL) between write and commit
+  after_crash OUT         resume from `latest` after `crash`, one step
+  reshard OUT             (tp2, ep2): 1 step, save; reload at (tp1, ep1, dp2) and at (pp2); logprobs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import gc
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from r1_megatron.config.loader import load_config  # noqa: E402
+from r1_megatron.config.schema import JobConfig  # noqa: E402
+from r1_megatron.data.packing import pack  # noqa: E402
+from r1_megatron.rl.microbatch import packed_microbatches, shard_for_data_parallel  # noqa: E402
+from r1_megatron.rl.sft import local_loss_tokens, sft_loss  # noqa: E402
+
+CONFIG = "configs/micro_moe_sft.yaml"
+NUM_MICROBATCHES = 4
+CAPACITY = 32
+
+
+def job_config(**parallel) -> JobConfig:
+    cfg = load_config(CONFIG, ["parallel.micro_batch_size=1", "optim.lr=0.01"])
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **parallel))
+
+
+def global_batch(seed: int):
+    """NUM_MICROBATCHES packed rows of CAPACITY tokens (several sequences each), the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, rows = [], 0
+    while True:
+        seqs.append(torch.randint(1, 128, (int(torch.randint(4, 20, (1,), generator=g)),), generator=g))
+        batch = pack(seqs, CAPACITY)
+        if batch.tokens.shape[0] > NUM_MICROBATCHES:
+            batch = pack(seqs[:-1], CAPACITY)
+            break
+        rows = batch.tokens.shape[0]
+    assert rows == NUM_MICROBATCHES
+    return packed_microbatches(batch, 1)
+
+
+def local_batch(trainer, seed: int):
+    from megatron.core import parallel_state as ps
+
+    return shard_for_data_parallel(global_batch(seed), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+
+
+def sft_step(trainer, seed: int) -> dict:
+    mbs = local_batch(trainer, seed)
+    n = float(trainer.dp_sum(local_loss_tokens(mbs)))
+    return trainer.train_step(mbs, sft_loss(n))
+
+
+def all_logprobs(trainer, seed: int) -> torch.Tensor:
+    """Post-step logprobs of the whole global batch, gathered over DP: [M, CAPACITY]."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    local = torch.cat(trainer.forward_logprobs(local_batch(trainer, seed)))
+    parts = [torch.empty_like(local) for _ in range(ps.get_data_parallel_world_size())]
+    dist.all_gather(parts, local, group=ps.get_data_parallel_group())
+    return torch.cat(parts)
+
+
+def exported(trainer) -> dict[str, torch.Tensor]:
+    from r1_megatron.rollout.weight_export import export_weights
+
+    return {k: v.clone() for k, v in export_weights(trainer.unwrapped, trainer.cfg.model, bucket_bytes=64 * 1024)}
+
+
+def start(cfg: JobConfig):
+    from r1_megatron.parallel.groups import init_process_groups
+
+    return init_process_groups(cfg)
+
+
+def build(cfg: JobConfig, world: int):
+    from r1_megatron.parallel.device import seed_all
+    from r1_megatron.parallel.groups import resolve_layout, set_layout
+    from r1_megatron.rl.train_step import Trainer
+
+    layout = resolve_layout(cfg, world)
+    set_layout(layout)
+    seed_all(cfg.seed)
+    return Trainer(cfg, layout, torch.device("cpu"))
+
+
+def save_rank0(obj, path: Path) -> None:
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        torch.save(obj, path)
+
+
+# ------------------------------------------------------------------------------------------------
+def reference(out: Path) -> None:
+    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.checkpoint.hf import export_weights as single_rank_export
+
+    cfg = job_config()
+    layout, device = start(cfg)
+    from r1_megatron.rl.train_step import Trainer
+
+    trainer = Trainer(cfg, layout, device)
+    init = ckpt.save(trainer, out / "init")
+    metrics = sft_step(trainer, seed=1)
+    weights = exported(trainer)
+    table = {k: v.clone() for k, v in single_rank_export(trainer.unwrapped, cfg.model)}
+    torch.save(
+        {"metrics": metrics, "weights": weights, "table_export": table, "logprobs": all_logprobs(trainer, 1),
+         "init": str(init)},
+        out / "reference.pt",
+    )
+
+
+def layouts(out: Path, init: str, specs: list[str]) -> None:
+    import torch.distributed as dist
+
+    from r1_megatron.checkpoint import dist as ckpt
+
+    results = {}
+    started = False
+    for spec in specs:
+        tp, pp, ep, dp, dispatcher = spec.split(",")
+        cfg = job_config(tp=int(tp), pp=int(pp), ep=int(ep), dp=int(dp), dispatcher=dispatcher)
+        if not started:
+            start(cfg)
+            started = True
+        trainer = build(cfg, dist.get_world_size())
+        ckpt.load(trainer, init, with_optimizer=False)
+        metrics = sft_step(trainer, seed=1)
+        results[spec] = {"metrics": metrics, "weights": exported(trainer), "logprobs": all_logprobs(trainer, 1)}
+        del trainer
+        gc.collect()
+    save_rank0(results, out / "layouts.pt")
+
+
+def resume(out: Path) -> None:
+    from r1_megatron.checkpoint import dist as ckpt
+
+    cfg = job_config(tp=2, ep=2, dispatcher="alltoall")
+    layout, _ = start(cfg)
+    trainer = build(cfg, 2)
+    losses = [sft_step(trainer, seed=10 + s)["loss"] for s in range(3)]
+    ckpt.save(trainer, out / "ckpt", extra={"data_position": 3})
+    after = [sft_step(trainer, seed=10 + s)["loss"] for s in range(3, 5)]
+    del trainer
+    gc.collect()
+    cfg2 = dataclasses.replace(cfg, seed=cfg.seed + 99)  # a different init, so the load must overwrite it
+    fresh = build(cfg2, 2)
+    extra = ckpt.resume(fresh, out / "ckpt")
+    pos = extra["data_position"]
+    resumed = [sft_step(fresh, seed=10 + s)["loss"] for s in range(pos, pos + 2)]
+    save_rank0({"first": losses, "after": after, "resumed": resumed, "extra": extra, "step": fresh.step},
+               out / "resume.pt")
+
+
+def crash(out: Path) -> None:
+    from r1_megatron.checkpoint import dist as ckpt
+
+    cfg = job_config(tp=2)
+    start(cfg)
+    trainer = build(cfg, 2)
+    sft_step(trainer, seed=20)
+    ckpt.save(trainer, out / "ckpt", extra={"data_position": 1})
+    save_rank0({"logprobs": all_logprobs(trainer, 21)}, out / "before_crash.pt")
+    sft_step(trainer, seed=21)
+
+    def die(tmp: Path) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ckpt.save(trainer, out / "ckpt", extra={"data_position": 2}, on_written=die)
+
+
+def after_crash(out: Path) -> None:
+    from r1_megatron.checkpoint import dist as ckpt
+
+    cfg = job_config(tp=2)
+    start(cfg)
+    trainer = build(cfg, 2)
+    extra = ckpt.resume(trainer, out / "ckpt")
+    lp = all_logprobs(trainer, 21)
+    metrics = sft_step(trainer, seed=21)
+    ckpt.save(trainer, out / "ckpt", extra={"data_position": 2})
+    save_rank0({"extra": extra, "logprobs": lp, "metrics": metrics, "step": trainer.step}, out / "after_crash.pt")
+
+
+def reshard(out: Path) -> None:
+    from r1_megatron.checkpoint import dist as ckpt
+
+    results = {}
+    cfg = job_config(tp=2, ep=2, dispatcher="alltoall")
+    start(cfg)
+    trainer = build(cfg, 2)
+    sft_step(trainer, seed=30)
+    path = ckpt.save(trainer, out / "ckpt")
+    results["tp2_ep2"] = {"logprobs": all_logprobs(trainer, 31), "weights": exported(trainer)}
+    del trainer
+    for name, changes in (("tp1_ep1", dict(tp=1, ep=1)), ("pp2", dict(tp=1, ep=1, pp=2))):
+        c = job_config(**changes)
+        trainer = build(c, 2)
+        extra = ckpt.load(trainer, path)
+        results[name] = {"logprobs": all_logprobs(trainer, 31), "weights": exported(trainer),
+                         "step": trainer.step, "rng": extra["_rng_restored"]}
+        del trainer
+        gc.collect()
+    save_rank0(results, out / "reshard.pt")
+
+
+if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    mode, out_dir, *rest = sys.argv[1:]
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    {"reference": lambda: reference(out_path), "layouts": lambda: layouts(out_path, rest[0], rest[1:]),
+     "resume": lambda: resume(out_path), "crash": lambda: crash(out_path),
+     "after_crash": lambda: after_crash(out_path), "reshard": lambda: reshard(out_path)}[mode]()
