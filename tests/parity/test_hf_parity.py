@@ -6,6 +6,10 @@ Guarantees (fp32, max |logit difference| <= 1e-4):
   e_score_correction_bias, YaRN on and off, norm_topk_prob on and off, a checkpoint with an MTP layer
   (transformers ignores it; its import is checked in test_convert.py), and the vLLM-loadable tiny_moe card.
 - Qwen2ForCausalLM (GQA, qkv bias, tied embeddings) and LlamaForCausalLM.
+- Sequences packed into one row (PackedSeqParams, qkv_format "thd") give each sequence transformers'
+  logits, as if it ran alone (attention and rope restart at every sequence boundary).
+- On CUDA (marked gpu): the transformer-engine spec (fused layernorm-linear, grouped GEMM experts,
+  fused rope) loads the same checkpoint and matches transformers.
 - The router alone matches transformers' DeepseekV3TopkRouter exactly on adversarial scores, and
   megatron's stock group-limited router provably picks different experts there.
 """
@@ -17,7 +21,7 @@ import torch
 
 from r1_megatron.checkpoint import hf, hf_io
 from r1_megatron.config.loader import load_card
-from r1_megatron.model.provider import build_model, forward_logits
+from r1_megatron.model.provider import build_model, forward_logits, mtp_disabled
 from r1_megatron.model.random_hf import make_hf_checkpoint
 from r1_megatron.model.router import deepseek_v3_route
 from r1_megatron.parallel.device import single_rank_world
@@ -48,20 +52,29 @@ DENSE_CASES = {
     "llama": ("qwen2_tiny", dict(arch="llama", qkv_bias=False, num_key_value_heads=1)),
 }
 
+# These tests run the CPU path; on a CUDA machine the gpu-marked tests cover the transformer-engine path.
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-path test; CUDA runs the gpu-marked tests")
+
 
 @pytest.fixture(scope="module")
 def world():
-    return single_rank_world(0)
+    return single_rank_world(0, device=torch.device("cpu"))
 
 
-def _compare(card: str, overrides: dict, tmp_path, seed: int) -> float:
-    m = replace(load_card(card), **overrides)
-    ref = make_hf_checkpoint(m, tmp_path, seed=seed)
+def _load_pair(m, tmp_path, seed: int, device="cpu"):
+    """(transformers model, our model) holding the same random weights."""
+    ref = make_hf_checkpoint(m, tmp_path, seed=seed).to(device)
     cfg = hf_io.read_hf_config(tmp_path)
-    model = build_model(cfg).eval()
+    model = build_model(cfg, device=device).eval()
     ckpt = hf_io.HFCheckpoint(tmp_path)
     hf.import_weights(model, ckpt, cfg, ckpt.keys())
-    tokens = torch.randint(0, m.vocab_size, (2, 48), generator=torch.Generator().manual_seed(seed))
+    return ref, model
+
+
+def _compare(card: str, overrides: dict, tmp_path, seed: int, device="cpu") -> float:
+    m = replace(load_card(card), **overrides)
+    ref, model = _load_pair(m, tmp_path, seed, device)
+    tokens = torch.randint(0, m.vocab_size, (2, 48), generator=torch.Generator().manual_seed(seed)).to(device)
     with torch.no_grad():
         ours = forward_logits(model, tokens)
         theirs = ref(tokens).logits
@@ -70,16 +83,46 @@ def _compare(card: str, overrides: dict, tmp_path, seed: int) -> float:
     return (ours - theirs).abs().max().item()
 
 
+@CPU_ONLY
 @pytest.mark.parametrize("case", list(DEEPSEEK_CASES))
 def test_deepseek_v3_logits_match_transformers(world, tmp_path, case):
     card, overrides = DEEPSEEK_CASES[case]
     assert _compare(card, overrides, tmp_path, seed=len(case)) <= TOL
 
 
+@CPU_ONLY
 @pytest.mark.parametrize("case", list(DENSE_CASES))
 def test_dense_student_logits_match_transformers(world, tmp_path, case):
     card, overrides = DENSE_CASES[case]
     assert _compare(card, overrides, tmp_path, seed=len(case)) <= TOL
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("card", ["micro_moe", "qwen2_tiny"])
+def test_packed_sequences_match_separate_transformers_runs(world, tmp_path, card):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    m = replace(load_card(card), yarn_factor=2.0, original_max_position=128) if card == "micro_moe" else load_card(card)
+    ref, model = _load_pair(m, tmp_path, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, m.vocab_size, (n,), generator=gen) for n in (5, 11, 8)]
+    cu = torch.tensor([0, 5, 16, 24], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=11, max_seqlen_kv=11)
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    with torch.no_grad(), mtp_disabled(model):
+        out = model(torch.cat(seqs)[None], position_ids, None, packed_seq_params=packed)[0]
+        for seq, start in zip(seqs, cu.tolist()):
+            assert (out[start : start + len(seq)] - ref(seq[None]).logits[0]).abs().max() <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["q_lora+yarn+groups(topk/topk_group=1)+mtp", "tiny_moe_card(vllm dims, topk/topk_group=1)"])
+def test_transformer_engine_spec_matches_transformers_on_cuda(tmp_path, case):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    single_rank_world(0, device=torch.device("cuda"))
+    card, overrides = DEEPSEEK_CASES[case]
+    # fp32 on GPU: cuBLAS / TE kernels reorder sums differently from the CPU
+    assert _compare(card, overrides, tmp_path, seed=1, device="cuda") <= 1e-3
 
 
 def _stock_megatron_route(logits, bias, topk, n_group, topk_group, scale):
