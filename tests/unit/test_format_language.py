@@ -118,18 +118,21 @@ def test_weighted_total_records_components():
 
 
 def test_component_exception_is_counted_not_raised():
-    from r1_megatron.reward.registry import register
+    from r1_megatron.reward import registry
 
-    @register("test_broken_component")
     def broken(response, truth):
         raise ZeroDivisionError
 
-    @register("test_failing_component")
     def failing(response, truth):
         return RewardResult(0.0, {}, "sandbox:memory")
 
-    weights = {"format": 1.0, "test_broken_component": 2.0, "test_failing_component": 1.0}
-    result = score_sample("a</think>b", "1", weights)
+    registry.register("test_broken_component")(broken)
+    registry.register("test_failing_component")(failing)
+    try:
+        weights = {"format": 1.0, "test_broken_component": 2.0, "test_failing_component": 1.0}
+        result = score_sample("a</think>b", "1", weights)
+    finally:  # leave the process-wide registry as other test modules expect it
+        del registry._REGISTRY["test_broken_component"], registry._REGISTRY["test_failing_component"]
     assert result.score == 1.0
     assert result.error == "exception:ZeroDivisionError,sandbox:memory"
     assert result.components["test_broken_component/error"] == 1.0
