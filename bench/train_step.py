@@ -32,7 +32,8 @@ MID = dict(
     hidden_size=512, num_layers=4, first_k_dense=1, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128,
     qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, ffn_hidden_size=1408, moe_ffn_hidden_size=256,
     num_experts=16, num_shared_experts=1, router_topk=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-    yarn_factor=4.0, original_max_position=512, max_position_embeddings=2048, mtp_num_layers=0, vocab_size=8192,
+    yarn_factor=4.0, original_max_position=512, max_position_embeddings=2048, mtp_num_layers=0,
+    vocab_size=8192,
 )
 
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         hf.import_weights(ours, ckpt, card, ckpt.keys())
 
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, card.vocab_size, (args.batch, args.seq), generator=gen).to(device) for _ in range(2)]
+    shape = (args.batch, args.seq)
+    batches = [torch.randint(0, card.vocab_size, shape, generator=gen).to(device) for _ in range(2)]
     position_ids = torch.arange(args.seq, device=device).expand(args.batch, -1)
     with torch.no_grad():
         ours.eval(), theirs.eval()
@@ -79,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in range(args.steps + 1):
         tokens = batches[step % len(batches)]
-        for name, run in (("ours", lambda: ours_step(ours, tokens, position_ids)), ("transformers", lambda: hf_step(theirs, tokens))):
+        runs = {
+            "ours": lambda: ours_step(ours, tokens, position_ids),
+            "transformers": lambda: hf_step(theirs, tokens),
+        }
+        for name, run in runs.items():
             ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)
             sync()
             start = time.perf_counter()

@@ -47,7 +47,8 @@ def _merge_card(from_hf: ModelConfig, card_name: str | None) -> ModelConfig:
     for name in dict.fromkeys([*theirs, *ours]):
         if ours.get(name) != theirs.get(name):
             raise hf.ConversionError(
-                f"model card '{card_name}' has {name}={ours.get(name)!r} but config.json has {theirs.get(name)!r}"
+                f"model card '{card_name}' has {name}={ours.get(name)!r} "
+                f"but config.json has {theirs.get(name)!r}"
             )
     return dataclasses.replace(card, bos_token_id=from_hf.bos_token_id, eos_token_id=from_hf.eos_token_id)
 
@@ -83,7 +84,9 @@ def load_any(path: str | Path, device: torch.device | None = None):
         return load_mcore_model(path, device)
     if (Path(path) / "config.json").is_file():
         return load_hf_model(path, device=device)
-    raise hf.ConversionError(f"{path}: neither a megatron checkpoint ({mcore_io.CARD_FILE}) nor an HF directory")
+    raise hf.ConversionError(
+        f"{path}: neither a megatron checkpoint ({mcore_io.CARD_FILE}) nor an HF directory (config.json)"
+    )
 
 
 def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, card: str | None = None) -> Path:

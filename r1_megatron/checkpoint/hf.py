@@ -67,7 +67,11 @@ DEEPSEEK_LAYER_RULES: list[Rule] = [
     Rule("mlp.router.weight", ("mlp.gate.weight",)),
     Rule("mlp.router.expert_bias", ("mlp.gate.e_score_correction_bias",)),
     *_mlp("mlp.experts.local_experts.{e}", "mlp.experts.{e}"),
-    Rule("mlp.experts.linear_fc1.weight{e}", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "gate_up"),
+    Rule(
+        "mlp.experts.linear_fc1.weight{e}",
+        ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
+        "gate_up",
+    ),
     Rule("mlp.experts.linear_fc2.weight{e}", ("mlp.experts.{e}.down_proj.weight",)),
     *_mlp("mlp.shared_experts", "mlp.shared_experts"),
 ]
@@ -76,8 +80,8 @@ DEEPSEEK_LAYER_RULES: list[Rule] = [
 DENSE_LAYER_RULES: list[Rule] = [
     Rule("input_layernorm.weight", ("input_layernorm.weight",)),
     Rule("self_attention.linear_qkv.layer_norm_weight", ("input_layernorm.weight",)),
-    Rule("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
-    Rule("self_attention.linear_qkv.bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"),
+    Rule("self_attention.linear_qkv.weight", tuple(f"self_attn.{x}_proj.weight" for x in "qkv"), "qkv"),
+    Rule("self_attention.linear_qkv.bias", tuple(f"self_attn.{x}_proj.bias" for x in "qkv"), "qkv"),
     Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",)),
     Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",)),
     Rule("mlp.linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",)),
@@ -101,7 +105,10 @@ MTP_SHARED = {
     "model.layers.{L}.shared_head.head.weight": "lm_head.weight",
 }
 
-LAYER_PREFIXES = (("decoder.layers.{i}.", "model.layers.{i}."), ("mtp.layers.{k}.transformer_layer.", "model.layers.{L}."))
+LAYER_PREFIXES = (
+    ("decoder.layers.{i}.", "model.layers.{i}."),
+    ("mtp.layers.{k}.transformer_layer.", "model.layers.{L}."),
+)
 
 # megatron state-dict entries that carry no weights.
 SKIPPED_SUFFIXES = ("_extra_state",)
@@ -148,7 +155,9 @@ def hf_names(mcore_name: str, cfg: ModelConfig) -> tuple[tuple[str, ...], str]:
 def mtp_shared_names(cfg: ModelConfig) -> dict[str, str]:
     """HF MTP-layer names that duplicate a main-model tensor: name -> the main-model name."""
     return {
-        pat.format(L=cfg.num_layers + k): src for k in range(cfg.mtp_num_layers) for pat, src in MTP_SHARED.items()
+        pat.format(L=cfg.num_layers + k): src
+        for k in range(cfg.mtp_num_layers)
+        for pat, src in MTP_SHARED.items()
     }
 
 
@@ -254,5 +263,5 @@ def import_weights(
         used.add("lm_head.weight")
     unknown = sorted(hf_keys - used)
     if unknown:
-        raise ConversionError(f"unknown key '{unknown[0]}' in the HF checkpoint ({len(unknown)} unused in all)")
+        raise ConversionError(f"unknown key '{unknown[0]}' in the HF checkpoint ({len(unknown)} unused keys)")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -30,7 +30,11 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
-ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+}
 
 
 # ------------------------------------------------------------------------------------- config.json
@@ -136,8 +140,12 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
     )
     if arch == "deepseek_v3":
-        if cfg.get("scoring_func", "sigmoid") != "sigmoid" or cfg.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise ConversionError("config.json: only scoring_func 'sigmoid' with topk_method 'noaux_tc' is supported")
+        scoring, method = cfg.get("scoring_func", "sigmoid"), cfg.get("topk_method", "noaux_tc")
+        if (scoring, method) != ("sigmoid", "noaux_tc"):
+            raise ConversionError(
+                f"config.json: scoring_func {scoring!r} / topk_method {method!r} unsupported "
+                "(only 'sigmoid' / 'noaux_tc')"
+            )
         fields.update(
             first_k_dense=cfg.get("first_k_dense_replace", 0),
             q_lora_rank=cfg.get("q_lora_rank"),
@@ -255,7 +263,8 @@ def save_hf(
         fname = f"model-{k + 1:05d}-of-{len(shard_keys):05d}.safetensors"
         (out / f".shard-{k}.tmp").replace(out / fname)
         weight_map.update({name: fname for name in keys})
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX).write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     copy_tokenizer(tokenizer_dir, out)
     return out
@@ -272,7 +281,3 @@ def copy_tokenizer(src: str | Path | None, dst: str | Path) -> list[str]:
             copied.append(name)
     return copied
 
-
-def iter_hf(ckpt: HFCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in ckpt.keys():
-        yield name, ckpt(name)

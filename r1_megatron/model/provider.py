@@ -73,7 +73,9 @@ def mtp_disabled(model: GPTModel) -> Iterator[GPTModel]:
         model.mtp_process, model.config.mtp_num_layers = saved
 
 
-def forward_logits(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def forward_logits(
+    model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits [b, s, vocab] of the main model (no MTP) for token ids [b, s] (single pipeline stage)."""
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,8 +47,6 @@ def mtp_tensors(m: ModelConfig, main: dict[str, torch.Tensor], seed: int = 0) ->
     """Random MTP-layer tensors (HF names) for card `m`; the embedding / head copies equal `main`'s."""
     if not m.mtp_num_layers:
         return {}
-    from dataclasses import replace
-
     # The MTP transformer layer is shaped like the last decoder layer: take it from a saved model with
     # more layers (saved, so that the experts come out per expert as in the published layout).
     with tempfile.TemporaryDirectory() as tmp:

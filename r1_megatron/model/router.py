@@ -69,7 +69,7 @@ class DeepSeekV3Router(TopKRouter):
         if config.moe_router_score_function != "sigmoid":
             raise ValueError("DeepSeekV3Router needs moe_router_score_function='sigmoid'")
         if config.moe_expert_capacity_factor is not None:
-            raise ValueError("DeepSeekV3Router does not drop tokens (moe_expert_capacity_factor must be None)")
+            raise ValueError("DeepSeekV3Router never drops tokens: moe_expert_capacity_factor must be None")
         if self.routing_type == "sinkhorn":
             raise ValueError("DeepSeekV3Router does not do sinkhorn routing")
         self.norm_topk_prob = norm_topk_prob
@@ -97,7 +97,9 @@ class DeepSeekV3Router(TopKRouter):
             )
             masked = padding_mask is not None
             probs = self._apply_aux_loss(probs, aux_scores, aux_map, with_padding_mask=masked)
-            probs = self._apply_seq_aux_loss(probs, aux_scores, aux_map, seq_length, bsz, with_padding_mask=masked)
+            probs = self._apply_seq_aux_loss(
+                probs, aux_scores, aux_map, seq_length, bsz, with_padding_mask=masked
+            )
             probs = self._apply_global_aux_loss(probs, aux_scores, aux_map, with_padding_mask=masked)
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map

@@ -61,7 +61,9 @@ def decoder_block_spec(
     cfg: TransformerConfig, m: ModelConfig, gpu: bool, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
     """Specs for the decoder layers this pipeline stage builds (+ the final norm)."""
-    block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=gpu, normalization="RMSNorm", vp_stage=vp_stage)
+    block = get_gpt_decoder_block_spec(
+        cfg, use_transformer_engine=gpu, normalization="RMSNorm", vp_stage=vp_stage
+    )
     if not gpu:
         block = _substitute(block, LOCAL_SUBSTITUTES, set())
     _use_deepseek_router(block, m)

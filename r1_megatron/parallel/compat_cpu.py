@@ -6,7 +6,7 @@ runs megatron-core exactly as shipped. Every fix has a test in tests/unit/test_c
 (a) asserts the upstream behaviour it works around is still there, so a megatron upgrade that fixes it
 upstream makes a test fail and the patch can be dropped, and (b) exercises the patched path.
 
-What is *not* here, because config flags or layer specs cover it (see r1_megatron/model/):
+Not patched here, because config flags or layer specs cover it (see r1_megatron/model/):
 `use_cpu_initialization`, every `*_fusion=False`, `moe_grouped_gemm=False`, an SDPA core attention for
 MLA (the local DotProductAttention rejects MLA's k/v channels), and an RMSNorm that accepts sequence
 parallelism (the torch norm asserts it is off).
@@ -23,11 +23,11 @@ The fixes, by kind:
    conversion only happens for CUDA tensors): they are converted to numpy as on GPU.
 5. `clip_grad_by_total_norm_fp32` / `get_grad_norm_fp32` use apex/TE multi-tensor kernels and
    `device='cuda'` buffers: on CPU they are computed with torch ops.
+6. `TopKRouter._apply_expert_bias` is wrapped in torch.compile (megatron's jit_fuser); on CPU inductor
+   spends seconds per process compiling this two-line in-place add, so the plain function is used.
 7. `LanguageModule.setup_embeddings_and_output_layer` moves the embedding shared between the first and
    last pipeline stage (PP > 1 with MTP or tied embeddings) with `.cuda()` before its all-reduce; the
    all-reduce is done on the CPU tensor instead.
-6. `TopKRouter._apply_expert_bias` is wrapped in torch.compile (megatron's jit_fuser); on CPU inductor
-   spends seconds per process compiling this two-line in-place add, so the plain function is used.
 """
 
 from __future__ import annotations
@@ -213,7 +213,9 @@ def _make_cpu_tracker_class(base: type) -> type:
 # ---------------------------------------------------------------------------------------------
 
 
-def _get_grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None, data_parallel_group=None):
+def _get_grad_norm_fp32(
+    grads_for_norm, norm_type=2, grad_stats_parallel_group=None, data_parallel_group=None
+):
     """Same contract as megatron.core.optimizer.clip_grads.get_grad_norm_fp32, in plain torch."""
     from megatron.core.utils import to_local_if_dtensor
 
@@ -252,7 +254,7 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
 
 
 # ---------------------------------------------------------------------------------------------
-# Alltoall dispatcher: split sizes must be lists for all_to_all_single.
+# Alltoall dispatcher: split sizes reach all_to_all_single as numpy arrays, as they do on GPU.
 # ---------------------------------------------------------------------------------------------
 
 

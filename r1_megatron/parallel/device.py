@@ -49,7 +49,8 @@ def single_rank_world(seed: int = 0, device: torch.device | None = None) -> torc
         compat_cpu.activate()
     if not dist.is_initialized():
         store = dist.FileStore(tempfile.mkstemp(prefix="r1m_store_")[1], 1)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=store, rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     seed_all(seed)

@@ -34,7 +34,9 @@ CARD = replace(load_card("micro_moe"), yarn_factor=2.0, original_max_position=12
 TOKENS = torch.randint(0, CARD.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
 
 # These tests run the CPU path; on a CUDA machine the gpu-marked tests cover the transformer-engine path.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-path test; CUDA runs the gpu-marked tests")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU-path test; CUDA runs the gpu-marked tests"
+)
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +114,8 @@ def test_alltoall_split_sizes_become_numpy(world):
     from megatron.core.transformer.moe import token_dispatcher
 
     splits = torch.tensor([3, 1])
-    assert torch.is_tensor(_original("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu")(
-        splits, as_numpy=True
-    ))
+    upstream = _original("megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu")
+    assert torch.is_tensor(upstream(splits, as_numpy=True))
     assert token_dispatcher.maybe_move_tensor_to_cpu(splits, as_numpy=True).tolist() == [3, 1]
 
 
@@ -128,7 +129,8 @@ def test_grad_norm_and_clip_without_cuda(world):
     with pytest.raises(Exception):
         _original("megatron.core.optimizer.clip_grads.get_grad_norm_fp32")(grads)
     norm = clip_grads.get_grad_norm_fp32(grads)
-    assert math.isclose(norm, torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item(), rel_tol=1e-6)
+    want = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
+    assert math.isclose(norm, want, rel_tol=1e-6)
     clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=0.5, total_norm=norm)
     assert math.isclose(clip_grads.get_grad_norm_fp32([p.grad for p in params]), 0.5, rel_tol=1e-5)
 
@@ -174,7 +176,9 @@ def test_sdpa_attention_matches_naive_softmax_attention(world):
     for i in range(b):
         torch.testing.assert_close(out[:, i], naive(q[:, i], k[:, i], v[:, i]))
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=4, max_seqlen_kv=4)
+    packed = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=4, max_seqlen_kv=4
+    )
     out = attn(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=packed)
     for lo, hi in ((0, 3), (3, 7)):
         torch.testing.assert_close(out[lo:hi], naive(q[lo:hi, 0], k[lo:hi, 0], v[lo:hi, 0]))

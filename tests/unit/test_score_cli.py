@@ -24,7 +24,9 @@ CARD = replace(load_card("micro_moe"), yarn_factor=2.0, original_max_position=12
 LENGTHS = (2, 17, 40)
 
 # These tests run the CPU path; on a CUDA machine the gpu-marked tests cover the transformer-engine path.
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-path test; CUDA runs the gpu-marked tests")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU-path test; CUDA runs the gpu-marked tests"
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +47,22 @@ def _read(path):
 
 def test_hf_dir_scores_match_transformers_and_mcore_dir(setup):
     ref, root, seqs, inp = setup
-    assert r1m(["score", "--ckpt", str(root / "hf"), "--input", str(inp), "--output", str(root / "hf.jsonl")]) == 0
+    assert r1m(["score", f"--ckpt={root / 'hf'}", f"--input={inp}", f"--output={root / 'hf.jsonl'}"]) == 0
     rows = _read(root / "hf.jsonl")
     assert [r["id"] for r in rows] == list(range(len(seqs))) and [r["tokens"] for r in rows] == seqs
     for row, seq in zip(rows, seqs):
         ids = torch.tensor([seq])
         with torch.no_grad():
-            logp = torch.log_softmax(ref(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None]).squeeze(1)
+            logp = torch.log_softmax(ref(ids).logits[0, :-1].float(), -1)
+            logp = logp.gather(1, ids[0, 1:, None]).squeeze(1)
         assert len(row["logprobs"]) == len(seq) - 1
         torch.testing.assert_close(torch.tensor(row["logprobs"]), logp, rtol=0, atol=1e-4)
 
     assert r1m(["convert", "hf-to-mcore", "--hf", str(root / "hf"), "--out", str(root / "mc")]) == 0
-    assert r1m(["score", "--ckpt", str(root / "mc"), "--input", str(inp), "--output", str(root / "mc.jsonl")]) == 0
+    assert r1m(["score", f"--ckpt={root / 'mc'}", f"--input={inp}", f"--output={root / 'mc.jsonl'}"]) == 0
     for a, b in zip(rows, _read(root / "mc.jsonl")):
-        torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(a["logprobs"]), torch.tensor(b["logprobs"]),
+                                   rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
