@@ -1,0 +1,5 @@
+"""Distillation and the R1 recipe's rejection-sampling stage (SPEC §8).
+
+Modules: rejection (sample k responses per prompt, keep the verified and readable ones, mix in
+non-reasoning pairs, write an SFT JSONL with provenance).
+"""
