@@ -129,6 +129,9 @@ class RLConfig:
     ppo_epochs: int = 1  # passes over the rollout batch
     canary_tol: float = 1e-3  # max |logprob| error between trainer and vLLM after a refit
     entropy_coef: float = 0.0  # entropy bonus (0: off)
+    eval_every: int = 0  # steps between held-out evaluations during RL (0: only before and after)
+    eval_samples: int = 4  # samples per eval prompt for pass@1 (T=0.6, top-p 0.95, SPEC §8)
+    canary_length: int = 16  # tokens per canary sequence checked after every refit
 
 
 @dataclass
@@ -145,6 +148,8 @@ class RolloutConfig:
     bucket_mb: int = 64  # refit bucket size
     enforce_eager: bool = True  # no CUDA graphs / compile
     seed: int = 0  # sampling seed
+    max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
+    canary_len: int = 64  # tokens of the fixed sequence whose logprobs are checked after each refit
 
 
 @dataclass

@@ -48,7 +48,8 @@ def model_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
         for grad in (getattr(p, "main_grad", None), p.grad):
             if grad is not None:
                 yield grad
-    yield from module.buffers()
+    # megatron's DDP shadows nn.Module.buffers with its list of param/grad buffers.
+    yield from torch.nn.Module.buffers(module)
 
 
 class Offloader:

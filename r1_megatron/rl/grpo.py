@@ -1,0 +1,244 @@
+"""The pieces the GRPO loop is made of: prompt stream, rollout + scoring, microbatches, the loss.
+
+Multi-rank: on CPU only rank 0 hosts the vLLM engine and the reward pool (vLLM-CPU runs in one
+process); the finished RolloutBatch is broadcast, so every rank computes identical advantages and
+takes its DP share of the packed rows. On GPU every rank runs its vLLM shard (external launcher);
+its samples are gathered the same way.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from r1_megatron.config.schema import JobConfig, RLConfig
+from r1_megatron.data.packing import pack, pack_values
+from r1_megatron.rl.losses import policy_loss
+from r1_megatron.rl.microbatch import Microbatch, packed_microbatches, shard_for_data_parallel
+from r1_megatron.rl.types import LossNorm, RolloutBatch, Sample, sequence_tensors
+from r1_megatron.rollout.engine import RolloutEngine, SamplingParams
+
+
+class PromptStream:
+    """Prompts with ground truth: the built-in task generator, or data.train_file (JSONL).
+
+    `position` counts prompts handed out; a resumed run restores it (checkpoint extra state)."""
+
+    def __init__(self, cfg: JobConfig, tokenizer: Any, position: int = 0):
+        from r1_megatron.data.chat import encode_prompt
+
+        self.cfg, self.tokenizer, self.position = cfg, tokenizer, position
+        self._encode = lambda text: encode_prompt(tokenizer, text, chat=cfg.data.chat)
+        if cfg.data.train_file:
+            from r1_megatron.data.jsonl import read_jsonl
+
+            self._items, _ = read_jsonl(cfg.data.train_file, "prompt", strict=True)
+        else:
+            self._items = None
+
+    def _item(self, k: int) -> dict:
+        if self._items is not None:
+            epoch, i = divmod(k, len(self._items))
+            order = list(range(len(self._items)))
+            random.Random(self.cfg.data.seed * 1_000_003 + epoch).shuffle(order)
+            return self._items[order[i]]
+        from r1_megatron.data.tasks import iter_items
+
+        if not hasattr(self, "_stream"):
+            self._stream, self._made = iter_items(**task_kwargs(self.cfg, "train")), []
+        while len(self._made) <= k:
+            self._made.append(next(self._stream))
+        return self._made[k]
+
+    def take(self, n: int) -> list[dict]:
+        items = [self._item(k) for k in range(self.position, self.position + n)]
+        self.position += n
+        for item in items:
+            item.setdefault("prompt_ids", self._encode(item["prompt"]))
+        return items
+
+
+def task_kwargs(cfg: JobConfig, split: str) -> dict:
+    """Arguments of data.tasks.iter_items/make_items for the configured built-in task."""
+    d = cfg.data
+    knobs = {"digits": d.digits, "ops": tuple(d.ops), "mul_digits": d.mul_digits} if d.task == "arithmetic" else {}
+    return {"task": d.task, "seed": d.seed, "split": split, "template": d.template, **knobs}
+
+
+def ground_truth(item: dict) -> Any:
+    """What the reward functions compare against: tests for code, numbers/target for countdown."""
+    if "tests" in item:
+        return {"tests": item["tests"]}
+    if item.get("task") == "countdown":
+        return {"answer": item["answer"], "numbers": item["numbers"], "target": item["target"]}
+    return item["answer"]
+
+
+def generate_and_score(
+    engine: RolloutEngine, pool, tokenizer, items: list[dict], cfg: JobConfig, first_group: int = 0
+) -> list[Sample]:
+    """Sample G responses per prompt and score them. Each group is submitted to the reward pool as
+    soon as its prompt's responses exist, in chunks, so scoring overlaps the next chunk's generation."""
+    sampling = SamplingParams.from_config(cfg.rollout)
+    g = cfg.rl.group_size
+    chunk = max(1, len(items) // 4)
+    tickets: list[tuple[int, list[Sample]]] = []
+    for start in range(0, len(items), chunk):
+        part = items[start : start + chunk]
+        outs = engine.generate([it["prompt_ids"] for it in part], n=g, sampling=sampling)
+        for k, (item, gens) in enumerate(zip(part, outs, strict=True)):
+            group = [
+                Sample(
+                    prompt_ids=list(item["prompt_ids"]),
+                    response_ids=list(s.token_ids),
+                    rollout_logprobs=list(s.logprobs),
+                    group_id=first_group + start + k,
+                    sample_index=j,
+                    truncated=s.truncated,
+                    ground_truth=ground_truth(item),
+                    prompt_text=item["prompt"],
+                    response_text=tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                )
+                for j, s in enumerate(gens)
+            ]
+            tickets.append((pool.submit([(s.response_text, s.ground_truth) for s in group]), group))
+    samples = []
+    for ticket, group in tickets:
+        for s, r in zip(group, pool.wait(ticket), strict=True):
+            s.reward, s.reward_components, s.reward_error = r.score, dict(r.components), r.error
+        samples.extend(group)
+    return samples
+
+
+def broadcast_samples(samples: list[Sample] | None, src: int = 0) -> list[Sample]:
+    """Every rank gets rank `src`'s samples (the CPU engine lives on one rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return samples or []
+    box = [samples]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
+    """Reward, accuracy, format and length statistics of one rollout batch (SPEC §1 "Logged")."""
+    rewards = batch.rewards()
+    lengths = batch.response_lengths().float()
+    out = {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "response_len/mean": float(lengths.mean()),
+        "response_len/max": float(lengths.max()),
+        "truncation_rate": float(batch.truncated().float().mean()),
+    }
+    names = sorted({k for s in batch.samples for k in s.reward_components})
+    for name in names:
+        out[f"reward/{name}"] = sum(s.reward_components.get(name, 0.0) for s in batch.samples) / len(batch)
+    out["accuracy"] = out.get("reward/accuracy", float("nan"))
+    out["format_rate"] = out.get("reward/format", float("nan"))
+    errors: dict[str, int] = {}
+    for s in batch.samples:
+        if s.reward_error:
+            errors[s.reward_error] = errors.get(s.reward_error, 0) + 1
+    out.update({f"reward_error/{k}": float(v) for k, v in errors.items()})
+    return out
+
+
+def microbatches(batch: RolloutBatch, capacity: int, rows_per_microbatch: int = 1) -> list[Microbatch]:
+    """This DP rank's packed microbatches of `batch`, with the loss's per-token tensors as extras.
+
+    Rows are padded (with empty rows) to a multiple of dp so every rank runs the same schedule."""
+    seqs = [sequence_tensors(s) for s in batch.samples]
+    longest = max(len(q.tokens) for q in seqs)
+    capacity = max(capacity, longest)
+    # pack() shifts a token-aligned mask onto labels; sequence_tensors' mask is label-aligned already,
+    # so hand pack the mask shifted right by one (position t's label is token t + 1).
+    token_masks = [torch.cat([q.loss_mask.new_zeros(1), q.loss_mask[:-1]]) for q in seqs]
+    packed = pack([q.tokens for q in seqs], capacity, loss_masks=token_masks)
+    extras = {
+        name: pack_values(packed, [getattr(q, name) for q in seqs], fill=1.0 if name == "token_seq_len" else 0.0)
+        for name in ("advantages", "rollout_logprobs", "token_seq_len")
+    }
+    mbs = packed_microbatches(packed, rows_per_microbatch, extras)
+    dp = parallel_state.get_data_parallel_world_size()
+    while len(mbs) % dp:
+        mbs.append(_empty_like(mbs[-1]))
+    return shard_for_data_parallel(mbs, parallel_state.get_data_parallel_rank(), dp)
+
+
+def _empty_like(mb: Microbatch) -> Microbatch:
+    """A padding-only microbatch of the same shape: contributes nothing to the loss."""
+    n = mb.shape[1]
+    zeros = {k: torch.zeros_like(v) for k, v in mb.extras.items()}
+    zeros["token_seq_len"] = torch.ones_like(mb.extras["token_seq_len"])
+    return Microbatch(
+        tokens=torch.zeros_like(mb.tokens),
+        labels=torch.zeros_like(mb.labels),
+        loss_mask=torch.zeros_like(mb.loss_mask),
+        position_ids=torch.arange(n).reshape(1, n),
+        cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+        extras=zeros,
+    )
+
+
+def attach_logprobs(trainer, mbs: list[Microbatch], name: str) -> None:
+    """Store the trainer's current per-token label logprobs in each microbatch's extras[name]."""
+    for mb, lp in zip(mbs, trainer.forward_logprobs(mbs), strict=True):
+        mb.extras[name] = lp.to(mb.tokens.device)
+
+
+def grpo_loss(cfg: RLConfig, norm: LossNorm):
+    """Trainer loss_fn: the clipped GRPO surrogate (+ KL) of rl/losses.py with global normalizers."""
+
+    def loss_fn(logprobs: torch.Tensor, mb: Microbatch):
+        x = {k: v.to(logprobs.device) for k, v in mb.extras.items()}
+        return policy_loss(
+            logprobs,
+            x["old_logprobs"],
+            x["advantages"],
+            mb.loss_mask.to(logprobs.device),
+            x["token_seq_len"],
+            norm,
+            cfg,
+            ref_logprobs=x.get("ref_logprobs"),
+            rollout_logprobs=x["rollout_logprobs"],
+        )
+
+    return loss_fn
+
+
+def minibatches(batch: RolloutBatch, n: int) -> Iterator[RolloutBatch]:
+    """Split a batch by whole groups into `n` optimizer steps (rl.num_minibatches)."""
+    groups = batch.groups()
+    if n < 1 or len(groups) % n:
+        raise ValueError(f"rl.num_minibatches({n}) must divide the number of groups ({len(groups)})")
+    per = len(groups) // n
+    for i in range(n):
+        yield RolloutBatch([s for g in groups[i * per : (i + 1) * per] for s in g])
+
+
+class PhaseTimer:
+    """Wall time per phase of a step: `with timer("rollout"): ...`; `timer.metrics()` -> time/<phase>."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[phase] = timer.seconds.get(phase, 0.0) + time.perf_counter() - self.t0
+
+        return _Span()
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()} | {"time/step": sum(self.seconds.values())}

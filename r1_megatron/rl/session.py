@@ -1,0 +1,260 @@
+"""Setting up a GRPO run: initial weights, the frozen reference, the rollout engine, the canary.
+
+Kept apart from loop.py so the loop itself reads as prose."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from r1_megatron.checkpoint import dist as dist_ckpt
+from r1_megatron.config.schema import JobConfig
+from r1_megatron.offload import Offloader, model_tensors
+from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.rl.train_step import Trainer
+from r1_megatron.rollout.weight_export import export_weights
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def hosts_engine(device: torch.device) -> bool:
+    """vLLM-CPU runs in one process (rank 0); CUDA vLLM runs on every rank (external launcher)."""
+    return device.type == "cuda" or is_rank0()
+
+
+def load_initial_weights(trainer: Trainer, source: str) -> None:
+    """Fill a fresh trainer from a checkpoint dir (ours, any layout) or an HF dir (single rank)."""
+    if not source:
+        return
+    path = Path(source)
+    if (path / "config.json").is_file() and not (path / "metadata.json").is_file():
+        if dist.get_world_size() > 1:
+            raise ValueError(f"checkpoint.load: an HF directory ({path}) loads at world size 1 only; "
+                             "convert it with `r1m convert hf-to-mcore` for multi-rank runs")
+        from r1_megatron.checkpoint import hf, hf_io
+
+        ckpt = hf_io.HFCheckpoint(path)
+        hf.import_weights(trainer.unwrapped, ckpt, trainer.cfg.model, ckpt.keys())
+        return
+    if not (path / "metadata.json").is_file():
+        path = dist_ckpt.latest(path) or path
+    dist_ckpt.load(trainer, path, with_optimizer=False)
+
+
+class Reference:
+    """The frozen policy at the start of RL. It lives on the host between its forwards (SPEC §7):
+    its storages are offloaded except inside `logprobs`."""
+
+    def __init__(self, cfg: JobConfig, layout, device: torch.device):
+        frozen = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.0))
+        self.trainer = Trainer(frozen, layout, device)
+        load_initial_weights(self.trainer, cfg.checkpoint.load)
+        self._offload = Offloader(model_tensors(self.trainer.model[0]), pin_memory=cfg.offload.pin_memory)
+        if cfg.offload.reference_on_host:
+            self._offload.offload()
+
+    def logprobs(self, mbs: list[Microbatch]) -> list[torch.Tensor]:
+        if self._offload.offloaded:
+            self._offload.reload()
+            try:
+                return self.trainer.forward_logprobs(mbs)
+            finally:
+                self._offload.offload()
+        return self.trainer.forward_logprobs(mbs)
+
+
+def canary_batch(tokens: list[list[int]]) -> Microbatch:
+    t = torch.tensor(tokens, dtype=torch.long)
+    labels = torch.zeros_like(t)
+    labels[:, :-1] = t[:, 1:]
+    return Microbatch(t, labels, torch.ones_like(t, dtype=torch.float32), torch.arange(t.shape[1]).expand_as(t).clone())
+
+
+def canary_reference(trainer: Trainer, tokens: list[list[int]]) -> torch.Tensor:
+    """The trainer's logprobs of tokens[1:] for each canary sequence ([n, L - 1], fp32)."""
+    (lp,) = trainer.forward_logprobs([canary_batch(tokens)])
+    return lp[:, : len(tokens[0]) - 1]
+
+
+def export_hf(trainer: Trainer, out_dir: str | Path, tokenizer_dir: str | Path | None) -> Path | None:
+    """Write the trainer's weights as an HF directory (collective; rank 0 writes)."""
+    from r1_megatron.checkpoint import hf_io
+
+    stream = export_weights(trainer.unwrapped, trainer.cfg.model, dst=0)
+    if is_rank0():
+        return hf_io.save_hf(out_dir, stream, hf_io.hf_config(trainer.cfg.model), tokenizer_dir=tokenizer_dir)
+    for _ in stream:
+        pass
+    return None
+
+
+def weight_stream(trainer: Trainer, bucket_mb: int):
+    """The refit stream: every rank takes part in the gather. On CPU only rank 0 (the engine's) receives;
+    on GPU every rank's colocated vLLM shard does."""
+    dst = None if trainer.device.type == "cuda" else 0
+    return export_weights(trainer.unwrapped, trainer.cfg.model, bucket_mb * 2**20, dst=dst)
+
+
+class RunState:
+    """Everything a GRPO run holds between steps: process groups, trainer, reference, engine, reward
+    pool, prompt stream, refitter. Methods are the loop's verbs (refit, rollout, prepare, ...)."""
+
+    def __init__(self, cfg: JobConfig, engine=None, pool=None):
+        from r1_megatron.data.tokenizer import load_tokenizer
+        from r1_megatron.parallel.groups import init_process_groups
+        from r1_megatron.rl.grpo import PromptStream
+        from r1_megatron.rollout.refit import Refitter, canary_sequences
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.layout, self.device = init_process_groups(cfg)
+        self.tokenizer = load_tokenizer()
+        self.trainer = Trainer(cfg, self.layout, self.device)
+        extra = dist_ckpt.resume(self.trainer, self.ckpt_root) if cfg.checkpoint.resume else None
+        if extra is None:
+            load_initial_weights(self.trainer, cfg.checkpoint.load)
+        self.prompts = PromptStream(cfg, self.tokenizer, position=(extra or {}).get("data_position", 0))
+        self.reference = Reference(cfg, self.layout, self.device) if cfg.rl.kl_coef > 0 else None
+        self.canary_tokens = canary_sequences(cfg.model.vocab_size, cfg.rl.canary_length)
+        self.engine, self.pool = engine, pool
+        if hosts_engine(self.device) and self.engine is None:
+            from r1_megatron.rollout.vllm_engine import VLLMEngine
+
+            init_dir = export_hf(self.trainer, self.run_dir / "rollout_init", self._tokenizer_dir())
+            self.engine = VLLMEngine(init_dir, cfg.rollout)
+        elif not hosts_engine(self.device):
+            export_hf(self.trainer, self.run_dir / "rollout_init", None)
+        if is_rank0() and self.pool is None:
+            from r1_megatron.reward.pool import RewardPool
+
+            self.pool = RewardPool(cfg.reward)
+        self.refitter = Refitter(self.engine, cfg.rollout.bucket_mb, cfg.rl.canary_tol, self.canary_tokens) \
+            if self.engine is not None else None
+        self._bar = None
+
+    @staticmethod
+    def _tokenizer_dir():
+        from r1_megatron.data.tokenizer import ASSET_DIR
+
+        return ASSET_DIR
+
+    # -- the loop's verbs ---------------------------------------------------------------------
+    def refit(self) -> dict:
+        """Stream the trainer's weights into the engine; the canary compares logprobs (SPEC §5)."""
+        reference = canary_reference(self.trainer, self.canary_tokens)
+        stream = weight_stream(self.trainer, self.cfg.rollout.bucket_mb)
+        if self.refitter is None:
+            for _ in stream:
+                pass
+            return {}
+        report = self.refitter.refit(stream, reference=reference)
+        return {"refit/version": report["version"], "refit/bytes": report["bytes"],
+                "refit/seconds": report["seconds"], "refit/canary_max_err": report["canary_max_err"]}
+
+    def rollout(self):
+        """Generate and score one batch (rank 0 on CPU), with dynamic sampling; broadcast it."""
+        from r1_megatron.rl import grpo
+        from r1_megatron.rl.advantages import all_equal_groups
+        from r1_megatron.rl.types import RolloutBatch
+
+        rl = self.cfg.rl
+        samples, stats = None, {}
+        if is_rank0():
+            kept: list = []
+            rounds, all_equal, seen = 0, 0, 0
+            while len(kept) < rl.prompts_per_step * rl.group_size:
+                need = rl.prompts_per_step - len(kept) // rl.group_size
+                items = self.prompts.take(need)
+                batch = RolloutBatch(grpo.generate_and_score(self.engine, self.pool, self.tokenizer, items,
+                                                             self.cfg, first_group=seen))
+                seen += need
+                flat = all_equal_groups(batch.rewards()[batch.group_index()])
+                all_equal += int(flat.sum())
+                rounds += 1
+                if rl.dynamic_sampling and rounds <= rl.max_resample_rounds:
+                    batch = batch.select_groups([not f for f in flat.tolist()])
+                kept += batch.samples
+                if not rl.dynamic_sampling or rounds > rl.max_resample_rounds:
+                    break
+            samples = kept[: rl.prompts_per_step * rl.group_size] if kept else kept
+            stats = {"all_equal_frac": all_equal / max(seen, 1), "sampling_rounds": float(rounds),
+                     "data_position": float(self.prompts.position), **(self.pool.stats(reset=True))}
+        box = grpo.broadcast_samples([samples, stats] if is_rank0() else None)
+        samples, stats = box
+        if not samples:
+            raise RuntimeError(f"dynamic sampling kept no group after {rl.max_resample_rounds} rounds "
+                               "(every group's rewards were equal); raise rl.max_resample_rounds")
+        if not is_rank0():
+            self.prompts.position = int(stats["data_position"])
+        return RolloutBatch(samples), stats
+
+    def prepare(self, batch):
+        """Advantages, then per minibatch: packed microbatches with old (and reference) logprobs."""
+        from r1_megatron.rl import grpo
+        from r1_megatron.rl.advantages import assign_advantages
+
+        rl, max_len = self.cfg.rl, self.cfg.rollout.max_new_tokens
+        seq_k1 = None
+        if rl.kl_in == "reward" and rl.kl_coef > 0:
+            seq_k1 = self._sequence_k1(batch)
+        adv_metrics = assign_advantages(batch, rl, max_len, seq_k1)
+        parts = []
+        for part in grpo.minibatches(batch, rl.num_minibatches):
+            mbs = grpo.microbatches(part, self.cfg.data.seq_length, self.layout.micro_batch_size)
+            grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
+            if self.reference is not None and rl.kl_in == "loss":
+                for mb, lp in zip(mbs, self.reference.logprobs(mbs), strict=True):
+                    mb.extras["ref_logprobs"] = lp
+            parts.append((mbs, part.loss_norm(max_len)))
+        return parts, adv_metrics
+
+    def _sequence_k1(self, batch) -> torch.Tensor:
+        """Per-sequence sum of k1 = log pi_old - log pi_ref over response tokens (KL in the reward)."""
+        from r1_megatron.rl.types import sequence_tensors
+
+        out = []
+        for s in batch.samples:
+            q = sequence_tensors(s)
+            mb = canary_batch([q.tokens.tolist()])
+            (old,) = self.trainer.forward_logprobs([mb])
+            (ref,) = self.reference.logprobs([mb])
+            out.append(float(((old - ref)[0] * q.loss_mask).sum()))
+        return torch.tensor(out)
+
+    def evaluate(self, n: int | None = None) -> float:
+        """Held-out pass@1 (mean over rl.eval_samples samples, T=0.6, top-p 0.95); rank 0's value."""
+        from r1_megatron.rl.evaluate import heldout_accuracy
+
+        acc = heldout_accuracy(self.engine, self.pool, self.tokenizer, self.cfg, n) if is_rank0() else 0.0
+        box = [acc]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def save(self) -> None:
+        dist_ckpt.save(self.trainer, self.ckpt_root, extra={"data_position": self.prompts.position})
+
+    def progress(self, steps):
+        if not (is_rank0() and self.cfg.logging.progress):
+            return steps
+        from tqdm import tqdm
+
+        self._bar = tqdm(steps, desc="GRPO", unit="step", dynamic_ncols=True)
+        return self._bar
+
+    def show(self, metrics: dict) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                                  acc=f"{metrics.get('accuracy', float('nan')):.2f}")
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self.engine is not None:
+            self.engine.close()
