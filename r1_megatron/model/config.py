@@ -111,6 +111,8 @@ def transformer_config(
     )
     common.update(_parallel_flags(parallel, dtype))
     if m.arch == "deepseek_v3":
+        # megatron's fused MLA rope is YaRN-only, training-only and marked experimental: keep it off.
+        common["apply_rope_fusion"] = False
         cfg = MLATransformerConfig(
             **common,
             multi_latent_attention=True,
