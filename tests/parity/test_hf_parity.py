@@ -10,6 +10,9 @@ Guarantees (fp32, max |logit difference| <= 1e-4):
   logits, as if it ran alone (attention and rope restart at every sequence boundary).
 - On CUDA (marked gpu): the transformer-engine spec (fused layernorm-linear, grouped GEMM experts,
   fused rope) loads the same checkpoint and matches transformers.
+- vLLM-CPU (if installed) loads the tiny_moe checkpoint our megatron model exports and gives our
+  fp32 per-token logprobs within 1e-4 (vLLM runs in a subprocess, with the settings of
+  notes/platform.md).
 - The router alone matches transformers' DeepseekV3TopkRouter exactly on adversarial scores, and
   megatron's stock group-limited router provably picks different experts there.
 """
@@ -132,6 +135,54 @@ def test_transformer_engine_spec_matches_transformers_on_cuda(tmp_path, case):
     card, overrides = DEEPSEEK_CASES[case]
     # fp32 on GPU: cuBLAS / TE kernels reorder sums differently from the CPU
     assert _compare(card, overrides, tmp_path, seed=1, device="cuda") <= 1e-3
+
+
+VLLM_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], skip_tokenizer_init=True, dtype="float32", enforce_eager=True, seed=0,
+          max_model_len=256, compilation_config={"custom_ops": ["all", "-rotary_embedding"]})
+seqs = json.loads(sys.argv[2])
+params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+outs = llm.generate([{"prompt_token_ids": s} for s in seqs], params)
+print("LOGPROBS " + json.dumps([[step[seq[t]].logprob for t, step in enumerate(o.prompt_logprobs) if t > 0]
+                                for seq, o in zip(seqs, outs)]))
+"""
+
+
+@CPU_ONLY
+def test_vllm_cpu_gives_our_logprobs_on_our_export(world, tmp_path):
+    pytest.importorskip("vllm")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from r1_megatron.checkpoint.score import token_logprobs
+
+    m = replace(load_card("tiny_moe"), yarn_factor=2.0, original_max_position=512)
+    torch.manual_seed(3)
+    model = build_model(m).eval()
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.rsplit(".", 2)[-2].endswith("norm"):
+                t.copy_(1 + 0.2 * torch.randn_like(t))
+            elif name.endswith("expert_bias"):
+                t.copy_(0.3 * torch.rand_like(t))
+    hf_io.save_hf(tmp_path, hf.export_weights(model, m), hf_io.hf_config(m))
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, m.vocab_size, (n,), generator=gen).tolist() for n in (9, 40)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", VLLM_SCRIPT, str(tmp_path), json.dumps(seqs)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("LOGPROBS ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    theirs = json.loads(lines[-1][len("LOGPROBS "):])
+    for seq, got in zip(seqs, theirs):
+        ours = torch.tensor(token_logprobs(model, seq, torch.device("cpu")))
+        assert (ours - torch.tensor(got)).abs().max() <= TOL
 
 
 def _stock_megatron_route(logits, bias, topk, n_group, topk_group, scale):
