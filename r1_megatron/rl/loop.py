@@ -4,6 +4,7 @@
   prompt while the reward pool scores finished groups -> reload the trainer -> old and reference
   logprobs -> group advantages -> packed microbatches -> train_step with the GRPO loss -> log, save.
 
+The MTP head is not trained during RL: its loss on the policy's own samples would be an SFT term.
 Departures from the paper are config switches (SPEC §1): Dr. GRPO / leave-one-out baselines,
 clip-higher, dynamic sampling, overlong shaping, TIS, KL in the reward instead of the loss.
 """
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from r1_megatron.config import JobConfig, load_config, save_resolved
 from r1_megatron.offload import Offloader, model_tensors, optimizer_tensors
+from r1_megatron.model.provider import mtp_disabled
 from r1_megatron.rl import grpo, session
+from r1_megatron.rl.losses import finalize_metrics
 from r1_megatron.rl.metrics import MetricsLogger
 
 
@@ -38,7 +41,8 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
         with timer("train"):
             for _epoch in range(rl.ppo_epochs):
                 for mbs, norm in parts:  # rl.num_minibatches optimizer steps
-                    train_metrics = trainer.train_step(mbs, grpo.grpo_loss(rl, norm))
+                    with mtp_disabled(trainer.unwrapped):  # MTP's LM loss on own samples would be SFT
+                        train_metrics = finalize_metrics(trainer.train_step(mbs, grpo.grpo_loss(rl, norm)))
         metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics()}
         if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:
             metrics["eval/accuracy"] = run.evaluate()
