@@ -26,7 +26,8 @@ import sys
 import time
 
 from r1_megatron.config.schema import RewardConfig, SandboxConfig
-from r1_megatron.reward.pool import RewardPool, WeightedScorer
+from r1_megatron.reward import WeightedScorer
+from r1_megatron.reward.pool import RewardPool
 
 # task -> (right program, wrong program, (a, b) -> (stdin, expected stdout))
 _PROGRAMS = {

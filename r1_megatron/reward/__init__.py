@@ -16,11 +16,22 @@ total and not in the breakdown.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from r1_megatron.config.schema import SandboxConfig
 from r1_megatron.reward.registry import RewardResult, get, names, register
 
-__all__ = ["RewardResult", "get", "names", "register", "component_truth", "score_sample", "SKIP"]
+__all__ = [
+    "SKIP",
+    "RewardResult",
+    "WeightedScorer",
+    "component_truth",
+    "get",
+    "names",
+    "register",
+    "score_sample",
+]
 
 SKIP = object()  # component_truth's answer for "this sample carries nothing for that component"
 
@@ -64,3 +75,38 @@ def score_sample(
             components[f"{name}/error"] = 1.0
             errors.append(result.error)
     return RewardResult(total, components, ",".join(errors) or None)
+
+
+@dataclass
+class WeightedScorer:
+    """The default scorer: `score_sample` with fixed weights and target language (picklable). The code
+    component's sandbox limits and mode are module state in reward/code.py, set by prepare()."""
+
+    weights: dict[str, float]
+    language: str = "en"
+    sandbox: SandboxConfig | None = None
+    code_mode: str = "fraction"
+
+    def __call__(self, response: str, ground_truth: Any) -> RewardResult:
+        return score_sample(response, ground_truth, self.weights, self.language)
+
+    def prepare(self) -> None:
+        """Once per process before scoring: import the components, configure the code sandbox, and run
+        the math check once so its first-call setup (parser tables) is not charged to an item's timeout."""
+        names()
+        if "code" in self.weights:
+            from r1_megatron.reward.code import configure
+
+            configure(self.sandbox, self.code_mode)
+        if "accuracy" in self.weights:
+            get("accuracy")(r"\boxed{\frac{1}{2}}", "0.5")
+
+    def extra_seconds(self, ground_truth: Any) -> float:
+        """Time a sample may take beyond reward.timeout_s: a code sample gets the sandbox's own outer
+        deadline (sandbox.py: 10 s start-up + per test wall_seconds + 3 s), so the sandbox reports its
+        typed reason ("sandbox:timeout") before the pool would kill the worker."""
+        truth = component_truth("code", ground_truth, self.language)
+        if "code" not in self.weights or truth is SKIP or not isinstance(truth.get("tests"), list):
+            return 0.0
+        wall = (self.sandbox or SandboxConfig()).wall_seconds
+        return 10.0 + len(truth["tests"]) * (wall + 3.0)

@@ -46,48 +46,13 @@ from typing import Any
 
 import psutil
 
-from r1_megatron.config.schema import RewardConfig, SandboxConfig
-from r1_megatron.reward import SKIP, component_truth, score_sample
-from r1_megatron.reward.registry import RewardResult, get, names
+from r1_megatron.config.schema import RewardConfig
+from r1_megatron.reward import WeightedScorer
+from r1_megatron.reward.registry import RewardResult, names
 
 Scorer = Callable[[str, Any], RewardResult]
 _MAX_STARTUP_FAILURES = 3  # consecutive worker deaths before ready: the pool cannot work (e.g. import error)
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class WeightedScorer:
-    """The default scorer: `score_sample` with fixed weights and target language (picklable). The code
-    component's sandbox limits and mode are module state in reward/code.py, set by prepare()."""
-
-    weights: dict[str, float]
-    language: str = "en"
-    sandbox: SandboxConfig | None = None
-    code_mode: str = "fraction"
-
-    def __call__(self, response: str, ground_truth: Any) -> RewardResult:
-        return score_sample(response, ground_truth, self.weights, self.language)
-
-    def prepare(self) -> None:
-        """Once per process before scoring: import the components, configure the code sandbox, and run
-        the math check once so its first-call setup (parser tables) is not charged to an item's timeout."""
-        names()
-        if "code" in self.weights:
-            from r1_megatron.reward.code import configure
-
-            configure(self.sandbox, self.code_mode)
-        if "accuracy" in self.weights:
-            get("accuracy")(r"\boxed{\frac{1}{2}}", "0.5")
-
-    def extra_seconds(self, ground_truth: Any) -> float:
-        """Time a sample may take beyond reward.timeout_s: a code sample gets the sandbox's own outer
-        deadline (sandbox.py: 10 s start-up + per test wall_seconds + 3 s), so the sandbox reports its
-        typed reason ("sandbox:timeout") before the pool would kill the worker."""
-        truth = component_truth("code", ground_truth, self.language)
-        if "code" not in self.weights or truth is SKIP or not isinstance(truth.get("tests"), list):
-            return 0.0
-        wall = (self.sandbox or SandboxConfig()).wall_seconds
-        return 10.0 + len(truth["tests"]) * (wall + 3.0)
 
 
 def _die_with_parent() -> None:
@@ -119,8 +84,9 @@ def _worker_main(conn: Connection, scorer: Scorer) -> None:
         conn.send(out)
 
 
-def _kill_tree(proc: mp.process.BaseProcess) -> None:
-    """SIGKILL a worker, its process group and every descendant (a sandbox may have left the group)."""
+def _signal_tree(proc: mp.process.BaseProcess) -> None:
+    """SIGKILL a worker, its process group and every descendant (a sandbox may have left the group).
+    Does not wait: reaping can lag under load, and an item's result must not wait for it."""
     pid = proc.pid
     if proc.exitcode is not None:  # already reaped: its pid may belong to someone else by now
         return
@@ -141,6 +107,10 @@ def _kill_tree(proc: mp.process.BaseProcess) -> None:
             d.kill()
         except psutil.Error:
             pass
+
+
+def _kill_tree(proc: mp.process.BaseProcess) -> None:
+    _signal_tree(proc)
     proc.join(timeout=5)
 
 
@@ -218,6 +188,7 @@ class RewardPool:
         self._busy_s = self._blocked_s = self._max_item_s = 0.0
         self._startup_failures = 0
         self._to_spawn = 0  # replacements owed, started by the dispatcher once it drops the lock
+        self._to_reap: list[mp.process.BaseProcess] = []  # killed workers, joined once it drops the lock
         self._failure: str | None = None
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()
@@ -401,6 +372,9 @@ class RewardPool:
                     self._on_timeout(w)
             self._cond.notify_all()
             to_spawn, self._to_spawn = self._to_spawn, 0
+            to_reap, self._to_reap = self._to_reap, []
+        for proc in to_reap:
+            proc.join(timeout=5)
         for _ in range(to_spawn):
             self._spawn()
         return True
@@ -423,7 +397,8 @@ class RewardPool:
         return False
 
     def _retire(self, w: _Worker) -> None:
-        _kill_tree(w.proc)
+        _signal_tree(w.proc)
+        self._to_reap.append(w.proc)
         w.conn.close()
         self._workers.remove(w)
         self._live.pop(w.proc.pid, None)
@@ -483,6 +458,9 @@ class RewardPool:
         with self._cond:
             workers = list(self._workers)
             self._workers.clear()
+            to_reap, self._to_reap = self._to_reap, []
+        for proc in to_reap:
+            proc.join(timeout=5)
         for w in workers:
             if w.ready and w.item is None:
                 try:
