@@ -16,7 +16,7 @@ from r1_megatron.config.schema import SandboxConfig
 from r1_megatron.reward import code, registry, sandbox
 from r1_megatron.reward.code import code_reward, extract_code, normalize_output, score_program
 
-CFG = SandboxConfig(wall_seconds=2.0, cpu_seconds=2, memory_mb=256, max_processes=16, max_output_bytes=65536)
+CFG = SandboxConfig(wall_seconds=3.0, cpu_seconds=2, memory_mb=256, max_processes=16, max_output_bytes=65536)
 
 # a + b, but wrong for negative numbers (it adds absolute values).
 ABS_ADD = "a, b = map(int, input().split())\nprint(abs(a) + abs(b))\n"

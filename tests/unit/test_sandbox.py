@@ -65,7 +65,7 @@ PRIVATE_UID = 2_000_000_000 + os.getpid() % 1_000_000
 def _cfg(level: str, **kw) -> SandboxConfig:
     if level == "none":
         kw.setdefault("uid", PRIVATE_UID)
-    limits = {"wall_seconds": 3.0, "cpu_seconds": 1, "memory_mb": 256, "max_processes": 12, "file_size_mb": 4}
+    limits = {"wall_seconds": 6.0, "cpu_seconds": 1, "memory_mb": 256, "max_processes": 12, "file_size_mb": 4}
     limits |= {"open_files": 32, "max_output_bytes": 65536, "tmpfs_mb": 16}
     return SandboxConfig(isolation=level, **(limits | kw))
 
