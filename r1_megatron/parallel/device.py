@@ -6,6 +6,8 @@ group of size 1 over a FileStore (no ports) and megatron's parallel_state with e
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import random
 import tempfile
@@ -48,10 +50,17 @@ def single_rank_world(seed: int = 0, device: torch.device | None = None) -> torc
     if device.type != "cuda":
         compat_cpu.activate()
     if not dist.is_initialized():
-        store = dist.FileStore(tempfile.mkstemp(prefix="r1m_store_")[1], 1)
+        path = tempfile.mkstemp(prefix="r1m_store_")[1]
+        atexit.register(_remove_quietly, path)
+        store = dist.FileStore(path, 1)
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=store, rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     seed_all(seed)
     return device
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
