@@ -401,3 +401,54 @@ CUDA_DEVICE_MODULES.update({
     "megatron.core.optimizer.optimizer":
         "FP32Optimizer keeps its loss scale in a torch.tensor(..., device='cuda')",
 })
+
+
+def _down_proj_forward(self: Any, input_: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None):
+    """A column-parallel MLA down-projection run as a full (duplicated) linear on this rank's
+    sequence shard: y_r = x_r @ all_gather(W)^T, returned at full width.
+
+    Why: in the local spec the down-projections are ColumnParallelLinear; MLA then all-gathers the
+    output columns, and the backward of that gather keeps only this rank's column slice of the
+    gradient. The shared rope key k_pe is used by every rank's heads, so its gradient differs per
+    rank and the other ranks' share is lost (loss right, kv_down_proj rope rows' grads wrong).
+    At full width MLA takes its duplicated-linear path (as with transformer-engine's TELinear):
+    k_pe is gathered over the sequence and its gradient reduce-scattered, i.e. summed. The weight
+    keeps its sharded storage (and checkpoint layout); the all-gather's backward reduce-scatters the
+    per-shard weight gradients, which sums the sequence shards' contributions."""
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    full = gather_from_sequence_parallel_region(self.weight, tensor_parallel_output_grad=True, group=self.tp_group)
+    return torch.nn.functional.linear(input_, full), None
+
+
+def _mla_init_with_full_width_down_proj(original: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+        if not (self.config.sequence_parallel and self.tp_group is not None and self.tp_group.size() > 1):
+            return
+        for name in ("linear_q_down_proj", "linear_kv_down_proj"):
+            layer = getattr(self, name, None)
+            if type(layer) is ColumnParallelLinear:
+                layer.forward = types.MethodType(_down_proj_forward, layer)
+
+    __init__.__wrapped__ = original
+    return __init__
+
+
+_PARALLEL_ACTIVE = False
+_activate_model_fixes = activate
+
+
+def activate() -> bool:  # noqa: F811 - extends activate() above with this section's fixes
+    """Install every CPU fix (above, then this section's) once; a no-op when CUDA is available."""
+    global _PARALLEL_ACTIVE
+    if not _activate_model_fixes():
+        return False
+    if not _PARALLEL_ACTIVE:
+        from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+        _replace(MLASelfAttention, "__init__", _mla_init_with_full_width_down_proj(MLASelfAttention.__init__))
+        _PARALLEL_ACTIVE = True
+    return True

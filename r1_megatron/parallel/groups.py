@@ -37,6 +37,14 @@ def resolve_layout(cfg: JobConfig, world_size: int) -> ParallelConfig:
     validate_parallel(cfg, world_size)
     p = cfg.parallel
     dp = p.dp or world_size // (p.tp * p.pp)
+    if cfg.model.num_experts and p.ep == 1 and p.etp != p.tp:
+        # megatron marks expert weights as expert-parallel (grads summed over the expert-DP group)
+        # only when ep > 1; with ep == 1 they are reduced like dense weights, over DP alone, so
+        # experts that see only this TP rank's tokens (etp < tp) would miss the other ranks' share.
+        raise ConfigError(
+            f"parallel.etp({p.etp}) must equal parallel.tp({p.tp}) when parallel.ep is 1 "
+            "(megatron sums expert gradients across ranks only with ep > 1)"
+        )
     if p.micro_batch_size < 1:
         raise ConfigError(f"parallel.micro_batch_size must be >= 1, got {p.micro_batch_size}")
     # megatron refuses sequence parallelism without TP; at tp 1 it is a no-op, so configs may leave it on.

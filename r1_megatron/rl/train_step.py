@@ -35,7 +35,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from r1_megatron.config.schema import JobConfig, ParallelConfig
@@ -292,10 +292,11 @@ class Trainer:
 
 
 def _clear_loss_trackers() -> None:
-    """Zero megatron's MTP / MoE aux-loss logging trackers (module globals filled by forwards)."""
-    if "values" in MTPLossLoggingHelper.tracker:
-        MTPLossLoggingHelper.clean_loss_in_tracker()
-    clear_aux_losses_tracker()
+    """Empty megatron's MTP / MoE aux-loss logging trackers (module globals that forwards fill).
+
+    Emptied rather than zeroed: an entry remembers the process group of the layout that made it."""
+    MTPLossLoggingHelper.tracker.clear()
+    get_moe_layer_wise_logging_tracker().clear()
 
 
 def replace_layout(cfg: JobConfig, **changes) -> JobConfig:

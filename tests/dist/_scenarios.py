@@ -3,7 +3,7 @@
 Each mode runs under tests/dist/_launch.py (torchrun-like env) and writes its results to OUT_DIR as
 torch files; the test modules compare them. Modes:
   reference OUT           world 1: initial checkpoint, one SFT step, export, post-step logprobs
-  layouts OUT INIT L...   for each layout L ("tp,pp,ep,dp,dispatcher"): load INIT, same step, export
+  layouts OUT INIT L...   for each layout L ("tp,pp,ep,etp,dp,dispatcher"): load INIT, same step, export
   resume OUT              3 steps, save, 2 steps; a fresh trainer resumes and redoes the 2 steps
   crash OUT               1 step, save; 1 step, save killed (SIGKILL) between write and commit
   after_crash OUT         resume from `latest` after `crash`, one step
@@ -36,7 +36,7 @@ CAPACITY = 32
 
 
 def job_config(**parallel) -> JobConfig:
-    cfg = load_config(CONFIG, ["parallel.micro_batch_size=1", "optim.lr=0.01"])
+    cfg = load_config(CONFIG, ["parallel.micro_batch_size=1"])
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **parallel))
 
 
@@ -137,8 +137,8 @@ def layouts(out: Path, init: str, specs: list[str]) -> None:
     results = {}
     started = False
     for spec in specs:
-        tp, pp, ep, dp, dispatcher = spec.split(",")
-        cfg = job_config(tp=int(tp), pp=int(pp), ep=int(ep), dp=int(dp), dispatcher=dispatcher)
+        tp, pp, ep, etp, dp, dispatcher = spec.split(",")
+        cfg = job_config(tp=int(tp), pp=int(pp), ep=int(ep), etp=int(etp), dp=int(dp), dispatcher=dispatcher)
         if not started:
             start(cfg)
             started = True
