@@ -59,7 +59,8 @@ class RejectionConfig:
     seed: int = 0  # order of the mixed output and of the non-reasoning pairs drawn
 
     def __post_init__(self) -> None:
-        for name, low in (("k", 1), ("min_tokens", 0), ("max_tokens", 0), ("max_per_prompt", 0), ("decontam_n", 1)):
+        lows = (("k", 1), ("min_tokens", 0), ("max_tokens", 0), ("max_per_prompt", 0), ("decontam_n", 1))
+        for name, low in lows:
             if getattr(self, name) < low:
                 raise ValueError(f"rejection.{name} must be >= {low}, got {getattr(self, name)}")
         if self.max_tokens and self.max_tokens < self.min_tokens:
@@ -67,9 +68,11 @@ class RejectionConfig:
         if not 0.0 <= self.min_language <= 1.0:
             raise ValueError(f"rejection.min_language must be in [0, 1], got {self.min_language}")
         if not 0.0 <= self.non_reasoning_fraction < 1.0:
-            raise ValueError(f"rejection.non_reasoning_fraction must be in [0, 1), got {self.non_reasoning_fraction}")
+            raise ValueError(
+                f"rejection.non_reasoning_fraction must be in [0, 1), got {self.non_reasoning_fraction}")
         if self.language not in SCRIPTS:
-            raise ValueError(f"rejection.language: unknown language {self.language!r}; known: {sorted(SCRIPTS)}")
+            raise ValueError(
+                f"rejection.language: unknown language {self.language!r}; known: {sorted(SCRIPTS)}")
 
 
 class Verdict(NamedTuple):
@@ -106,12 +109,16 @@ def rejection_reasons(
 
 
 def select(
-    items: list[dict], generations: list[list[Generation]], rewards: list[list[RewardResult]], cfg: RejectionConfig
+    items: list[dict],
+    generations: list[list[Generation]],
+    rewards: list[list[RewardResult]],
+    cfg: RejectionConfig,
 ) -> tuple[list[dict], dict[str, int]]:
     """The SFT records of the accepted samples and the counts: samples, kept, rejected (any reason),
     rejected/<reason> for each reason, duplicate, over_cap."""
     if not (len(items) == len(generations) == len(rewards)):
-        raise ValueError(f"select: {len(items)} items, {len(generations)} generation groups, {len(rewards)} rewards")
+        raise ValueError(
+            f"select: {len(items)} items, {len(generations)} generation groups, {len(rewards)} reward groups")
     counts: Counter[str] = Counter({"samples": 0, "kept": 0, "rejected": 0, "duplicate": 0, "over_cap": 0})
     counts.update({f"rejected/{r}": 0 for r in REASONS})
     records = []
@@ -145,16 +152,19 @@ def select(
 
 
 def non_reasoning_count(kept: int, fraction: float) -> int:
-    """How many non-reasoning pairs make them `fraction` of the output: round(fraction * kept / (1 - fraction))."""
+    """Non-reasoning pairs that make up `fraction` of the output: round(fraction * kept / (1 - fraction))."""
     return round(fraction * kept / (1.0 - fraction))
 
 
-def mix_non_reasoning(records: list[dict], pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], int]:
+def mix_non_reasoning(
+    records: list[dict], pairs: list[dict], fraction: float, seed: int
+) -> tuple[list[dict], int]:
     """`records` plus non-reasoning pairs (drawn in a seeded order, cycling when too few) making up
     `fraction` of the result, shuffled together by `seed`; returns (mixed, pairs added)."""
     need = non_reasoning_count(len(records), fraction)
     if need and not pairs:
-        raise ValueError(f"non_reasoning_fraction {fraction} needs {need} non-reasoning pairs, but none were given")
+        raise ValueError(
+            f"non_reasoning_fraction {fraction} needs {need} non-reasoning pairs, but none were given")
     rng = random.Random(f"mix|{seed}")
     order = list(range(len(pairs)))
     rng.shuffle(order)
@@ -167,7 +177,9 @@ def mix_non_reasoning(records: list[dict], pairs: list[dict], fraction: float, s
     return mixed, need
 
 
-def decontaminate_items(items: list[dict], eval_texts: list[str], n: int = 10) -> tuple[list[dict], dict[str, int]]:
+def decontaminate_items(
+    items: list[dict], eval_texts: list[str], n: int = 10
+) -> tuple[list[dict], dict[str, int]]:
     """The items whose question (else prompt) shares no word n-gram with any eval text, and the counts."""
     keyed = [{"text": item.get("question") or item["prompt"], "index": i} for i, item in enumerate(items)]
     kept, counts = decontaminate(keyed, eval_texts, n=n, key="text")
@@ -204,7 +216,8 @@ def rejection_sample(
     records, counts = select(items, generations, rewards, cfg)
     errors = Counter(e for row in rewards for r in row for e in (r.error or "").split(",") if e)
     records, added = mix_non_reasoning(records, non_reasoning or [], cfg.non_reasoning_fraction, cfg.seed)
-    report.update(counts, reward_errors=dict(sorted(errors.items())), non_reasoning=added, written=len(records))
+    report.update(counts, reward_errors=dict(sorted(errors.items())), non_reasoning=added,
+                  written=len(records))
     return records, report
 
 
@@ -257,7 +270,8 @@ def _parser() -> Any:
 
 
 def _read_inputs(args: Any) -> tuple[list[dict], list[str], list[str] | None, list[dict]]:
-    """(prompt items, bad-line messages, eval texts or None, non-reasoning pairs); ValueError names the file."""
+    """(prompt items, bad-line messages, eval texts or None, non-reasoning pairs); a ValueError names
+    the file."""
     from pathlib import Path
 
     from r1_megatron.data.jsonl import read_jsonl
@@ -280,7 +294,8 @@ def _read_inputs(args: Any) -> tuple[list[dict], list[str], list[str] | None, li
         bad += [str(e) for e in errors]
         eval_texts = [e.get("question") or e["prompt"] for e in eval_items]
     elif args.eval_task:
-        eval_texts = [e["question"] for e in make_items(args.eval_task, args.eval_n, seed=args.seed, split="eval")]
+        eval_items = make_items(args.eval_task, args.eval_n, seed=args.seed, split="eval")
+        eval_texts = [e["question"] for e in eval_items]
     if args.non_reasoning:
         pairs, errors = read_jsonl(args.non_reasoning, "sft")
         bad += [str(e) for e in errors]

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         parser.error(f"--tokenizer: {e}")
     sampling = eval_sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
-    engine = VLLMEngine(args.model, RolloutConfig(seed=args.seed, max_model_len=args.max_model_len), args.device)
+    rollout = RolloutConfig(seed=args.seed, max_model_len=args.max_model_len)
+    engine = VLLMEngine(args.model, rollout, args.device)
     try:
         report = evaluate(engine, tokenizer, items, k=args.k, sampling=sampling, chat=args.chat,
                           keep_text=not args.no_text,

@@ -138,7 +138,9 @@ def build_report(
             if keep_text:
                 sample["text"] = g.text
             samples.append(sample)
-        gold = item.get("answer") if item_kind(item) != "countdown" else f"{item['target']} from {item['numbers']}"
+        gold = item.get("answer")
+        if item_kind(item) == "countdown":
+            gold = f"{item['target']} from {item['numbers']}"
         prompts.append({"id": item.get("id", str(i)), "task": item.get("task", item_kind(item)), "gold": gold,
                         "pass_at_1": sum(correct[i]) / k, "cons_correct": cons, "majority_answer": majority,
                         "votes": votes, "samples": samples})

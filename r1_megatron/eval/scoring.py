@@ -38,7 +38,7 @@ def item_kind(item: dict) -> str:
         return "code"
     if "answer" in item:
         return "math"
-    raise ValueError(f"item {item.get('id', '?')}: no 'answer', 'tests' or 'numbers'/'target' to check against")
+    raise ValueError(f"item {item.get('id', '?')}: no 'answer', 'tests' or 'numbers'/'target' to check")
 
 
 def code_tests(tests: list) -> list[dict]:
@@ -168,17 +168,17 @@ def generate_and_score(
         batch = items[start : start + batch_prompts]
         prompts = [encode_prompt(tokenizer, item["prompt"], chat=chat) for item in batch]
         for item, samples in zip(batch, engine.generate(prompts, k, sampling), strict=True):
-            group = [
-                Generation(tokenizer.decode(s.token_ids, skip_special_tokens=True), len(s.token_ids), s.finish_reason)
-                for s in samples
-            ]
+            group = [Generation(tokenizer.decode(s.token_ids, skip_special_tokens=True), len(s.token_ids),
+                                s.finish_reason) for s in samples]
             generations.append(group)
             truth = ground_truth(item)
             tickets.append(pool.submit([(g.text, truth) for g in group]))
     return generations, [pool.wait(t) for t in tickets]
 
 
-def equivalence_table(pool: Any, answers: list[list[str | None]]) -> tuple[list[dict[tuple[str, str], bool]], int]:
+def equivalence_table(
+    pool: Any, answers: list[list[str | None]]
+) -> tuple[list[dict[tuple[str, str], bool]], int]:
     """For each prompt, math-verify's verdict on every pair of its distinct answers, scored in the pool;
     and how many of those checks failed (timeout, crash, parse error), each counted as "not the same".
 

@@ -6,17 +6,18 @@ expert down projection is zero, so the residual stream is the token embedding an
 depends on the current one only. Embeddings and lm_head then encode a small chain,
     (any prompt end) -> "</think>" -> "\\boxed{" -> "7" (p 3/4 at T = 0.6) or "8" (p 1/4) -> "}" -> EOS,
 so each sample is "</think>\\boxed{7}" or "</think>\\boxed{8}", drawn by vLLM's own sampler. With gold
-answers 7, 8 and 9 the three prompts get mostly right, mostly wrong and never right samples.
+answers 7, 8 and 9 the three prompts get mostly right, mostly wrong and never right samples. A prompt
+ending in "~" loops on "~" until the token cap.
 
 Guarantees:
-- `evaluate` on vLLM returns the documented report; each sample's correctness equals the accuracy
+- `r1m eval` on vLLM writes the documented report; each sample's correctness equals the accuracy
   reward rescoring its text in this process; pass@1 equals the value recomputed from the per-sample
-  fields, and each majority answer equals a vote counted here from the extracted answers;
-- `rejection_sample` keeps exactly the samples whose answer is the gold one, with provenance, drops
-  every sample cut by the token cap, mixes non-reasoning pairs at the configured fraction and drops
-  prompts overlapping the eval prompts;
-- `r1m eval` on a prompt file with a bad line names that line, still evaluates the good ones and
-  writes a report consistent with itself.
+  fields, and each majority answer equals a vote counted here from the extracted answers; a bad line
+  of the prompt file is named by number and the good lines are still evaluated;
+- rejection sampling (its CLI) keeps exactly the samples whose answer is the gold one, with
+  provenance, drops every sample cut by the token cap, mixes non-reasoning pairs at the configured
+  fraction, drops prompts overlapping the eval prompts, and names a bad prompt line while the good
+  ones still run.
 """
 
 from __future__ import annotations
@@ -33,22 +34,17 @@ import torch
 pytest.importorskip("vllm")
 
 from r1_megatron.config.loader import load_card  # noqa: E402
-from r1_megatron.config.schema import RewardConfig  # noqa: E402
-from r1_megatron.data.tasks import chitchat_pairs  # noqa: E402
 from r1_megatron.data.tokenizer import ASSET_DIR, load_tokenizer  # noqa: E402
-from r1_megatron.distill.rejection import RejectionConfig, rejection_sample  # noqa: E402
-from r1_megatron.eval.runner import eval_sampling, evaluate, make_pool  # noqa: E402
 from r1_megatron.model.random_hf import hf_model  # noqa: E402
 from r1_megatron.reward.math_reward import math_reward  # noqa: E402
-from r1_megatron.rollout.engine import SamplingParams  # noqa: E402
-from r1_megatron.rollout.vllm_engine import VLLMEngine  # noqa: E402
 
 THINK_CLOSE, BOX, EOS = 7, 10, 1  # ids fixed by the shipped tokenizer (data/tokenizer.py)
-LOGIT = 30.0  # large enough that every token outside the chain has probability < e^-45
-ITEMS = [
-    {"id": "q7", "prompt": "What is 3 + 4? Assistant: <think>", "answer": "7", "question": "What is 3 + 4?"},
-    {"id": "q8", "prompt": "What is 4 + 4? Assistant: <think>", "answer": "8", "question": "What is 4 + 4?"},
-    {"id": "q9", "prompt": "What is 4 + 5? Assistant: <think>", "answer": "9", "question": "What is 4 + 5?"},
+TILDE = 104  # "~" in the shipped tokenizer
+LOGIT = 30.0  # at T = 0.6 the tokens outside the chain share a probability below 1e-18
+ITEMS = [  # gold 7: mostly right; 8: mostly wrong; 9: never right
+    {"prompt": "What is 3 + 4? Assistant: <think>", "answer": "7"},
+    {"prompt": "What is 4 + 4? Assistant: <think>", "answer": "8"},
+    {"prompt": "What is 4 + 5? Assistant: <think>", "answer": "9"},
 ]
 K = 8
 
@@ -83,7 +79,8 @@ def model_dir(tmp_path_factory):
     seven, eight, close = (tok.convert_tokens_to_ids(c) for c in ("7", "8", "}"))
     # "7" over "8" at odds 3:1 after temperature 0.6: logit gap 0.6 * ln 3.
     chain = {THINK_CLOSE: {BOX: LOGIT}, BOX: {seven: LOGIT, eight: LOGIT - 0.6 * math.log(3)},
-             seven: {close: LOGIT}, eight: {close: LOGIT}, close: {EOS: LOGIT}}
+             seven: {close: LOGIT}, eight: {close: LOGIT}, close: {EOS: LOGIT},
+             TILDE: {TILDE: LOGIT}}
     model = hf_model(replace(load_card("tiny_moe"), mtp_num_layers=0), seed=0)
     program_chain(model, chain, start={THINK_CLOSE: LOGIT})
     model.config.bos_token_id, model.config.eos_token_id = 0, EOS
@@ -92,19 +89,6 @@ def model_dir(tmp_path_factory):
     for f in ASSET_DIR.iterdir():
         shutil.copy(f, path)
     return path
-
-
-@pytest.fixture(scope="module")
-def pool():
-    with make_pool(RewardConfig(num_workers=1)) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    eng = VLLMEngine(model_dir)
-    yield eng
-    eng.close()
 
 
 def _vote(answers: list[str | None]) -> str | None:
@@ -116,16 +100,29 @@ def _vote(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counts[a] == top)
 
 
-def test_eval_report_on_vllm(engine, pool):
-    report = evaluate(engine, load_tokenizer(), ITEMS, k=K, sampling=eval_sampling(max_tokens=8, seed=3), pool=pool)
+def test_eval_cli_report_on_vllm(model_dir, tmp_path, capsys):
+    from r1_megatron.eval.cli import main
+
+    prompts = tmp_path / "set.jsonl"
+    lines = [json.dumps(item) for item in ITEMS]
+    lines.insert(1, '{"prompt": "no answer"}')
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report.json"
+    assert main(["--model", str(model_dir), "--prompts", str(prompts), "--k", str(K), "--max-tokens", "8",
+                 "--seed", "3", "--workers", "1", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"{prompts}:2: missing field 'answer'" in captured.err
+    assert "pass@1" in captured.out and f"cons@{K}" in captured.out
+    report = json.loads(out.read_text())
+    assert report["input_errors"] == [f"{prompts}:2: missing field 'answer'"]
     assert {"k", "num_prompts", "num_samples", "pass_at_1", "cons_at_k", "pass_at_k", "reward_errors",
             "truncated", "by_task", "prompts", "sampling"} <= set(report)
     assert (report["k"], report["num_prompts"], report["num_samples"]) == (K, 3, 3 * K)
     assert report["sampling"] == {"temperature": 0.6, "top_p": 0.95, "max_tokens": 8, "seed": 3}
     assert report["reward_errors"] == {} and report["truncated"] == 0
     answers = []
-    for item, row in zip(ITEMS, report["prompts"], strict=True):
-        assert row["id"] == item["id"] and len(row["samples"]) == K
+    for item, row, line in zip(ITEMS, report["prompts"], (1, 3, 4), strict=True):
+        assert row["id"] == f"set:{line}" and row["gold"] == item["answer"] and len(row["samples"]) == K
         for s in row["samples"]:
             assert s["text"] in ("</think>\\boxed{7}", "</think>\\boxed{8}")
             assert (s["finish_reason"], s["num_tokens"]) == ("stop", 5)  # 4 tokens and EOS
@@ -142,46 +139,37 @@ def test_eval_report_on_vllm(engine, pool):
     assert report["prompts"][2]["pass_at_1"] == 0.0 and report["prompts"][2]["cons_correct"] is False
 
 
-def test_rejection_sampling_on_vllm(engine, pool, tmp_path):
-    tokenizer = load_tokenizer()
-    cfg = RejectionConfig(k=K, dedupe=False, non_reasoning_fraction=0.25, seed=0)
-    sampling = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=8, seed=5)
-    # The eval set holds q9's question (other case and spacing): q9 is dropped before sampling.
-    records, report = rejection_sample(engine, tokenizer, ITEMS, cfg, sampling, pool=pool,
-                                       eval_texts=["what is 4 + 5 ?"], non_reasoning=chitchat_pairs(4, seed=0))
-    assert report["prompts"] == 3 and report["decontam"]["dropped"] == 1
-    assert report["samples"] == 2 * K
+def test_rejection_cli_on_vllm(model_dir, tmp_path, capsys):
+    from r1_megatron.distill.rejection import main
+
+    prompts, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    lines = [json.dumps(item) for item in ITEMS]
+    lines.insert(1, "not json")
+    lines.append(json.dumps({"prompt": "Repeat the tilde: ~", "answer": "1"}))  # loops on "~" to the cap
+    prompts.write_text("\n".join(lines) + "\n")
+    # The eval set holds q9's prompt in other case and spacing: it is dropped before sampling.
+    evals.write_text(json.dumps({"prompt": "what is 4+5 ?  assistant: <THINK>", "answer": "9"}) + "\n")
+    out, report_path = tmp_path / "sft.jsonl", tmp_path / "report.json"
+    assert main(["--model", str(model_dir), "--prompts", str(prompts), "--eval-prompts", str(evals),
+                 "--out", str(out), "--report", str(report_path), "--k", str(K), "--max-tokens", "8",
+                 "--seed", "5", "--no-dedupe", "--non-reasoning-fraction", "0.25"]) == 0
+    assert f"{prompts}:2: invalid JSON" in capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    assert report["input_errors"] == [f"{prompts}:2: invalid JSON (Expecting value at column 1)"]
+    assert report["prompts"] == 4 and report["decontam"]["dropped"] == 1
+    assert report["samples"] == 3 * K and report["rejected/truncated"] == K  # every loop sample
+    records = [json.loads(line) for line in out.read_text().splitlines()]
     kept = [r for r in records if r["source"] == "rejection_sampling"]
-    assert report["kept"] == len(kept) and report["rejected"] == report["rejected/wrong"] == 2 * K - len(kept)
+    # Every rejected sample is wrong: so the kept ones are exactly the correct ones.
+    assert report["kept"] == len(kept) > 0
+    assert report["rejected"] == report["rejected/wrong"] == 3 * K - len(kept)
     for r in kept:
-        gold = {"q7": "7", "q8": "8"}[r["prompt_id"]]
+        gold = {"train:1": "7", "train:3": "8"}[r["prompt_id"]]
         assert r["response"] == f"</think>\\boxed{{{gold}}}" and r["answer"] == gold
         assert r["id"] == f"{r['prompt_id']}/{r['sample_index']}" and 0 <= r["sample_index"] < K
         assert r["rewards"]["correct"] == r["rewards"]["format"] == 1.0 and r["num_tokens"] == 5
-    assert len({r["id"] for r in kept}) == len(kept) > 0
-    added = report["non_reasoning"]
-    assert added == round(0.25 * len(kept) / 0.75) == len(records) - len(kept)
-
-    cut = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=3, seed=5)
-    records, report = rejection_sample(engine, tokenizer, ITEMS[:2], cfg, cut, pool=pool)
-    assert records == [] and report["rejected/truncated"] == report["samples"] == 2 * K
-
-
-def test_eval_cli_on_vllm(model_dir, tmp_path, capsys):
-    from r1_megatron.eval.cli import main
-
-    prompts = tmp_path / "set.jsonl"
-    lines = [json.dumps({k: ITEMS[0][k] for k in ("prompt", "answer")}), '{"prompt": "no answer"}',
-             json.dumps({k: ITEMS[1][k] for k in ("prompt", "answer")})]
-    prompts.write_text("\n".join(lines) + "\n")
-    out = tmp_path / "report.json"
-    assert main(["--model", str(model_dir), "--prompts", str(prompts), "--k", "4", "--max-tokens", "8",
-                 "--workers", "1", "--out", str(out)]) == 0
-    captured = capsys.readouterr()
-    assert f"{prompts}:2: missing field 'answer'" in captured.err
-    assert "pass@1" in captured.out and "cons@4" in captured.out
-    report = json.loads(out.read_text())
-    assert report["input_errors"] == [f"{prompts}:2: missing field 'answer'"]
-    assert [p["id"] for p in report["prompts"]] == ["set:1", "set:3"]
-    recomputed = sum(sum(s["correct"] for s in p["samples"]) / 4 for p in report["prompts"]) / 2
-    assert report["pass_at_1"] == pytest.approx(recomputed)
+        assert r["model"] == str(model_dir)
+    assert len({r["id"] for r in records}) == len(records)
+    added = [r for r in records if r["source"] == "non_reasoning"]
+    assert len(added) == report["non_reasoning"] == round(0.25 * len(kept) / 0.75)
+    assert report["written"] == len(records) == len(kept) + len(added)

@@ -134,7 +134,8 @@ ITEMS = [
     {"id": "m1", "task": "math", "prompt": "What is half of one?", "answer": "\\frac{1}{2}"},
     {"id": "c1", "task": "countdown", "prompt": "Make 38 from 3 5 7", "answer": "3+5*7", "numbers": [3, 5, 7],
      "target": 38},
-    {"id": "p1", "task": "code", "prompt": "echo", "tests": [{"input": "hi\n", "output": "hi\n"}, "assert echo('a') == 'a'"]},
+    {"id": "p1", "task": "code", "prompt": "echo",
+     "tests": [{"input": "hi\n", "output": "hi\n"}, "assert echo('a') == 'a'"]},
     {"id": "g1", "task": "math", "prompt": "bad gold", "answer": "}{"},
 ]
 GENERATIONS = [
@@ -149,9 +150,11 @@ GENERATIONS = [
     # Correct ("all" tests): T F F F.
     [_gen(f"</think>\n```python\n{ECHO}print(sys.stdin.read(), end='')\n```\n"),
      _gen(f"</think>\n```python\n{ECHO}print('no')\n```\n"),
-     _gen("</think> I cannot"), _gen("</think>\n```python\nimport sys\nprint(sys.stdin.read().upper())\n```\n")],
+     _gen("</think> I cannot"),
+     _gen("</think>\n```python\nimport sys\nprint(sys.stdin.read().upper())\n```\n")],
     # The gold answer cannot be parsed: every sample errs ("gold_parse_error") and is wrong.
-    [_gen("</think> \\boxed{1}"), _gen("</think> \\boxed{1}"), _gen("</think> \\boxed{2}"), _gen("</think> x")],
+    [_gen("</think> \\boxed{1}"), _gen("</think> \\boxed{1}"), _gen("</think> \\boxed{2}"),
+     _gen("</think> x")],
 ]
 CORRECT = [[T, T, F, F], [T, T, F, F], [T, F, F, F], [F, F, F, F]]
 
@@ -164,7 +167,8 @@ def pool():
 
 @pytest.fixture(scope="module")
 def report(pool):
-    tickets = [pool.submit([(g.text, ground_truth(item)) for g in row]) for item, row in zip(ITEMS, GENERATIONS)]
+    tickets = [pool.submit([(g.text, ground_truth(item)) for g in row])
+               for item, row in zip(ITEMS, GENERATIONS)]
     rewards = [pool.wait(t) for t in tickets]
     return build_report(ITEMS, GENERATIONS, rewards, pool)
 
@@ -185,8 +189,11 @@ def test_report_metrics_hand_counted_and_recomputed(report):
     # cons@4 over the voting prompts m1, c1, g1: m1 majority 0.5 (2 votes) correct, c1 majority 5*7+3
     # (3 votes) correct, g1 majority "1" (2 votes) wrong -> 2/3. The code prompt does not vote.
     by_id = {p["id"]: p for p in report["prompts"]}
-    assert (by_id["m1"]["majority_answer"], by_id["m1"]["votes"], by_id["m1"]["cons_correct"]) == ("0.5", 2, True)
-    assert (by_id["c1"]["majority_answer"], by_id["c1"]["votes"], by_id["c1"]["cons_correct"]) == ("5*7+3", 3, True)
+    def vote(pid):
+        return by_id[pid]["majority_answer"], by_id[pid]["votes"], by_id[pid]["cons_correct"]
+
+    assert vote("m1") == ("0.5", 2, True)
+    assert vote("c1") == ("5*7+3", 3, True)
     assert (by_id["g1"]["majority_answer"], by_id["g1"]["cons_correct"]) == ("1", False)
     assert by_id["p1"]["cons_correct"] is None
     assert report["cons_at_k"] == pytest.approx(2 / 3) and report["cons_prompts"] == 3

@@ -32,8 +32,8 @@ from r1_megatron.distill.rejection import (
 from r1_megatron.eval.scoring import Generation, TaskScorer, ground_truth, read_prompt_file
 
 CFG = RejectionConfig(k=12, min_tokens=5, max_tokens=100)
-ITEM = {"id": "a", "task": "arithmetic", "prompt": "User: What is 37 + 45? Assistant: <think>", "answer": "82",
-        "question": "What is 37 + 45?"}
+ITEM = {"id": "a", "task": "arithmetic", "prompt": "User: What is 37 + 45? Assistant: <think>",
+        "answer": "82", "question": "What is 37 + 45?"}
 BAD_GOLD = {"id": "b", "task": "math", "prompt": "User: ? Assistant: <think>", "answer": "}{"}
 
 # (response, tokens, finish reason, expected reasons)
@@ -42,7 +42,7 @@ PLANTED = [
     (" 37+40=77, 77+5=83 </think> \\boxed{83}", 20, "stop", ["wrong"]),  # 1
     (" 37+45=82 \\boxed{82}", 12, "stop", ["format"]),  # 2 never closes the think block
     (" a </think> b </think> \\boxed{82}", 12, "stop", ["format"]),  # 3 two closing tags
-    (" 我们 add 37 and 45 </think> \\boxed{82}", 15, "stop", ["mixed_language"]),  # 4 CJK inside the think block
+    (" 我们 add 37 and 45 </think> \\boxed{82}", 15, "stop", ["mixed_language"]),  # 4 CJK in the think block
     (" 37+40=77, 77+5=82 </think> \\boxed{82}", 100, "length", ["truncated"]),  # 5 hit the cap
     (" add them: 82 </think> \\boxed{82}", 300, "stop", ["too_long"]),  # 6
     (" </think> \\boxed{82}", 3, "stop", ["too_short"]),  # 7
@@ -58,7 +58,8 @@ def _score(item: dict, text: str):
 
 
 def test_each_planted_sample_gets_exactly_its_reasons():
-    got = [rejection_reasons(ITEM, text, n, finish, _score(ITEM, text), CFG).reasons for text, n, finish, _ in PLANTED]
+    got = [rejection_reasons(ITEM, text, n, finish, _score(ITEM, text), CFG).reasons
+           for text, n, finish, _ in PLANTED]
     assert got == [expected for *_, expected in PLANTED]
 
 
@@ -77,7 +78,8 @@ def test_reward_error_and_language_threshold():
     zh = {**ITEM, "language": "zh"}
     chinese = " 三十七加四十五 </think> \\boxed{82}"
     assert rejection_reasons(zh, chinese, 20, "stop", _score(zh, chinese), CFG).reasons == []
-    assert rejection_reasons(ITEM, chinese, 20, "stop", _score(ITEM, chinese), CFG).reasons == ["mixed_language"]
+    verdict = rejection_reasons(ITEM, chinese, 20, "stop", _score(ITEM, chinese), CFG)
+    assert verdict.reasons == ["mixed_language"]
 
 
 def test_select_keeps_only_verified_samples_with_provenance(tmp_path):
@@ -99,7 +101,8 @@ def test_select_keeps_only_verified_samples_with_provenance(tmp_path):
     assert errors == [] and back == records
     first = back[0]
     assert (first["prompt"], first["response"]) == (ITEM["prompt"], PLANTED[0][0])
-    assert (first["id"], first["prompt_id"], first["sample_index"], first["num_tokens"]) == ("a/0", "a", 0, 20)
+    provenance = (first["id"], first["prompt_id"], first["sample_index"], first["num_tokens"])
+    assert provenance == ("a/0", "a", 0, 20)
     assert first["answer"] == "82" and first["source"] == "rejection_sampling"
     assert first["rewards"]["correct"] == first["rewards"]["format"] == first["rewards"]["language"] == 1.0
     assert first["rewards"]["answer_found"] == 1.0  # the accuracy reward's own component
@@ -140,12 +143,14 @@ def test_bad_prompt_lines_reported_and_good_lines_selected(tmp_path):
 ])
 def test_mixing_ratio(kept, fraction, added):
     assert non_reasoning_count(kept, fraction) == added
-    records = [{"prompt": f"p{i}", "response": "r", "id": f"x/{i}", "source": "rejection_sampling"} for i in range(kept)]
+    records = [{"prompt": f"p{i}", "response": "r", "id": f"x/{i}", "source": "rejection_sampling"}
+               for i in range(kept)]
     pairs = chitchat_pairs(3, seed=0)
     mixed, n = mix_non_reasoning(records, pairs, fraction, seed=1)
     assert n == added and len(mixed) == kept + added
     assert sum(r["source"] == "non_reasoning" for r in mixed) == added
-    assert sorted(r["id"] for r in mixed if r["source"] == "rejection_sampling") == sorted(r["id"] for r in records)
+    selected = sorted(r["id"] for r in mixed if r["source"] == "rejection_sampling")
+    assert selected == sorted(r["id"] for r in records)
     if added:
         assert {r["prompt"] for r in mixed if r["source"] == "non_reasoning"} <= {p["prompt"] for p in pairs}
     assert len({r["id"] for r in mixed}) == len(mixed)  # 4 drawn from 3 pairs repeat one, ids stay unique
@@ -159,8 +164,10 @@ def test_mixing_without_pairs_is_an_error():
 
 def test_decontamination_drops_overlapping_questions():
     train = [
-        {"id": "t0", "prompt": "P0", "question": "A farmer has 17 sheep and all but 9 run away; how many are left?"},
-        {"id": "t1", "prompt": "P1", "question": "What is the sum of the first 10 positive odd numbers in total?"},
+        {"id": "t0", "prompt": "P0",
+         "question": "A farmer has 17 sheep and all but 9 run away; how many are left?"},
+        {"id": "t1", "prompt": "P1",
+         "question": "What is the sum of the first 10 positive odd numbers in total?"},
         {"id": "t2", "prompt": "A prompt with no question field about the number of primes below 100 today"},
     ]
     evals = [
@@ -170,7 +177,8 @@ def test_decontamination_drops_overlapping_questions():
     kept, counts = decontaminate_items(train, evals)
     assert [i["id"] for i in kept] == ["t1", "t2"]
     assert (counts["total"], counts["kept"], counts["dropped"]) == (3, 2, 1)
-    kept, counts = decontaminate_items(train, evals + ["no question field about the number of primes below 100 today"])
+    longer = "no question field about the number of primes below 100 today"  # 10-gram shared with t2
+    kept, counts = decontaminate_items(train, evals + [longer])
     assert [i["id"] for i in kept] == ["t1"] and counts["dropped"] == 2
 
 

@@ -1,0 +1,99 @@
+"""SFT on prompt/response pairs with the megatron trainer, and the HF export of what it trained.
+
+Distillation (SPEC §8) runs it on a dense student (a Qwen2 / Llama card) over the teacher's verified
+traces; the R1 recipe's cold-start and rejection-sampling stages run the very same code on the MoE
+policy. The steps:
+
+1. tokenize each pair with the chat template setting of the job (data.chat); the loss covers the
+   response and its eos (data/chat.py `encode_sft`);
+2. every step takes `pairs_per_step` pairs (seeded order, reshuffled each epoch), packs them best-fit
+   into rows of data.seq_length (data/packing.py) and runs one `Trainer.train_step` with the
+   token-mean NLL over the global batch (rl/sft.py);
+3. checkpoints go to checkpoint.dir every checkpoint.save_every steps and at the end, with the data
+   position, so an interrupted run resumes at the step and pair where it stopped; a fresh run starts
+   from checkpoint.load (our checkpoint or an HF directory), or from the random init when it is empty;
+4. `export_hf` writes the trained weights as an HF directory: `Qwen2ForCausalLM` / `LlamaForCausalLM`
+   for students (checkpoint/hf.py's dense tables), `DeepseekV3ForCausalLM` for the teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from r1_megatron.config.schema import JobConfig
+from r1_megatron.rl.sft import Example
+
+
+@dataclass
+class SFTResult:
+    """What an SFT run did: the steps it started from and reached, and its last loss."""
+
+    start_step: int
+    steps: int
+    loss: float | None
+    checkpoint: Path
+
+
+def tokenize(pairs: Sequence[dict], tokenizer, seq_length: int, chat: bool) -> list[Example]:
+    """Encode {"prompt", "response"} pairs; a pair longer than seq_length is cut to it."""
+    from r1_megatron.data.chat import encode_sft
+
+    out = []
+    for pair in pairs:
+        enc = encode_sft(tokenizer, pair["prompt"], pair["response"], chat=chat)
+        out.append(Example(list(enc.input_ids)[:seq_length], [float(m) for m in enc.loss_mask][:seq_length]))
+    return out
+
+
+def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step: int, log=None):
+    """Run SFT until the trainer has taken `steps` optimizer steps (resuming from checkpoint.dir).
+
+    Returns (trainer, SFTResult). `log(step, metrics)` receives every step's metrics."""
+    from megatron.core import parallel_state
+
+    from r1_megatron.checkpoint import dist as dist_ckpt
+    from r1_megatron.data.tokenizer import load_tokenizer
+    from r1_megatron.parallel.groups import init_process_groups
+    from r1_megatron.rl.microbatch import shard_for_data_parallel
+    from r1_megatron.rl.session import load_initial_weights
+    from r1_megatron.rl.sft import SFTData, local_loss_tokens, sft_loss
+    from r1_megatron.rl.train_step import Trainer
+
+    if not pairs:
+        raise ValueError("SFT: no prompt/response pairs to train on")
+    layout, device = init_process_groups(cfg)
+    examples = tokenize(pairs, load_tokenizer(), cfg.data.seq_length, cfg.data.chat)
+    data = SFTData(examples, pairs_per_step, cfg.data.seq_length, cfg.seed)
+    trainer = Trainer(cfg, layout, device)
+    root = Path(cfg.checkpoint.dir)
+    extra = dist_ckpt.resume(trainer, root) if cfg.checkpoint.resume else None
+    if extra is None:
+        load_initial_weights(trainer, cfg.checkpoint.load)
+    else:
+        data.position = int(extra["data_position"])
+    start, loss, saved_at = trainer.step, None, None
+    for step in range(start, steps):
+        mbs = data.next_batch(layout.dp, layout.micro_batch_size)
+        mine = shard_for_data_parallel(mbs, parallel_state.get_data_parallel_rank(), layout.dp)
+        metrics = trainer.train_step(mine, sft_loss(sum(local_loss_tokens([mb]) for mb in mbs)))
+        loss = metrics["loss"]
+        if log is not None:
+            log(step + 1, metrics)
+        if cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0:
+            dist_ckpt.save(trainer, root, extra={"data_position": data.position})
+            saved_at = trainer.step
+    if saved_at != trainer.step and (extra is None or trainer.step != start):
+        dist_ckpt.save(trainer, root, extra={"data_position": data.position})
+    elif extra is None and start == steps:
+        dist_ckpt.save(trainer, root, extra={"data_position": data.position})
+    return trainer, SFTResult(start, trainer.step, loss, root)
+
+
+def export_hf(trainer, out_dir: str | Path) -> Path | None:
+    """The trainer's weights as an HF directory with the shipped tokenizer (rank 0 writes)."""
+    from r1_megatron.data.tokenizer import ASSET_DIR
+    from r1_megatron.rl.session import export_hf as export
+
+    return export(trainer, out_dir, ASSET_DIR)
