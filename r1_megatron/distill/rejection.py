@@ -21,6 +21,10 @@ The filter (`rejection_reasons`, a pure function of item, text, token count, fin
 by an answer part, format_reward) and "mixed_language" (the share of the chain of thought's words in
 the target script, language.py, is below `min_language`). Every reason a sample fails is counted.
 
+Decontamination is by text only. The built-in tasks' train and eval splits are disjoint by
+construction (a hash of each question), and countdown questions share a fixed 10-word instruction, so
+decontaminating countdown against countdown drops every prompt: meant for prompt files.
+
 Departure from the language reward: a chain of thought with no words at all (e.g. "37+45=82") scores 0
 there (nothing to reward), but it mixes no languages, so it is not rejected here.
 """
@@ -260,7 +264,8 @@ def _parser() -> Any:
     p.add_argument("--non-reasoning", help='SFT JSONL {"prompt", "response"} (default: built-in chitchat)')
     ev = p.add_mutually_exclusive_group()
     ev.add_argument("--eval-prompts", help="JSONL eval prompts to decontaminate against")
-    ev.add_argument("--eval-task", choices=["arithmetic", "countdown"], help="decontaminate against a task")
+    ev.add_argument("--eval-task", choices=["arithmetic", "countdown"],
+                    help="decontaminate against a task's eval questions (countdown vs countdown drops all)")
     p.add_argument("--eval-n", type=int, default=64, help="eval prompts of --eval-task (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")

@@ -73,7 +73,7 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
         load_initial_weights(trainer, cfg.checkpoint.load)
     else:
         data.position = int(extra["data_position"])
-    start, loss, saved_at = trainer.step, None, None
+    start, loss = trainer.step, None
     for step in range(start, steps):
         mbs = data.next_batch(layout.dp, layout.micro_batch_size)
         mine = shard_for_data_parallel(mbs, parallel_state.get_data_parallel_rank(), layout.dp)
@@ -83,10 +83,8 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
             log(step + 1, metrics)
         if cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0:
             dist_ckpt.save(trainer, root, extra={"data_position": data.position})
-            saved_at = trainer.step
-    if saved_at != trainer.step and (extra is None or trainer.step != start):
-        dist_ckpt.save(trainer, root, extra={"data_position": data.position})
-    elif extra is None and start == steps:
+    last = dist_ckpt.latest(root)
+    if last is None or last.name != dist_ckpt.step_dir_name(trainer.step):
         dist_ckpt.save(trainer, root, extra={"data_position": data.position})
     return trainer, SFTResult(start, trainer.step, loss, root)
 

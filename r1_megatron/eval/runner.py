@@ -13,9 +13,12 @@ The report (JSON-ready):
 - "prompts": per prompt its id, task, gold answer, pass@1, majority answer and whether it is correct,
   and every sample: extracted answer, correct, num_tokens, finish_reason, error, text.
 
-Departure from DeepSeek-R1's protocol: R1 reports cons@64 on AIME only; here every prompt with an
+Departures from DeepSeek-R1's protocol: R1 reports cons@64 on AIME only; here every prompt with an
 extractable answer votes, and a sample with a reward error still votes with its extracted answer (only
-its correctness is lost).
+its correctness is lost). Countdown answers are expressions and vote by value (math-verify evaluates
+them), so two expressions making the same number are one vote; the cluster's first expression decides
+whether the majority is correct. The vote compares every pair of distinct answers of a prompt in the
+reward pool: at most k(k-1)/2 checks per prompt, fewer when answers repeat.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def test_report_metrics_hand_counted_and_recomputed(report):
     assert "pass@1" in table and "cons@4" in table and "31.2" in table
 
 
-def test_scorer_counts_equivalence_in_the_pool(pool):
+def test_scorer_equivalence_in_the_pool_and_countdown(pool):
     got = pool.score([("0.5", {"equivalent_to": "\\frac{1}{2}"}), ("0.4", {"equivalent_to": "\\frac{1}{2}"})])
     assert [r.score for r in got] == [1.0, 0.0]
     assert TaskScorer()("</think> \\boxed{3*5+7}", ground_truth(ITEMS[1])).score == 0.0  # 22, not 38
