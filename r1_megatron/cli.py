@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eplb": ("r1_megatron.rollout.eplb_cli", "main", "plan redundant-expert placement from loads"),
     "pipeline": ("r1_megatron.pipeline", "main", "run a multi-stage R1 recipe config"),
     "eval": ("r1_megatron.eval.cli", "main", "pass@1 / cons@k of a checkpoint on a prompt set"),
+    "rejection": ("r1_megatron.distill.rejection", "main", "rejection-sample a checkpoint into an SFT JSONL"),
     "plan": ("r1_megatron.plan.cli", "main", "memory/communication plan for a config and layout"),
     "doctor": ("r1_megatron.plan.doctor", "main", "report which GPU-path components are available"),
     "validate": ("r1_megatron.config.cli", "main", "load and check a job config, print the resolved result"),
