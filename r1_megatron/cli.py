@@ -12,7 +12,7 @@ import sys
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("r1_megatron.demo", "main", "the tiny CPU GRPO demo (SFT base, GRPO, eval, curve)"),
-    "train": ("r1_megatron.rl.cli", "train_main", "GRPO training from a job config (torchrun-able)"),
+    "train": ("r1_megatron.rl.loop", "main", "GRPO training from a job config (torchrun-able)"),
     "sft": ("r1_megatron.rl.cli", "sft_main", "SFT on a JSONL of prompt/response pairs (torchrun-able)"),
     "score": ("r1_megatron.checkpoint.score", "main", "per-token logprobs of token ids under a checkpoint"),
     "convert": ("r1_megatron.checkpoint.convert", "main", "hf-to-mcore / mcore-to-hf checkpoint conversion"),
