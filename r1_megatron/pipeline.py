@@ -1,0 +1,167 @@
+"""`r1m pipeline CONFIG [--out DIR] [key=value ...]`: the R1 recipe as a list of stages (SPEC §8).
+
+A pipeline YAML names a job config every stage starts from, and the stages:
+
+    base: demo_cpu                  # a job config (configs/<name>.yaml or a path, relative to this file)
+    overrides: {rl.kl_coef: 0.001}  # optional: job-config overrides for every stage
+    stages:
+      - {name: cold_start_sft, kind: sft, steps: 60, overrides: {data.sft_wrong_fraction: 0.5}}
+      - {name: reasoning_rl, kind: grpo, steps: 10}
+      - {name: rejection_sft, kind: rejection_sampling, prompts: 128, steps: 40, rejection: {k: 4}}
+      - {name: all_scenario_rl, kind: grpo, steps: 10, overrides: {reward.weights: {accuracy: 1.0}}}
+      - {name: distill, kind: distill, student: qwen2_tiny, prompts: 256, steps: 100}
+      - {name: eval, kind: eval, eval_prompts: 64}
+
+Each stage reads the output of the stage before it (rl/stages.py says which output, per kind) and
+writes DIR/<name>/, ending with DIR/<name>/done.json. A re-run skips every stage whose done.json is
+there (and refuses, naming the stage, when that stage's resolved config has changed since), and an
+interrupted stage resumes from its own checkpoints. DIR/report.json lists the stages with their
+held-out pass@1 and the teacher's and the student's.
+
+Command-line overrides `key=value` apply to every stage's job config; `stages.<name>.<field>=value`
+changes one stage (e.g. `stages.reasoning_rl.steps=2`). The pipeline runs in one process (world size 1).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from r1_megatron.config.loader import CONFIGS_DIR, ConfigError, parse_overrides
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _split_cli(overrides: list[str]) -> tuple[list[str], dict[str, dict]]:
+    """(job-config overrides for every stage, {stage name: nested changes to its spec})."""
+    common, per_stage = [], {}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith("stages."):
+            parts = item[len("stages."):].split(".", 1)
+            if len(parts) != 2 or "=" not in parts[1]:
+                raise ConfigError(f"override '{item}' must look like stages.<name>.<field>=value")
+            per_stage[parts[0]] = _merge(per_stage.get(parts[0], {}), parse_overrides([parts[1]]))
+        else:
+            common.append(item)
+    return common, per_stage
+
+
+def _base_path(base: str, config_path: Path) -> Path:
+    for candidate in (config_path.parent / base, Path(base), CONFIGS_DIR / base, CONFIGS_DIR / f"{base}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{config_path}: base: no job config '{base}' (looked next to the file and in {CONFIGS_DIR})")
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None):
+    """Read and check a pipeline YAML; every stage's job config is resolved here, so a bad stage
+    fails before the first one runs. Returns rl.stages.Pipeline."""
+    from r1_megatron.rl.stages import build_pipeline
+
+    path = Path(path)
+    if not path.is_file() and (CONFIGS_DIR / f"{path}.yaml").is_file():
+        path = CONFIGS_DIR / f"{path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"pipeline config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}".replace("\n", " ")) from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with 'base' and 'stages'")
+    unknown = sorted(set(raw) - {"base", "overrides", "stages"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (a pipeline has base, overrides, stages)")
+    for key in ("base", "stages"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing required key '{key}'")
+    if not isinstance(raw["base"], str) or not raw["base"]:
+        raise ConfigError(f"{path}: base: expected the name or path of a job config, got {raw['base']!r}")
+    base_file = _base_path(raw["base"], path)
+    base = yaml.safe_load(base_file.read_text()) or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{base_file}: top level must be a mapping")
+    shared = raw.get("overrides") or {}
+    if not isinstance(shared, dict):
+        raise ConfigError(f"{path}: overrides: expected a mapping, got {type(shared).__name__}")
+    common, per_stage = _split_cli(list(overrides or []))
+    return build_pipeline(base, shared, raw["stages"], common, per_stage, source=str(path))
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run(pipeline, out: Path) -> dict:
+    """Run the stages not yet done, in order; returns the report (also written to out/report.json)."""
+    from r1_megatron.rl.stages import Context, run_stage
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.resolved.yaml").write_text(yaml.safe_dump(pipeline.describe(), sort_keys=False))
+    ctx = Context(out)
+    report: dict = {"source": pipeline.source, "stages": []}
+    started = time.time()
+    for stage in pipeline.stages:
+        record = ctx.completed(stage)
+        if record is None:
+            print(f"[pipeline] stage {stage.spec.name} ({stage.spec.kind})", flush=True)
+            record = run_stage(ctx, stage)
+            record["status"] = "ran"
+            write_json_atomic(ctx.stage_dir(stage.spec.name) / "done.json", record)
+        else:
+            print(f"[pipeline] stage {stage.spec.name} already done, skipped", flush=True)
+            record = {**record, "status": "skipped"}
+        ctx.add(record)
+        report["stages"].append(record)
+        report.update(_headline(report["stages"]), seconds=round(time.time() - started, 1))
+        write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _headline(stages: list[dict]) -> dict:
+    """teacher_pass_at_1 / student_pass_at_1: the eval stage's, else the last measured of each role."""
+    out = {"teacher_pass_at_1": None, "student_pass_at_1": None}
+    for record in stages:
+        if record["kind"] == "eval":
+            out = {"teacher_pass_at_1": record.get("teacher_pass_at_1"),
+                   "student_pass_at_1": record.get("student_pass_at_1")}
+        elif record.get("pass_at_1") is not None and record.get("role") in ("teacher", "student"):
+            out[f"{record['role']}_pass_at_1"] = record["pass_at_1"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: r1m pipeline CONFIG [--out DIR] [key=value ...] [stages.<name>.<field>=value ...]")
+        return 0 if argv else 2
+    config, rest, out = argv[0], argv[1:], None
+    if "--out" in rest:
+        i = rest.index("--out")
+        if i + 1 >= len(rest):
+            print("r1m pipeline: --out needs a directory", file=sys.stderr)
+            return 2
+        out, rest = Path(rest[i + 1]), rest[:i] + rest[i + 2 :]
+    try:
+        pipeline = load_pipeline(config, rest)
+    except ConfigError as e:
+        print(f"r1m pipeline: {e}", file=sys.stderr)
+        return 2
+    out = out or Path("runs") / Path(config).stem
+    report = run(pipeline, out)
+    summary = ", ".join(f"{r['name']} {r['pass_at_1']:.3f}" for r in report["stages"] if r.get("pass_at_1") is not None)
+    print(f"[pipeline] done in {report['seconds']:.0f} s; pass@1: {summary or '-'}; teacher "
+          f"{report['teacher_pass_at_1']}, student {report['student_pass_at_1']}; report {out / 'report.json'}")
+    return 0
