@@ -1,9 +1,9 @@
 """The pieces the GRPO loop is made of: prompt stream, rollout + scoring, microbatches, the loss.
 
-Multi-rank: on CPU only rank 0 hosts the vLLM engine and the reward pool (vLLM-CPU runs in one
-process); the finished RolloutBatch is broadcast, so every rank computes identical advantages and
-takes its DP share of the packed rows. On GPU every rank runs its vLLM shard (external launcher);
-its samples are gathered the same way.
+Multi-rank: every rank draws the same prompts (the stream is deterministic). On CPU only rank 0
+hosts the vLLM engine and a reward pool (vLLM-CPU runs in one process); on GPU every rank generates
+and scores its share of the prompts (vLLM external launcher). The samples are all-gathered, so every
+rank computes identical advantages and takes its DP share of the packed rows.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def ground_truth(item: dict) -> Any:
 
 
 def generate_and_score(
-    engine: RolloutEngine, pool, tokenizer, items: list[dict], cfg: JobConfig, first_group: int = 0
+    engine: RolloutEngine, pool, tokenizer, items: list[dict], group_ids: list[int], cfg: JobConfig
 ) -> list[Sample]:
     """Sample G responses per prompt and score them. Each group is submitted to the reward pool as
     soon as its prompt's responses exist, in chunks, so scoring overlaps the next chunk's generation."""
@@ -92,13 +92,13 @@ def generate_and_score(
     for start in range(0, len(items), chunk):
         part = items[start : start + chunk]
         outs = engine.generate([it["prompt_ids"] for it in part], n=g, sampling=sampling)
-        for k, (item, gens) in enumerate(zip(part, outs, strict=True)):
+        for item, gid, gens in zip(part, group_ids[start : start + chunk], outs, strict=True):
             group = [
                 Sample(
                     prompt_ids=list(item["prompt_ids"]),
                     response_ids=list(s.token_ids),
                     rollout_logprobs=list(s.logprobs),
-                    group_id=first_group + start + k,
+                    group_id=gid,
                     sample_index=j,
                     truncated=s.truncated,
                     ground_truth=ground_truth(item),
@@ -116,13 +116,20 @@ def generate_and_score(
     return samples
 
 
-def broadcast_samples(samples: list[Sample] | None, src: int = 0) -> list[Sample]:
-    """Every rank gets rank `src`'s samples (the CPU engine lives on one rank)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return samples or []
-    box = [samples]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+def engine_ranks(device: torch.device) -> list[int]:
+    """Ranks that host a rollout engine: every rank on GPU (vLLM external launcher, each rank
+    generating its share of the prompts), rank 0 on CPU (vLLM-CPU runs in one process)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return list(range(world)) if device.type == "cuda" else [0]
+
+
+def gather_samples(local: list[Sample]) -> list[Sample]:
+    """Every rank gets all ranks' samples, ordered by (group_id, sample_index)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        local = [s for part in parts for s in part]
+    return sorted(local, key=lambda s: (s.group_id, s.sample_index))
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:

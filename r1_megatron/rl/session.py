@@ -23,8 +23,10 @@ def is_rank0() -> bool:
 
 
 def hosts_engine(device: torch.device) -> bool:
-    """vLLM-CPU runs in one process (rank 0); CUDA vLLM runs on every rank (external launcher)."""
-    return device.type == "cuda" or is_rank0()
+    """Whether this rank runs a rollout engine (see grpo.engine_ranks)."""
+    from r1_megatron.rl.grpo import engine_ranks
+
+    return (dist.get_rank() if dist.is_initialized() else 0) in engine_ranks(device)
 
 
 def load_initial_weights(trainer: Trainer, source: str) -> None:
@@ -123,14 +125,16 @@ class RunState:
         self.reference = Reference(cfg, self.layout, self.device) if cfg.rl.kl_coef > 0 else None
         self.canary_tokens = canary_sequences(cfg.model.vocab_size, cfg.rl.canary_length)
         self.engine, self.pool = engine, pool
-        if hosts_engine(self.device) and self.engine is None:
-            from r1_megatron.rollout.vllm_engine import VLLMEngine
+        if self.engine is None:
+            init_dir = self.run_dir / "rollout_init"
+            export_hf(self.trainer, init_dir, self._tokenizer_dir())  # collective; rank 0 writes
+            if dist.is_initialized():
+                dist.barrier()
+            if hosts_engine(self.device):
+                from r1_megatron.rollout.vllm_engine import VLLMEngine
 
-            init_dir = export_hf(self.trainer, self.run_dir / "rollout_init", self._tokenizer_dir())
-            self.engine = VLLMEngine(init_dir, cfg.rollout)
-        elif not hosts_engine(self.device):
-            export_hf(self.trainer, self.run_dir / "rollout_init", None)
-        if is_rank0() and self.pool is None:
+                self.engine = VLLMEngine(init_dir, cfg.rollout)
+        if hosts_engine(self.device) and self.pool is None:
             from r1_megatron.reward.pool import RewardPool
 
             self.pool = RewardPool(cfg.reward)
@@ -158,41 +162,34 @@ class RunState:
                 "refit/seconds": report["seconds"], "refit/canary_max_err": report["canary_max_err"]}
 
     def rollout(self):
-        """Generate and score one batch (rank 0 on CPU), with dynamic sampling; broadcast it."""
+        """Generate and score one batch (each engine rank its share), with dynamic sampling."""
         from r1_megatron.rl import grpo
         from r1_megatron.rl.advantages import all_equal_groups
         from r1_megatron.rl.types import RolloutBatch
 
         rl = self.cfg.rl
-        samples, stats = None, {}
-        if is_rank0():
-            kept: list = []
-            rounds, all_equal, seen = 0, 0, 0
-            while len(kept) < rl.prompts_per_step * rl.group_size:
-                need = rl.prompts_per_step - len(kept) // rl.group_size
-                items = self.prompts.take(need)
-                batch = RolloutBatch(grpo.generate_and_score(self.engine, self.pool, self.tokenizer, items,
-                                                             self.cfg, first_group=seen))
-                seen += need
-                flat = all_equal_groups(batch.rewards()[batch.group_index()])
-                all_equal += int(flat.sum())
-                rounds += 1
-                if rl.dynamic_sampling and rounds <= rl.max_resample_rounds:
-                    batch = batch.select_groups([not f for f in flat.tolist()])
-                kept += batch.samples
-                if not rl.dynamic_sampling or rounds > rl.max_resample_rounds:
-                    break
-            samples = kept[: rl.prompts_per_step * rl.group_size] if kept else kept
-            stats = {"all_equal_frac": all_equal / max(seen, 1), "sampling_rounds": float(rounds),
-                     "data_position": float(self.prompts.position), **(self.pool.stats(reset=True))}
-        box = grpo.broadcast_samples([samples, stats] if is_rank0() else None)
-        samples, stats = box
-        if not samples:
-            raise RuntimeError(f"dynamic sampling kept no group after {rl.max_resample_rounds} rounds "
-                               "(every group's rewards were equal); raise rl.max_resample_rounds")
-        if not is_rank0():
-            self.prompts.position = int(stats["data_position"])
-        return RolloutBatch(samples), stats
+        ranks = grpo.engine_ranks(self.device)
+        me = dist.get_rank() if dist.is_initialized() else 0
+        kept: list = []
+        rounds = all_equal = seen = 0
+        while True:
+            need = rl.prompts_per_step - len(kept) // rl.group_size
+            items = self.prompts.take(need)
+            mine = list(range(ranks.index(me), need, len(ranks))) if me in ranks else []
+            local = grpo.generate_and_score(self.engine, self.pool, self.tokenizer, [items[i] for i in mine],
+                                            [seen + i for i in mine], self.cfg) if mine else []
+            batch = RolloutBatch(grpo.gather_samples(local))
+            seen, rounds = seen + need, rounds + 1
+            flat = all_equal_groups(batch.rewards()[batch.group_index()])
+            all_equal += int(flat.sum())
+            last_round = not rl.dynamic_sampling or rounds > rl.max_resample_rounds
+            kept += (batch if last_round else batch.select_groups([not f for f in flat.tolist()])).samples
+            if last_round or len(kept) >= rl.prompts_per_step * rl.group_size:
+                break
+        stats = {"all_equal_frac": all_equal / max(seen, 1), "sampling_rounds": float(rounds)}
+        if self.pool is not None:
+            stats.update(self.pool.stats(reset=True))  # this rank's pool (rank 0's is logged)
+        return RolloutBatch(kept), stats
 
     def prepare(self, batch):
         """Advantages, then per minibatch: packed microbatches with old (and reference) logprobs."""
@@ -231,7 +228,8 @@ class RunState:
         """Held-out pass@1 (mean over rl.eval_samples samples, T=0.6, top-p 0.95); rank 0's value."""
         from r1_megatron.rl.evaluate import heldout_accuracy
 
-        acc = heldout_accuracy(self.engine, self.pool, self.tokenizer, self.cfg, n) if is_rank0() else 0.0
+        # Every engine rank runs the same eval (a vLLM TP group must generate together); rank 0's counts.
+        acc = heldout_accuracy(self.engine, self.pool, self.tokenizer, self.cfg, n) if hosts_engine(self.device) else 0.0
         box = [acc]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
