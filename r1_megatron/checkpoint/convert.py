@@ -1,7 +1,12 @@
 """`r1m convert`: HF <-> megatron checkpoints, on one process (gloo world of size 1).
 
   r1m convert hf-to-mcore --hf DIR --out DIR [--card NAME]
-  r1m convert mcore-to-hf --ckpt DIR --out DIR [--tokenizer DIR] [--max-shard-mb N]
+  r1m convert mcore-to-hf --ckpt DIR --out DIR [--tokenizer DIR] [--max-shard-mb N] [--tp N --pp N --ep N]
+
+mcore-to-hf reads a checkpoint of any layout (dist_checkpointing reshards on load). With --tp/--pp/--ep
+(under torchrun, tp*pp dividing the world size) the model is loaded split that way and streamed out by
+rollout/weight_export.py, so no rank holds the whole model; rank 0 writes the files. The result is the
+same, bit for bit, whatever the checkpoint's layout or the conversion's.
 
 The HF side is the published DeepseekV3ForCausalLM (or Qwen2/Llama) layout; the name table is
 checkpoint/hf.py. `--card` supplies the fields HF does not store (bias update rate, aux-loss and MTP
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -68,13 +74,21 @@ def load_hf_model(hf_dir: str | Path, cfg: ModelConfig | None = None, device: to
 
 def load_mcore_model(ckpt_dir: str | Path, device: torch.device | None = None):
     """Build a single-rank megatron model from its card and load the dist checkpoint. Returns (model, cfg)."""
+    from r1_megatron.checkpoint import dist as dist_ckpt
     from r1_megatron.model.provider import build_model
     from r1_megatron.parallel.device import single_rank_world
 
     cfg = mcore_io.read_card(ckpt_dir)
     device = single_rank_world(device=device)
     model = build_model(cfg, device=device)
-    mcore_io.load_mcore_into(model, ckpt_dir)
+    if dist_ckpt.is_training_checkpoint(ckpt_dir):
+        # Training checkpoints also hold optimizer and trainer state; only the weights are read.
+        try:
+            dist_ckpt.load_model_weights(model, ckpt_dir)
+        except dist_ckpt.CheckpointError as e:
+            raise hf.ConversionError(str(e)) from e
+    else:
+        mcore_io.load_mcore_into(model, ckpt_dir)
     return model, cfg
 
 
@@ -98,8 +112,16 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, card: str | None = None
 
 
 def mcore_to_hf(
-    ckpt_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None, max_shard_mb: float = 2048
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    tokenizer: str | Path | None = None,
+    max_shard_mb: float = 2048,
+    layout: tuple[int, int, int] = (1, 1, 1),
 ) -> Path:
+    """Write the HF directory. `layout` = (tp, pp, ep) of the megatron side; anything but (1, 1, 1),
+    or a world of several ranks, takes the multi-rank path."""
+    if layout != (1, 1, 1) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _mcore_to_hf_parallel(ckpt_dir, out_dir, tokenizer, max_shard_mb, layout)
     model, cfg = load_mcore_model(ckpt_dir)
     return hf_io.save_hf(
         out_dir,
@@ -108,6 +130,34 @@ def mcore_to_hf(
         tokenizer_dir=tokenizer or ckpt_dir,
         max_shard_bytes=int(max_shard_mb * 1024**2),
     )
+
+
+def _mcore_to_hf_parallel(
+    ckpt_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | None, max_shard_mb: float, layout: tuple
+) -> Path:
+    import torch.distributed as dist
+
+    from r1_megatron.checkpoint.dist import CheckpointError, open_for_inference
+    from r1_megatron.rollout.weight_export import export_weights
+
+    if not mcore_io.is_mcore_dir(ckpt_dir):
+        raise hf.ConversionError(f"{ckpt_dir}: --tp/--pp/--ep need a megatron checkpoint ({mcore_io.CARD_FILE})")
+    tp, pp, ep = layout
+    try:
+        trainer = open_for_inference(ckpt_dir, tp=tp, pp=pp, ep=ep)
+    except CheckpointError as e:
+        raise hf.ConversionError(str(e)) from e
+    cfg = trainer.cfg.model
+    stream = export_weights(trainer.unwrapped, cfg, bucket_bytes=64 * 1024**2, dst=0)
+    out = Path(out_dir)
+    if dist.get_rank() == 0:
+        hf_io.save_hf(out, stream, hf_io.hf_config(cfg), tokenizer_dir=tokenizer or ckpt_dir,
+                      max_shard_bytes=int(max_shard_mb * 1024**2))
+    else:
+        for _ in stream:  # every rank takes part in each bucket's collective
+            pass
+    dist.barrier()
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--tokenizer", default=None, help="directory with tokenizer files (default: --ckpt)")
     b.add_argument("--max-shard-mb", type=float, default=2048, help="safetensors shard size (MiB)")
+    for flag in ("--tp", "--pp", "--ep"):
+        b.add_argument(flag, type=int, default=1, help=f"megatron {flag[2:]} size for the load (torchrun)")
     args = parser.parse_args(argv)
     try:
         if args.direction == "hf-to-mcore":
             out = hf_to_mcore(args.hf, args.out, args.card)
         else:
-            out = mcore_to_hf(args.ckpt, args.out, args.tokenizer, args.max_shard_mb)
+            layout = (args.tp, args.pp, args.ep)
+            out = mcore_to_hf(args.ckpt, args.out, args.tokenizer, args.max_shard_mb, layout)
     except (hf.ConversionError, ConfigError) as e:
         print(f"r1m convert: {e}", file=sys.stderr)
         return 1

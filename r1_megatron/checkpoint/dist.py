@@ -33,7 +33,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from r1_megatron.checkpoint.mcore_io import CARD_FILE
+from r1_megatron.checkpoint.mcore_io import CARD_FILE, read_card
+from r1_megatron.config.schema import JobConfig, ModelConfig, ParallelConfig
 from r1_megatron.rl.train_step import Trainer
 
 LATEST = "latest"
@@ -171,11 +172,7 @@ def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> 
     except Exception as e:  # dist_checkpointing raises many types; name the path and the cause
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: cannot load into this model/layout: {first}") from e
-    missing, unexpected = trainer.unwrapped.load_state_dict(state["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        key = (missing or unexpected)[0]
-        raise CheckpointError(f"{path}: {'missing' if missing else 'unexpected'} model key '{key}'")
+    _apply_model_state(trainer.unwrapped, state["model"], path)
     if with_optimizer:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.load_state_dict(common["trainer"])
@@ -184,6 +181,29 @@ def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> 
     extra = dict(common.get("extra", {}))
     extra["_rng_restored"] = same_layout
     return extra
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load only the weights of a checkpoint (any layout, training or single-rank) into one model chunk."""
+    try:
+        state = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, str(path))
+    except Exception as e:  # dist_checkpointing raises many types; name the path and the cause
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot load into this model/layout: {first}") from e
+    _apply_model_state(model, state["model"], Path(path))
+
+
+def _apply_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise CheckpointError(f"{path}: {'missing' if missing else 'unexpected'} model key '{key}'")
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A directory written by `save` (it carries the resolved job config)."""
+    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / "metadata.json").is_file()
 
 
 def resume(trainer: Trainer, root: str | Path) -> dict | None:
@@ -216,4 +236,24 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def inference_config(card: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1) -> JobConfig:
+    """A job config that runs `card` at (tp, pp, ep) for forward use (scoring, conversion)."""
+    parallel = ParallelConfig(
+        tp=tp, pp=pp, ep=ep, etp=tp if ep == 1 else 1, sequence_parallel=tp > 1, dispatcher="alltoall"
+    )
+    return JobConfig(model=card, parallel=parallel)
+
+
+def open_for_inference(ckpt_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1) -> Trainer:
+    """Start this process's groups (torchrun environment) at (tp, pp, ep) and build its model chunk,
+    loaded from a megatron checkpoint of any layout (weights only). Collective over all ranks."""
+    from r1_megatron.parallel.groups import init_process_groups
+
+    cfg = inference_config(read_card(ckpt_dir), tp=tp, pp=pp, ep=ep)
+    layout, device = init_process_groups(cfg)
+    trainer = Trainer(cfg, layout, device, for_training=False)
+    load(trainer, ckpt_dir, with_optimizer=False)
+    return trainer
 

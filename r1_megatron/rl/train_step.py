@@ -61,16 +61,24 @@ def _stage_overrides(cfg: JobConfig, layout: ParallelConfig) -> dict:
 class Trainer:
     """This rank's model chunk (megatron DDP), optimizer (Adam) and LR schedule.
 
+    With for_training=False only the bare model chunk is built (forward_logprobs, export).
     Construct after `parallel.groups.init_process_groups`. `model` is a list of model chunks (one:
     no virtual pipeline), `optimizer` megatron's (chained: dense + expert params), `scheduler` the
     OptimizerParamScheduler. `step` counts optimizer steps taken.
     """
 
-    def __init__(self, cfg: JobConfig, layout: ParallelConfig, device: torch.device) -> None:
+    def __init__(
+        self, cfg: JobConfig, layout: ParallelConfig, device: torch.device, *, for_training: bool = True
+    ) -> None:
         self.cfg, self.layout, self.device = cfg, layout, device
+        self.step = 0
         gpu = device.type == "cuda"
         module = build_model(cfg.model, layout, device=device, **_stage_overrides(cfg, layout))
         self.config = module.config
+        if not for_training:
+            # Forward only (scoring, conversion): no DDP buffers, no optimizer state.
+            self.model, self.optimizer, self.scheduler = [module], None, None
+            return
         use_dist_opt = gpu and cfg.optim.distributed_optimizer
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -112,13 +120,12 @@ class Trainer:
             wd_incr_steps=max(o.total_steps, 1),
             wd_incr_style="constant",
         )
-        self.step = 0
 
     # ------------------------------------------------------------------------------------------
     @property
     def unwrapped(self) -> torch.nn.Module:
-        """The GPTModel of this stage (under DDP)."""
-        return self.model[0].module
+        """The GPTModel of this stage (under DDP when training)."""
+        return getattr(self.model[0], "module", self.model[0])
 
     @property
     def dp_size(self) -> int:

@@ -3,7 +3,7 @@
 Each mode runs under tests/dist/_launch.py (torchrun-like env) and writes its results to OUT_DIR as
 torch files; the test modules compare them. Modes:
   reference OUT           world 1: initial checkpoint, one SFT step, export, post-step logprobs
-  layouts OUT INIT L...   for each layout L ("tp,pp,ep,etp,dp,dispatcher"): load INIT, same step, export
+  layouts OUT INIT L...   for each layout L ("tp,pp,ep,etp,dp,dispatcher[,save]"): load INIT, same step, export
   resume OUT              3 steps, save, 2 steps; a fresh trainer resumes and redoes the 2 steps
   crash OUT               1 step, save; 1 step, save killed (SIGKILL) between write and commit
   after_crash OUT         resume from `latest` after `crash`, one step
@@ -31,6 +31,9 @@ from r1_megatron.rl.microbatch import packed_microbatches, shard_for_data_parall
 from r1_megatron.rl.sft import local_loss_tokens, sft_loss  # noqa: E402
 
 CONFIG = "configs/micro_moe_sft.yaml"
+# Layouts checked against world 1: (tp, pp, ep, etp, dp, dispatcher[, save]); see `layouts`.
+WORLD2 = ["2,1,1,2,1,allgather", "1,2,1,1,1,allgather", "1,1,2,1,2,alltoall", "2,1,2,1,1,alltoall"]
+WORLD4 = ["2,2,1,2,1,allgather,save", "1,2,2,1,2,alltoall"]
 NUM_MICROBATCHES = 4
 CAPACITY = 32
 
@@ -137,13 +140,15 @@ def layouts(out: Path, init: str, specs: list[str]) -> None:
     results = {}
     started = False
     for spec in specs:
-        tp, pp, ep, etp, dp, dispatcher = spec.split(",")
+        tp, pp, ep, etp, dp, dispatcher, *save = spec.split(",")
         cfg = job_config(tp=int(tp), pp=int(pp), ep=int(ep), etp=int(etp), dp=int(dp), dispatcher=dispatcher)
         if not started:
             start(cfg)
             started = True
         trainer = build(cfg, dist.get_world_size())
         ckpt.load(trainer, init, with_optimizer=False)
+        if save:  # the initial weights again, now saved from this layout (for the converter test)
+            ckpt.save(trainer, out / f"ckpt_{spec.replace(',', '_')}")
         metrics = sft_step(trainer, seed=1)
         results[spec] = {"metrics": metrics, "weights": exported(trainer), "logprobs": all_logprobs(trainer, 1)}
         del trainer

@@ -14,11 +14,9 @@ Also: at world 1 the streaming exporter yields exactly what the name table's sin
 import pytest
 import torch
 
-from tests.dist._launch import check_ok, launch
+from tests.dist._scenarios import WORLD2, WORLD4
 
 TOL = 1e-5
-WORLD2 = ["2,1,1,2,1,allgather", "1,2,1,1,1,allgather", "1,1,2,1,2,alltoall", "2,1,2,1,1,alltoall"]
-WORLD4 = ["2,2,1,2,1,allgather", "1,2,2,1,2,alltoall"]
 
 
 def _check_layout(name: str, got: dict, ref: dict) -> None:
@@ -37,12 +35,6 @@ def _check_layout(name: str, got: dict, ref: dict) -> None:
     assert err <= TOL, (name, "logprobs", err)
 
 
-def _run_layouts(reference: dict, specs: list[str], world: int, tmp_path) -> dict:
-    argv = ["tests/dist/_scenarios.py", "layouts", str(tmp_path), reference["init"], *specs]
-    check_ok(launch(argv, world, tmp_path / "logs", timeout=420))
-    return torch.load(tmp_path / "layouts.pt", weights_only=False)
-
-
 def test_reference_step_is_not_trivial(reference):
     """The step moved the weights: the expert bias update fired, and the loss is a real CE."""
     biases = [v for k, v in reference["weights"].items() if k.endswith("e_score_correction_bias")]
@@ -59,16 +51,14 @@ def test_streaming_export_equals_table_export(reference):
 
 
 @pytest.mark.timeout(480)
-def test_world2_layouts_match_single_rank(reference, tmp_path):
-    results = _run_layouts(reference, WORLD2, 2, tmp_path)
-    assert sorted(results) == sorted(WORLD2)
-    for name, got in results.items():
-        _check_layout(name, got, reference)
+def test_world2_layouts_match_single_rank(reference, world2):
+    assert sorted(k for k in world2 if k != "dir") == sorted(WORLD2)
+    for name in WORLD2:
+        _check_layout(name, world2[name], reference)
 
 
 @pytest.mark.timeout(480)
-def test_world4_layouts_match_single_rank(reference, tmp_path):
-    results = _run_layouts(reference, WORLD4, 4, tmp_path)
-    assert sorted(results) == sorted(WORLD4)
-    for name, got in results.items():
-        _check_layout(name, got, reference)
+def test_world4_layouts_match_single_rank(reference, world4):
+    assert sorted(k for k in world4 if k != "dir") == sorted(WORLD4)
+    for name in WORLD4:
+        _check_layout(name, world4[name], reference)
