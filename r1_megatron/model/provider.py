@@ -16,8 +16,10 @@ from megatron.core.models.gpt import GPTModel
 
 from r1_megatron.config.schema import ModelConfig, ParallelConfig
 from r1_megatron.model.config import transformer_config
+from r1_megatron.model.redundant import use_redundant_layer
 from r1_megatron.model.specs import decoder_block_spec, mtp_block_spec
 from r1_megatron.parallel import compat_cpu
+from r1_megatron.parallel.replicas import tie_replica_weights
 
 
 def build_model(
@@ -45,9 +47,13 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    block = decoder_block_spec(cfg, m, gpu, vp_stage=vp_stage)
+    redundant = parallel is not None and parallel.redundant_experts > 0
+    if redundant:  # R = E + redundant physical expert slots per MoE layer (model/redundant.py)
+        use_redundant_layer(block, m.num_experts + parallel.redundant_experts, m.first_k_dense)
     model = GPTModel(
         config=cfg,
-        transformer_layer_spec=decoder_block_spec(cfg, m, gpu, vp_stage=vp_stage),
+        transformer_layer_spec=block,
         vocab_size=m.vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre_process,
@@ -58,8 +64,10 @@ def build_model(
         rotary_base=m.rope_theta,
         mtp_block_spec=mtp_block_spec(cfg, m, gpu, vp_stage=vp_stage),
         vp_stage=vp_stage,
-    )
-    return model.to(device)
+    ).to(device)
+    if redundant:
+        tie_replica_weights(model)  # replicas start as copies of their expert's first replica
+    return model
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from megatron.core import parallel_state
 
 from r1_megatron.checkpoint import hf
 from r1_megatron.config.schema import ModelConfig
+from r1_megatron.model.redundant import export_slots
 
 _LOCAL_EXPERT = re.compile(r"^(?P<pre>.*\.experts\.local_experts\.)(?P<j>\d+)(?P<post>\..*)$")
 _GROUPED_EXPERT = re.compile(r"^(?P<pre>.*\.experts\.linear_fc[12]\.weight)(?P<j>\d+)(?P<post>)$")
@@ -67,6 +68,7 @@ def _local_entries(model: torch.nn.Module, cfg: ModelConfig) -> list[_Entry]:
         if hasattr(model, "decoder") else {}
 
     state = model.state_dict(keep_vars=True)
+    redundant = export_slots(model)  # replica slot -> (logical expert, first replica?)
     names = [n for n in state if hf.is_weight(n)]
     first_expert_pos: dict[str, int] = {}
     entries = []
@@ -82,6 +84,8 @@ def _local_entries(model: torch.nn.Module, cfg: ModelConfig) -> list[_Entry]:
         is_expert = m is not None
         if m:
             expert = ep_rank * experts_per_rank + int(m["j"])
+            # A redundant slot exports under its logical expert, and only from that expert's first replica.
+            expert, primary = redundant.get(name, (expert, True))
             gname = f"{m['pre']}{expert}{m['post']}"
             block = m["pre"]
             first_expert_pos.setdefault(block, pos)
@@ -94,6 +98,7 @@ def _local_entries(model: torch.nn.Module, cfg: ModelConfig) -> list[_Entry]:
         if split:
             shape[dim] *= size
         replica_zero = (edp_rank if is_expert else dp_rank) == 0 and (split or r == 0)
+        replica_zero = replica_zero and (not is_expert or primary)
         _, kind = hf.hf_names(gname, cfg)
         entries.append(
             _Entry(
@@ -169,7 +174,7 @@ def export_megatron(
     `model` is this rank's GPTModel chunk (unwrapped from DDP)."""
     local = _local_entries(model, cfg)
     plan, mine = _global_plan(local)
-    shards = {e.name: e for e in local if e.name in mine}
+    shards = {e.name: e for e in local if e.name in mine and e.shard is not None}
     device = next(model.parameters()).device
     rank = dist.get_rank()
     for bucket in _buckets(plan, bucket_bytes):
