@@ -137,6 +137,8 @@ def save(
     state["trainer"] = trainer.state_dict()
     state["extra"] = dict(extra or {})
     state["layout"] = _layout_key(trainer)
+    if trainer.replicas is not None:  # expert loads and the redundant-expert placement
+        state["replicas"] = trainer.replicas.state_dict()
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
     dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
     if on_written is not None:
@@ -176,6 +178,8 @@ def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> 
     if with_optimizer:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.load_state_dict(common["trainer"])
+    if trainer.replicas is not None and "replicas" in common:  # after the weights: moves them on re-plan
+        trainer.replicas.load_state_dict(common["replicas"])
     if same_layout:
         _set_rng_state(state["rng"])
     extra = dict(common.get("extra", {}))

@@ -140,23 +140,20 @@ def apply_placement(model: torch.nn.Module, optimizer, phy2log: torch.Tensor) ->
     mark_primaries(model, optimizer)
 
 
-def placement_of(
-    model: torch.nn.Module, num_moe_layers: int, group: dist.ProcessGroup | None = None
-) -> torch.Tensor:
-    """phy2log [L, R] of the whole model (rows of other pipeline stages filled in; collective)."""
-    layers = redundant_layers(model)
-    if not layers:
-        raise ValueError("placement_of: the model has no redundant MoE layers")
-    out = torch.full((num_moe_layers, layers[0].num_slots), -1, dtype=torch.int64)
-    for layer in layers:
+def placement_of(model: torch.nn.Module, num_moe_layers: int, num_slots: int) -> torch.Tensor:
+    """phy2log [L, R] of the whole model: rows of other pipeline stages filled in (collective over
+    the world; a stage without MoE layers contributes nothing)."""
+    out = torch.full((num_moe_layers, num_slots), -1, dtype=torch.int64)
+    for layer in redundant_layers(model):
         out[layer.moe_index] = layer.phy2log.cpu()
     if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
 
 
 class ReplicaManager:
-    """Load statistics, replica gradient sync and periodic rebalancing for one Trainer.
+    """Expert load statistics for one Trainer of a MoE model; with redundant experts also replica
+    gradient sync and periodic rebalancing.
 
     `attach()` hooks the gradient sync into megatron's finalize_model_grads (so it runs after the DP
     reduction and before the optimizer step); call `after_step(step)` once per optimizer step.
@@ -167,12 +164,15 @@ class ReplicaManager:
         self.trainer = trainer
         self.num_moe_layers = m.num_layers - m.first_k_dense
         self.num_slots = m.num_experts + trainer.layout.redundant_experts
+        self.redundant = trainer.layout.redundant_experts > 0
         self.rebalance_every = rebalance_every
         self.load = ExpertLoad(self.num_moe_layers, m.num_experts, decay)
         self.load.attach(trainer.unwrapped, m.first_k_dense)
 
     def attach(self) -> ReplicaManager:
         model = self.trainer.unwrapped
+        if not self.redundant:
+            return self
 
         def finalize(*args, **kwargs):
             finalize_model_grads(*args, **kwargs)
@@ -197,19 +197,26 @@ class ReplicaManager:
     def after_step(self, step: int) -> torch.Tensor:
         """Fold this step's loads in; rebalance when `step` is a multiple of rebalance_every."""
         load = self.load.step()
-        if self.rebalance_every and step % self.rebalance_every == 0:
+        if self.redundant and self.rebalance_every and step % self.rebalance_every == 0:
             self.rebalance()
         return load
 
     def state_dict(self) -> dict:
-        """Checkpoint record: the placement (phy2log, EP size) and the load statistics."""
-        return {"phy2log": placement_of(self.trainer.unwrapped, self.num_moe_layers).tolist(),
-                "ep": self.trainer.layout.ep, "load": self.load.state_dict()}
+        """Checkpoint record: the load statistics, the EP size and (redundant) the placement."""
+        state = {"load": self.load.state_dict(), "ep": self.trainer.layout.ep}
+        if self.redundant:
+            phy2log = placement_of(self.trainer.unwrapped, self.num_moe_layers, self.num_slots)
+            state["phy2log"] = phy2log.tolist()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore after the checkpoint's weights were loaded (slot s holds the saved slot s). At
         another EP size the saved placement is first adopted as is, then re-planned for this one."""
         self.load.load_state_dict(state["load"])
+        if not self.redundant:
+            return
+        if "phy2log" not in state:
+            raise ValueError("replicas: the checkpoint has no expert placement (saved without redundancy)")
         saved = torch.tensor(state["phy2log"], dtype=torch.int64)
         if saved.shape[1] != self.num_slots:
             raise ValueError(f"replicas: checkpoint has {saved.shape[1]} expert slots, not {self.num_slots}")

@@ -40,6 +40,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 
 from r1_megatron.config.schema import JobConfig, ParallelConfig
 from r1_megatron.model.provider import build_model, mtp_disabled
+from r1_megatron.parallel.replicas import ReplicaManager
 from r1_megatron.rl.microbatch import Microbatch
 
 LossFn = Callable[[torch.Tensor, Microbatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -72,6 +73,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.layout, self.device = cfg, layout, device
         self.step = 0
+        self.replicas: ReplicaManager | None = None
         gpu = device.type == "cuda"
         module = build_model(cfg.model, layout, device=device, **_stage_overrides(cfg, layout))
         self.config = module.config
@@ -120,6 +122,11 @@ class Trainer:
             wd_incr_steps=max(o.total_steps, 1),
             wd_incr_style="constant",
         )
+        # Expert load statistics; with redundant experts also replica grad sync and rebalancing
+        # (needs the model, the optimizer and config.finalize_model_grads_func, so it comes last).
+        if cfg.model.num_experts:
+            rebalance_every = getattr(layout, "rebalance_every", 0)  # until ParallelConfig has it
+            self.replicas = ReplicaManager(self, rebalance_every).attach()
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -201,6 +208,8 @@ class Trainer:
         self.scheduler.step(increment=1)
         update_ok, grad_norm, _ = self.optimizer.step()
         self.step += 1
+        if self.replicas is not None:
+            self.replicas.after_step(self.step)
         metrics = self._reduce_sums(outputs)
         metrics.update(self._aux_metrics(len(mbs)))
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -22,7 +22,8 @@ class ExpertLoad:
 
     counts: [L, E] float64, tokens routed to each logical expert of each of the L MoE decoder layers
     since the last `step()` (this rank's share); ema: [L, E] float64, the moving average of global
-    step loads (all zeros before the first step); steps: steps folded in so far.
+    step loads (all zeros before the first step); last: [L, E], the latest global step load;
+    steps: steps folded in so far.
     """
 
     def __init__(self, num_layers: int, num_experts: int, decay: float = 0.9) -> None:
@@ -31,6 +32,7 @@ class ExpertLoad:
         self.decay = decay
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.ema = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.last = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.steps = 0
         self._hooks: list = []
 
@@ -72,6 +74,7 @@ class ExpertLoad:
         self.ema = load.clone() if self.steps == 0 else self.decay * self.ema + (1.0 - self.decay) * load
         self.steps += 1
         self.counts.zero_()
+        self.last = load
         return load
 
     def state_dict(self) -> dict:

@@ -4,8 +4,8 @@ Modes (run under tests/dist/_launch.py; results go to OUT_DIR as torch files, co
   equivalence OUT   world 2, EP 2: a model without redundancy and the same weights with 2 redundant
                     slots, under a skewed router; 5 steps, a rebalance, 1 more step. Losses, grad
                     norms, exported HF weights, replica bit-identity and per-rank token loads.
-  checkpoint OUT    world 4, EP 2, 4 redundant slots: steps, rebalance, save; resume at EP 2 and at
-                    EP 4 (re-planned). Placements, exported weights and logprobs.
+  checkpoint OUT    world 4, EP 2, 4 redundant slots: 3 steps with a rebalance every 2, save; resume
+                    at EP 2 and at EP 4 (re-planned). Placements, exported weights and logprobs.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from r1_megatron.model.redundant import redundant_layers, slot_params  # noqa: E402
 from r1_megatron.parallel.device import seed_all  # noqa: E402
 from r1_megatron.parallel.groups import resolve_layout  # noqa: E402
-from r1_megatron.parallel.replicas import ReplicaManager  # noqa: E402
-from r1_megatron.rollout.expert_load import ExpertLoad  # noqa: E402
 
 # Aux-free expert bias favouring the first groups: a hot-spotted router (experts 0-3 on EP rank 0).
 SKEW = torch.tensor([0.06, 0.05, 0.04, 0.03, 0.0, 0.0, 0.0, 0.0])
@@ -114,16 +112,14 @@ def equivalence(out: Path) -> None:
     copy_into_redundant(base.unwrapped, red.unwrapped)
     skew_router(base.unwrapped)
     skew_router(red.unwrapped)
-    base_load = ExpertLoad(1, base_cfg.model.num_experts)
-    base_load.attach(base.unwrapped, base_cfg.model.first_k_dense)
-    manager = ReplicaManager(red).attach()
+    manager = red.replicas
     res: dict = {"metrics": [], "exports": {}, "spread": {}, "loads": {}, "placement": {}}
     res["placement"]["default"] = redundant_layers(red.unwrapped)[0].phy2log.tolist()
 
     def step(s: int) -> None:
         redundant_layers(red.unwrapped)[0].slot_tokens.zero_()
         res["metrics"].append((sft_step(base, seed=s), sft_step(red, seed=s)))
-        res["loads"][s] = {"base_logical": base_load.step(), "red_logical": manager.after_step(s),
+        res["loads"][s] = {"base_logical": base.replicas.load.last, "red_logical": manager.load.last,
                            "red_ranks": rank_loads_redundant(red)}
 
     step(1)
@@ -149,24 +145,21 @@ def checkpoint(out: Path) -> None:
     start(cfg)
     trainer = build(cfg, 4)
     skew_router(trainer.unwrapped)
-    manager = ReplicaManager(trainer).attach()
-    for s in (1, 2):
+    trainer.replicas.rebalance_every = 2  # the Trainer re-plans from the measured loads after step 2
+    default = trainer.replicas.state_dict()["phy2log"]
+    for s in (1, 2, 3):
         sft_step(trainer, seed=40 + s)
-        manager.after_step(s)
-    manager.rebalance()
-    sft_step(trainer, seed=43)
-    manager.after_step(3)
-    path = ckpt.save(trainer, out / "ckpt", extra={"replicas": manager.state_dict()})
-    res = {"saved": {"phy2log": manager.state_dict()["phy2log"], "ema": manager.load.ema.clone(),
+    path = ckpt.save(trainer, out / "ckpt")
+    saved = trainer.replicas
+    res = {"default": default, "saved": {"phy2log": saved.state_dict()["phy2log"], "ema": saved.load.ema.clone(),
                      "weights": exported(trainer), "logprobs": all_logprobs(trainer, 44)}}
-    del trainer, manager
+    del trainer, saved
     gc.collect()
     for name, ep in (("ep2", 2), ("ep4", 4)):
         c = dataclasses.replace(job_config(ep=ep, redundant_experts=4), seed=cfg.seed + 7)  # another init
         fresh = build(c, 4)
-        m = ReplicaManager(fresh).attach()
-        extra = ckpt.load(fresh, path)
-        m.load_state_dict(extra["replicas"])
+        ckpt.load(fresh, path)
+        m = fresh.replicas
         res[name] = {"phy2log": m.state_dict()["phy2log"], "ema": m.load.ema.clone(), "ep": ep,
                      "weights": exported(fresh), "logprobs": all_logprobs(fresh, 44),
                      "spread": replica_spread(fresh)}
