@@ -25,6 +25,7 @@ changes one stage (e.g. `stages.reasoning_rl.steps=2`). The pipeline runs in one
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,15 +35,10 @@ import yaml
 from r1_megatron.config.loader import CONFIGS_DIR, ConfigError, parse_overrides
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _split_cli(overrides: list[str]) -> tuple[list[str], dict[str, dict]]:
     """(job-config overrides for every stage, {stage name: nested changes to its spec})."""
+    from r1_megatron.rl.stages import merge
+
     common, per_stage = [], {}
     for item in overrides:
         key = item.split("=", 1)[0]
@@ -50,17 +46,19 @@ def _split_cli(overrides: list[str]) -> tuple[list[str], dict[str, dict]]:
             parts = item[len("stages."):].split(".", 1)
             if len(parts) != 2 or "=" not in parts[1]:
                 raise ConfigError(f"override '{item}' must look like stages.<name>.<field>=value")
-            per_stage[parts[0]] = _merge(per_stage.get(parts[0], {}), parse_overrides([parts[1]]))
+            per_stage[parts[0]] = merge(per_stage.get(parts[0], {}), parse_overrides([parts[1]]))
         else:
             common.append(item)
     return common, per_stage
 
 
 def _base_path(base: str, config_path: Path) -> Path:
-    for candidate in (config_path.parent / base, Path(base), CONFIGS_DIR / base, CONFIGS_DIR / f"{base}.yaml"):
+    candidates = (config_path.parent / base, Path(base), CONFIGS_DIR / base, CONFIGS_DIR / f"{base}.yaml")
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"{config_path}: base: no job config '{base}' (looked next to the file and in {CONFIGS_DIR})")
+    raise ConfigError(f"{config_path}: base: no job config '{base}' (looked next to the file and in "
+                      f"{CONFIGS_DIR})")
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None):
@@ -154,14 +152,17 @@ def main(argv: list[str] | None = None) -> int:
             print("r1m pipeline: --out needs a directory", file=sys.stderr)
             return 2
         out, rest = Path(rest[i + 1]), rest[:i] + rest[i + 2 :]
+    out = out or Path("runs") / Path(config).stem
     try:
-        pipeline = load_pipeline(config, rest)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("r1m pipeline runs in one process; launch multi-rank stages with `r1m train`")
+        report = run(load_pipeline(config, rest), out)
     except ConfigError as e:
         print(f"r1m pipeline: {e}", file=sys.stderr)
         return 2
-    out = out or Path("runs") / Path(config).stem
-    report = run(pipeline, out)
-    summary = ", ".join(f"{r['name']} {r['pass_at_1']:.3f}" for r in report["stages"] if r.get("pass_at_1") is not None)
+    measured = [r for r in report["stages"] if r.get("pass_at_1") is not None]
+    summary = ", ".join(f"{r['name']} {r['pass_at_1']:.3f}" for r in measured)
     print(f"[pipeline] done in {report['seconds']:.0f} s; pass@1: {summary or '-'}; teacher "
-          f"{report['teacher_pass_at_1']}, student {report['student_pass_at_1']}; report {out / 'report.json'}")
+          f"{report['teacher_pass_at_1']}, student {report['student_pass_at_1']}; "
+          f"report {out / 'report.json'}")
     return 0

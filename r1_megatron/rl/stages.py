@@ -101,14 +101,15 @@ def _nest(overrides: dict, where: str) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"{where}: '{key}' goes through '{part}', which is not a section")
         leaf = _nest(value, where) if isinstance(value, dict) else value
-        node[parts[-1]] = _merge(node[parts[-1]], leaf) if isinstance(node.get(parts[-1]), dict) else leaf
+        node[parts[-1]] = merge(node[parts[-1]], leaf) if isinstance(node.get(parts[-1]), dict) else leaf
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, section by section."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -151,20 +152,21 @@ def _job(base: dict, layers: list[dict], spec: StageSpec, own: dict, where: str)
 
     data = base
     for layer in layers:
-        data = _merge(data, layer)
+        data = merge(data, layer)
     if spec.kind == "distill":
         # The student is its own network: none of the teacher's model fields, and no teacher weights.
         data = {**data, "model": {"card": spec.student, **own.get("model", {})}}
         data["checkpoint"] = {**data.get("checkpoint", {}), "load": own.get("checkpoint", {}).get("load", "")}
     if spec.kind == "grpo" and spec.steps:
-        data = _merge(data, {"rl": {"steps": spec.steps}})
+        data = merge(data, {"rl": {"steps": spec.steps}})
     try:
         job = from_dict(JobConfig, resolve_dict(data))
         validate(job)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if spec.kind == "distill" and job.model.arch not in ("qwen2", "llama"):
-        raise ConfigError(f"{where}: student '{spec.student}' is a {job.model.arch} card; a student is qwen2 or llama")
+        raise ConfigError(f"{where}: student '{spec.student}' is a {job.model.arch} card; "
+                          "a student is qwen2 or llama")
     return job
 
 
@@ -181,25 +183,35 @@ def build_pipeline(base: dict, shared: dict, stages_raw: object, common: list[st
     stages: list[Stage] = []
     for i, raw in enumerate(stages_raw):
         if isinstance(raw, dict) and raw.get("name") in per_stage:
-            raw = _merge(raw, per_stage[raw["name"]])
+            raw = merge(raw, per_stage[raw["name"]])
         spec, own = _spec(raw, f"stages[{i}]")
         where = f"stages[{i}] ({spec.name})"
         earlier = {s.spec.name: s.spec.kind for s in stages}
         if spec.name in earlier:
             raise ConfigError(f"{where}: duplicate stage name '{spec.name}'")
         if spec.init not in ("", "base") and earlier.get(spec.init) not in POLICY_KINDS:
-            raise ConfigError(f"{where}: init '{spec.init}' is not an earlier sft/grpo/rejection_sampling stage")
+            raise ConfigError(f"{where}: init '{spec.init}' is not an earlier "
+                              "sft/grpo/rejection_sampling stage")
+        if spec.kind == "distill" and spec.init == "base":
+            raise ConfigError(f"{where}: init: base does not apply to distill (the teacher is a policy stage; "
+                              "or reuse a traces set with traces: <stage>)")
         if spec.traces and earlier.get(spec.traces) not in ("rejection_sampling", "distill"):
-            raise ConfigError(f"{where}: traces '{spec.traces}' is not an earlier rejection_sampling/distill stage")
+            raise ConfigError(f"{where}: traces '{spec.traces}' is not an earlier "
+                              "rejection_sampling/distill stage")
         has_policy = any(k in POLICY_KINDS for k in earlier.values())
         if spec.kind in ("rejection_sampling", "distill") and not spec.traces and spec.init != "base" \
                 and not has_policy:
-            raise ConfigError(f"{where}: kind {spec.kind} samples a policy, but no sft/grpo/rejection_sampling "
+            raise ConfigError(f"{where}: kind {spec.kind} samples a policy, but no "
+                              "sft/grpo/rejection_sampling "
                               "stage comes before it (or set init: base with an HF checkpoint.load)")
-        if spec.kind == "eval" and not has_policy and "distill" not in earlier.values() and spec.init != "base":
+        has_student = "distill" in earlier.values()
+        if spec.kind == "eval" and not (has_policy or has_student or spec.init == "base"):
             raise ConfigError(f"{where}: nothing to evaluate: no policy or distill stage comes before it")
         job = _job(base, [_nest(shared, "overrides"), own, cli], spec, own, where)
-        blob = json.dumps([dataclasses.asdict(spec), dataclasses.asdict(job)], sort_keys=True, default=str)
+        # Chained over the stages before it: a changed input makes every later done.json stale too.
+        chain = stages[-1].digest if stages else ""
+        blob = json.dumps([chain, dataclasses.asdict(spec), dataclasses.asdict(job)], sort_keys=True,
+                          default=str)
         stages.append(Stage(spec, job, hashlib.sha256(blob.encode()).hexdigest()[:16]))
     return Pipeline(source, stages)
 
@@ -268,7 +280,8 @@ def run_stage(ctx: Context, stage: Stage) -> dict:
 
     save_resolved(job, d)
     started = time.time()
-    runner = {"sft": _sft, "grpo": _grpo, "rejection_sampling": _rejection, "distill": _distill, "eval": _eval}
+    runner = {"sft": _sft, "grpo": _grpo, "rejection_sampling": _rejection, "distill": _distill,
+              "eval": _eval}
     try:
         record = runner[spec.kind](ctx, spec, job, d, source)
     finally:
@@ -292,8 +305,6 @@ def _trained(ctx: Context, trainer, result, spec: StageSpec, job: JobConfig, d: 
     from r1_megatron.distill.student import export_hf
 
     hf = export_hf(trainer, d / "hf")
-    del trainer
-    gc.collect()
     record = {"outputs": {"checkpoint": ctx.rel(result.checkpoint), "hf": ctx.rel(hf)},
               "start_step": result.start_step, "steps": result.steps, "final_loss": result.loss}
     if spec.eval_prompts:
@@ -351,7 +362,8 @@ def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict |
                   "steps": run.trainer.step, "final_reward": metrics.get("reward/mean")}
         if spec.eval_prompts:
             run.refit()  # the engine then holds the final weights (canary-checked)
-            record["pass_at_1"] = evaluate_hf(hf, job, spec.eval_prompts, spec.eval_k, run.engine)["pass_at_1"]
+            report = evaluate_hf(hf, job, spec.eval_prompts, spec.eval_k, run.engine)
+            record["pass_at_1"] = report["pass_at_1"]
     finally:
         run.close()
     return record
@@ -466,7 +478,8 @@ def evaluate_hf(hf_dir: Path, job: JobConfig, n: int, k: int, engine=None, keep_
 
         engine = VLLMEngine(hf_dir, job.rollout)
     try:
-        return evaluate(engine, load_tokenizer(), items, k=k, sampling=eval_sampling(job.rollout.max_new_tokens),
+        sampling = eval_sampling(job.rollout.max_new_tokens)
+        return evaluate(engine, load_tokenizer(), items, k=k, sampling=sampling,
                         reward_cfg=job.reward, chat=job.data.chat, keep_text=keep_text)
     finally:
         if own:
