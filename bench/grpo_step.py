@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PHASES, BenchRun, load_average, make_hf_dir, mean, our_config, phase_times, quiet_vllm  # noqa: E402
+from _common import (  # noqa: E402
+    PHASES, BenchRun, load_average, make_hf_dir, mean, our_config, phase_times, quiet_vllm,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
