@@ -19,7 +19,7 @@ from r1_megatron.model.config import transformer_config
 from r1_megatron.model.redundant import use_redundant_layer
 from r1_megatron.model.specs import decoder_block_spec, mtp_block_spec
 from r1_megatron.parallel import compat_cpu
-from r1_megatron.parallel.replicas import tie_replica_weights
+from r1_megatron.parallel.replicas import mark_primaries, tie_replica_weights
 
 
 def build_model(
@@ -67,6 +67,7 @@ def build_model(
     ).to(device)
     if redundant:
         tie_replica_weights(model)  # replicas start as copies of their expert's first replica
+        mark_primaries(model)  # before any optimizer is built: the grad norm counts each expert once
     return model
 
 

@@ -70,8 +70,11 @@ def sync_replica_grads(model: torch.nn.Module) -> None:
 
 
 def mark_primaries(model: torch.nn.Module, optimizer=None) -> None:
-    """Flag every replica but each expert's first as `shared`, so the grad norm counts it once."""
-    mains = _main_params(optimizer) if optimizer is not None else {}
+    """Flag every replica but each expert's first as `shared`, so the grad norm counts it once.
+
+    The distributed optimizer copies the flag into its shards when it is built (build_model marks
+    the initial placement before that); a later re-placement does not reach its shards."""
+    mains = _main_params(optimizer) if optimizer is not None and not _distributed(optimizer) else {}
     for layer in redundant_layers(model):
         for params, slot in zip(slot_params(layer), layer.local_slots, strict=True):
             primary = int(layer.log2phy[layer.phy2log[slot], 0]) == slot
@@ -81,12 +84,17 @@ def mark_primaries(model: torch.nn.Module, optimizer=None) -> None:
                     mains[p][0].shared = not primary
 
 
+def _distributed(optimizer) -> bool:
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(hasattr(o, "shard_fp32_from_float16_groups") for o in optimizers)
+
+
 def _main_params(optimizer) -> dict[torch.nn.Parameter, tuple[torch.Tensor, dict]]:
     """model param -> (the param the optimizer updates, its optimizer state) for megatron's plain
     fp32 and fp16/bf16 optimizers (chained or not)."""
     out: dict = {}
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(opt, "model_float16_groups") and hasattr(opt, "shard_fp32_from_float16_groups"):
+        if hasattr(opt, "shard_fp32_from_float16_groups"):
             raise NotImplementedError("redundant experts: cannot rebalance a distributed optimizer")
         inner = opt.optimizer
         if hasattr(opt, "float16_groups"):

@@ -2,8 +2,9 @@
 
 Modes (run under tests/dist/_launch.py; results go to OUT_DIR as torch files, compared by the test):
   equivalence OUT   world 2, EP 2: a model without redundancy and the same weights with 2 redundant
-                    slots, under a skewed router; 5 steps, a rebalance, 1 more step. Losses, grad
-                    norms, exported HF weights, replica bit-identity and per-rank token loads.
+                    slots, under a skewed router; 5 steps, a rebalance, 1 more step (allgather
+                    dispatcher), then 2 steps with the alltoall dispatcher. Losses, grad norms,
+                    exported HF weights, replica bit-identity and per-rank token loads.
   checkpoint OUT    world 4, EP 2, 4 redundant slots: 3 steps with a rebalance every 2, save; resume
                     at EP 2 and at EP 4 (re-planned). Placements, exported weights and logprobs.
 """
@@ -103,15 +104,19 @@ def rank_loads_redundant(trainer) -> list[float]:
     return per_slot.view(trainer.layout.ep, -1).sum(1).tolist()
 
 
-def equivalence(out: Path) -> None:
-    base_cfg = job_config(ep=2)
-    red_cfg = job_config(ep=2, redundant_experts=2)
-    start(base_cfg)
-    base = trainer_same_groups(base_cfg)
-    red = trainer_same_groups(red_cfg)
+def twin_trainers(dispatcher: str):
+    """EP 2 without redundancy, and the same weights with 2 redundant slots; both skewed."""
+    base = trainer_same_groups(job_config(ep=2, dispatcher=dispatcher))
+    red = trainer_same_groups(job_config(ep=2, redundant_experts=2, dispatcher=dispatcher))
     copy_into_redundant(base.unwrapped, red.unwrapped)
     skew_router(base.unwrapped)
     skew_router(red.unwrapped)
+    return base, red
+
+
+def equivalence(out: Path) -> None:
+    start(job_config(ep=2))
+    base, red = twin_trainers("allgather")
     manager = red.replicas
     res: dict = {"metrics": [], "exports": {}, "spread": {}, "loads": {}, "placement": {}}
     res["placement"]["default"] = redundant_layers(red.unwrapped)[0].phy2log.tolist()
@@ -135,6 +140,11 @@ def equivalence(out: Path) -> None:
     step(6)
     res["spread"][6] = replica_spread(red)
     res["exports"][6] = (exported(base), exported(red))
+    del base, red, manager
+    gc.collect()
+    base, red = twin_trainers("alltoall")
+    res["alltoall"] = {"metrics": [(sft_step(base, seed=s), sft_step(red, seed=s)) for s in (1, 2)],
+                       "exports": (exported(base), exported(red)), "spread": replica_spread(red)}
     save_rank0(res, out / "equivalence.pt")
 
 

@@ -3,7 +3,8 @@
 Guarantees:
 - EP 2 with 2 redundant slots computes the no-redundancy model: the same loss and grad norm each
   step, and the same exported HF weights (each logical expert once) after 1 and after 5 Adam steps,
-  under a skewed router that makes replicas carry real traffic (1e-5).
+  under a skewed router that makes replicas carry real traffic (1e-5); with the allgather and the
+  alltoall dispatcher.
 - Replicas of an expert are bit-identical (weights and Adam moments) after 5 steps, after a
   rebalance, and after a step taken from the rebalanced placement; the rebalance keeps the function
   (logprobs) and the next step still matches the no-redundancy model (Adam state moved with it).
@@ -49,10 +50,12 @@ def equivalence(tmp_path_factory) -> dict:
 
 @pytest.mark.timeout(170)
 def test_same_loss_grad_norm_and_weights(equivalence):
-    for base, red in equivalence["metrics"]:
+    a2a = equivalence["alltoall"]
+    for base, red in equivalence["metrics"] + a2a["metrics"]:
         assert red["loss"] == pytest.approx(base["loss"], abs=TOL)
         assert red["grad_norm"] == pytest.approx(base["grad_norm"], abs=TOL)
-    for step, (base, red) in equivalence["exports"].items():
+    assert a2a["spread"] == 0.0
+    for step, (base, red) in [*equivalence["exports"].items(), ("alltoall", a2a["exports"])]:
         assert _max_diff(base, red) < TOL, step
         experts = {int(m[1]) for k in red if (m := re.search(r"\.mlp\.experts\.(\d+)\.", k))}
         assert experts == set(range(8)), step  # logical ids only, each once
