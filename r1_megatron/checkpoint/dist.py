@@ -13,8 +13,8 @@ a temp file, fsync, rename). A crash at any point leaves `latest` naming the pre
 checkpoint; a leftover temp directory is removed by the next save.
 
 Model weights are stored under megatron's own sharded keys, so `r1m convert` / `r1m score` read a
-training checkpoint directly, at any layout. Loading at a different layout reshards the model and the
-optimizer; the RNG state is then not restored (it is per rank) and the caller is told so.
+training checkpoint directly, at any layout. Loading at a different layout reshards the weights; the
+optimizer moments and the per-rank RNG state are then not restored, and the caller is told so.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def save(
     rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crashed save
+        for stale in root.glob(".tmp-step_*"):
+            shutil.rmtree(stale)  # left by a crashed save (one job writes a root at a time)
         tmp.mkdir()
     dist.barrier()
     state = _sharded_state(trainer, loading=False)
@@ -159,13 +159,16 @@ def save(
 def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> dict:
     """Load a checkpoint directory (any layout) into `trainer`; returns the caller's `extra` state.
 
-    The RNG state is restored only when the checkpoint was written at this exact layout; the
-    returned dict then has "_rng_restored": True."""
+    Weights, step and LR schedule always load. The optimizer moments and the RNG state load only
+    when the checkpoint was written at this exact layout (megatron's chained dense/expert optimizer
+    changes shape with ep, so its state is not resharded); "_optimizer_restored" and
+    "_rng_restored" in the returned dict say what happened."""
     path = Path(path)
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(path))
     same_layout = common.get("layout") == _layout_key(trainer)
+    with_optimizer = with_optimizer and same_layout and "trainer" in common
     sharded = _sharded_state(trainer, loading=True, with_optimizer=with_optimizer)
     if not same_layout:
         del sharded["rng"]
@@ -177,6 +180,7 @@ def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> 
     _apply_model_state(trainer.unwrapped, state["model"], path)
     if with_optimizer:
         trainer.optimizer.load_state_dict(state["optimizer"])
+    if "trainer" in common and trainer.scheduler is not None:
         trainer.load_state_dict(common["trainer"])
     if trainer.replicas is not None and "replicas" in common:  # after the weights: moves them on re-plan
         trainer.replicas.load_state_dict(common["replicas"])
@@ -184,6 +188,7 @@ def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> 
         _set_rng_state(state["rng"])
     extra = dict(common.get("extra", {}))
     extra["_rng_restored"] = same_layout
+    extra["_optimizer_restored"] = with_optimizer
     return extra
 
 

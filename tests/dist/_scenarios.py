@@ -4,10 +4,9 @@ Each mode runs under tests/dist/_launch.py (torchrun-like env) and writes its re
 torch files; the test modules compare them. Modes:
   reference OUT           world 1: initial checkpoint, one SFT step, export, post-step logprobs
   layouts OUT INIT L...   for each layout L ("tp,pp,ep,etp,dp,dispatcher[,save]"): load INIT, same step, export
-  resume OUT              3 steps, save, 2 steps; a fresh trainer resumes and redoes the 2 steps
-  crash OUT               1 step, save; 1 step, save killed (SIGKILL) between write and commit
-  after_crash OUT         resume from `latest` after `crash`, one step
-  reshard OUT             (tp2, ep2): 1 step, save; reload at (tp1, ep1, dp2) and at (pp2); logprobs
+  crash OUT               (tp2, ep2) 1 step, save; 1 step, a save killed (SIGKILL) between write and commit
+  recover OUT             after crash: resume from `latest`; steps to 4, save, 2 steps, and a fresh
+                          trainer resumed from the save redoes them; the save read at (tp1, ep1), (pp2)
 """
 
 from __future__ import annotations
@@ -156,35 +155,16 @@ def layouts(out: Path, init: str, specs: list[str]) -> None:
     save_rank0(results, out / "layouts.pt")
 
 
-def resume(out: Path) -> None:
+def crash(out: Path) -> None:
+    """1 step, save (step 1), 1 step, then a save that SIGKILLs every rank after writing its shards."""
     from r1_megatron.checkpoint import dist as ckpt
 
     cfg = job_config(tp=2, ep=2, dispatcher="alltoall")
-    layout, _ = start(cfg)
-    trainer = build(cfg, 2)
-    losses = [sft_step(trainer, seed=10 + s)["loss"] for s in range(3)]
-    ckpt.save(trainer, out / "ckpt", extra={"data_position": 3})
-    after = [sft_step(trainer, seed=10 + s)["loss"] for s in range(3, 5)]
-    del trainer
-    gc.collect()
-    cfg2 = dataclasses.replace(cfg, seed=cfg.seed + 99)  # a different init, so the load must overwrite it
-    fresh = build(cfg2, 2)
-    extra = ckpt.resume(fresh, out / "ckpt")
-    pos = extra["data_position"]
-    resumed = [sft_step(fresh, seed=10 + s)["loss"] for s in range(pos, pos + 2)]
-    save_rank0({"first": losses, "after": after, "resumed": resumed, "extra": extra, "step": fresh.step},
-               out / "resume.pt")
-
-
-def crash(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
-
-    cfg = job_config(tp=2)
     start(cfg)
     trainer = build(cfg, 2)
     sft_step(trainer, seed=20)
     ckpt.save(trainer, out / "ckpt", extra={"data_position": 1})
-    save_rank0({"logprobs": all_logprobs(trainer, 21)}, out / "before_crash.pt")
+    save_rank0({"logprobs": all_logprobs(trainer, 99)}, out / "before_crash.pt")
     sft_step(trainer, seed=21)
 
     def die(tmp: Path) -> None:
@@ -193,39 +173,40 @@ def crash(out: Path) -> None:
     ckpt.save(trainer, out / "ckpt", extra={"data_position": 2}, on_written=die)
 
 
-def after_crash(out: Path) -> None:
+def recover(out: Path) -> None:
+    """After `crash`: resume from `latest`; then the bit-exact resume and the resharding checks."""
     from r1_megatron.checkpoint import dist as ckpt
 
-    cfg = job_config(tp=2)
-    start(cfg)
-    trainer = build(cfg, 2)
-    extra = ckpt.resume(trainer, out / "ckpt")
-    lp = all_logprobs(trainer, 21)
-    metrics = sft_step(trainer, seed=21)
-    ckpt.save(trainer, out / "ckpt", extra={"data_position": 2})
-    save_rank0({"extra": extra, "logprobs": lp, "metrics": metrics, "step": trainer.step}, out / "after_crash.pt")
-
-
-def reshard(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
-
-    results = {}
     cfg = job_config(tp=2, ep=2, dispatcher="alltoall")
     start(cfg)
-    trainer = build(cfg, 2)
-    sft_step(trainer, seed=30)
-    path = ckpt.save(trainer, out / "ckpt")
-    results["tp2_ep2"] = {"logprobs": all_logprobs(trainer, 31), "weights": exported(trainer)}
+    trainer = build(dataclasses.replace(cfg, seed=cfg.seed + 7), 2)  # other init: the load must win
+    extra = ckpt.resume(trainer, out / "ckpt")
+    result = {"crash": {"extra": extra, "step": trainer.step, "logprobs": all_logprobs(trainer, 99)}}
+    # Resume: steps 2-4, save, steps 5-6; a fresh trainer loads the save and redoes steps 5-6.
+    pos = extra["data_position"]
+    for s in range(pos, 4):
+        sft_step(trainer, seed=20 + s)
+    saved = ckpt.save(trainer, out / "ckpt", extra={"data_position": 4})
+    logprobs_at_save = all_logprobs(trainer, 99)
+    after = [sft_step(trainer, seed=20 + s)["loss"] for s in (4, 5)]
     del trainer
-    for name, changes in (("tp1_ep1", dict(tp=1, ep=1)), ("pp2", dict(tp=1, ep=1, pp=2))):
-        c = job_config(**changes)
-        trainer = build(c, 2)
-        extra = ckpt.load(trainer, path)
-        results[name] = {"logprobs": all_logprobs(trainer, 31), "weights": exported(trainer),
-                         "step": trainer.step, "rng": extra["_rng_restored"]}
+    gc.collect()
+    fresh = build(dataclasses.replace(cfg, seed=cfg.seed + 99), 2)
+    extra = ckpt.resume(fresh, out / "ckpt")
+    resumed = [sft_step(fresh, seed=20 + s)["loss"] for s in range(extra["data_position"], 6)]
+    result["resume"] = {"after": after, "resumed": resumed, "extra": extra, "step": fresh.step,
+                        "latest": ckpt.latest(out / "ckpt").name, "saved": saved.name}
+    del fresh
+    gc.collect()
+    # Reshard: the step-4 checkpoint (tp2, ep2) read at (tp1, ep1, dp2) and at (pp2, dp1).
+    result["reshard"] = {"tp2_ep2": logprobs_at_save}
+    for name, changes in (("tp1_ep1", dict(tp=1, ep=1, etp=1)), ("pp2", dict(tp=1, ep=1, etp=1, pp=2))):
+        trainer = build(job_config(**changes), 2)
+        extra = ckpt.load(trainer, saved)
+        result["reshard"][name] = {"logprobs": all_logprobs(trainer, 99), "step": trainer.step, "extra": extra}
         del trainer
         gc.collect()
-    save_rank0(results, out / "reshard.pt")
+    save_rank0(result, out / "recover.pt")
 
 
 if __name__ == "__main__":
@@ -234,5 +215,4 @@ if __name__ == "__main__":
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     {"reference": lambda: reference(out_path), "layouts": lambda: layouts(out_path, rest[0], rest[1:]),
-     "resume": lambda: resume(out_path), "crash": lambda: crash(out_path),
-     "after_crash": lambda: after_crash(out_path), "reshard": lambda: reshard(out_path)}[mode]()
+     "crash": lambda: crash(out_path), "recover": lambda: recover(out_path)}[mode]()
