@@ -1,6 +1,9 @@
 """`r1m score`: per-token log-probs of token ids under a checkpoint (megatron or HF directory).
 
-  r1m score --ckpt DIR --input IN.jsonl --output OUT.jsonl
+  r1m score --ckpt DIR --input IN.jsonl --output OUT.jsonl [--tp N --pp N --ep N]
+
+With --tp/--pp/--ep (under torchrun) the megatron checkpoint is loaded split that way and scored by the
+trainer's pipeline-aware forward (rl/train_step.py forward_logprobs); rank 0 writes the output.
 
 Each input line is a JSON object with "tokens": [int, ...] (at least 2). The output line is the input
 object plus "logprobs": log p(tokens[t] | tokens[:t]) for t = 1..n-1, computed in fp32 by the
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 
 from r1_megatron.checkpoint.hf import ConversionError
+from r1_megatron.config.loader import ConfigError
 
 
 class ScoreInputError(ValueError):
@@ -73,15 +78,59 @@ def score_file(ckpt: str | Path, input_path: str | Path, output_path: str | Path
     return len(requests)
 
 
+def score_file_parallel(
+    ckpt: str | Path, input_path: str | Path, output_path: str | Path, layout: tuple[int, int, int]
+) -> int:
+    """score_file on every rank of a torchrun job, the model split as (tp, pp, ep); rank 0 writes."""
+    import torch.distributed as dist
+
+    from r1_megatron.checkpoint import mcore_io
+    from r1_megatron.checkpoint.dist import CheckpointError, open_for_inference
+    from r1_megatron.rl.microbatch import Microbatch
+
+    if not mcore_io.is_mcore_dir(ckpt):
+        raise ConversionError(f"{ckpt}: --tp/--pp/--ep need a megatron checkpoint ({mcore_io.CARD_FILE})")
+    vocab = mcore_io.read_card(ckpt).vocab_size
+    requests = list(read_requests(input_path, vocab))  # every line checked before any collective
+    tp, pp, ep = layout
+    try:
+        trainer = open_for_inference(ckpt, tp=tp, pp=pp, ep=ep)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
+    mbs = []
+    for obj in requests:
+        ids = torch.tensor([obj["tokens"]], dtype=torch.long)
+        labels = torch.roll(ids, -1, dims=1)
+        mbs.append(Microbatch(ids, labels, torch.ones_like(ids, dtype=torch.float32),
+                              torch.arange(ids.shape[1]).unsqueeze(0)))
+    logprobs = trainer.forward_logprobs(mbs) if mbs else []
+    if dist.get_rank() == 0:
+        out = Path(output_path)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w") as f:
+            for obj, lp in zip(requests, logprobs, strict=True):
+                obj["logprobs"] = lp[0, :-1].tolist()
+                f.write(json.dumps(obj) + "\n")
+        tmp.replace(out)
+    dist.barrier()
+    return len(requests)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="r1m score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="megatron checkpoint (r1m) or HF directory")
     parser.add_argument("--input", required=True, help='JSONL, one {"tokens": [...]} per line')
     parser.add_argument("--output", required=True, help="JSONL with 'logprobs' added")
+    for flag in ("--tp", "--pp", "--ep"):
+        parser.add_argument(flag, type=int, default=1, help=f"megatron {flag[2:]} size (under torchrun)")
     args = parser.parse_args(argv)
+    layout = (args.tp, args.pp, args.ep)
     try:
-        n = score_file(args.ckpt, args.input, args.output)
-    except (ScoreInputError, ConversionError, FileNotFoundError) as e:
+        if layout != (1, 1, 1) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            n = score_file_parallel(args.ckpt, args.input, args.output, layout)
+        else:
+            n = score_file(args.ckpt, args.input, args.output)
+    except (ScoreInputError, ConversionError, ConfigError, FileNotFoundError) as e:
         print(f"r1m score: {e}", file=sys.stderr)
         return 1
     print(f"scored {n} sequences -> {args.output}")

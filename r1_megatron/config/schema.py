@@ -212,6 +212,7 @@ class DataConfig:
     ops: list[str] = field(default_factory=lambda: ["+", "-"])  # arithmetic operators
     mul_digits: int = 1  # digits of the second operand of a product
     sft_examples: int = 2000  # synthetic SFT pairs for a base/cold-start stage
+    sft_pairs_per_step: int = 32  # prompt/response pairs per `r1m sft` optimizer step (over all DP ranks)
     sft_wrong_fraction: float = 0.0  # share of SFT answers made wrong on purpose (a weak base)
     train_file: str = ""  # JSONL prompts {"prompt", "answer"} or SFT pairs {"prompt", "response"}
     eval_file: str = ""  # JSONL eval prompts

@@ -29,7 +29,8 @@ from r1_megatron.parallel.device import seed_all, select_device
 
 
 def resolve_layout(cfg: JobConfig, world_size: int) -> ParallelConfig:
-    """The layout this job runs with: dp filled in, sequence_parallel only where it means something.
+    """The layout this job runs with: dp filled in, sequence_parallel only where it means something
+    (tp > 1), etp = tp when ep is 1 (see below).
 
     Raises ConfigError (one line, key and numbers) when the layout cannot run on `world_size` ranks.
     """
@@ -37,18 +38,22 @@ def resolve_layout(cfg: JobConfig, world_size: int) -> ParallelConfig:
     validate_parallel(cfg, world_size)
     p = cfg.parallel
     dp = p.dp or world_size // (p.tp * p.pp)
-    if cfg.model.num_experts and p.ep == 1 and p.etp != p.tp:
+    etp = p.etp
+    if cfg.model.num_experts and p.ep == 1 and etp != p.tp:
         # megatron marks expert weights as expert-parallel (grads summed over the expert-DP group)
         # only when ep > 1; with ep == 1 they are reduced like dense weights, over DP alone, so
         # experts that see only this TP rank's tokens (etp < tp) would miss the other ranks' share.
-        raise ConfigError(
-            f"parallel.etp({p.etp}) must equal parallel.tp({p.tp}) when parallel.ep is 1 "
-            "(megatron sums expert gradients across ranks only with ep > 1)"
-        )
+        # etp therefore follows tp at ep 1 (megatron's own default); the schema default 1 means that.
+        if etp != 1:
+            raise ConfigError(
+                f"parallel.etp({p.etp}) must equal parallel.tp({p.tp}) when parallel.ep is 1 "
+                "(megatron sums expert gradients across ranks only with ep > 1)"
+            )
+        etp = p.tp
     if p.micro_batch_size < 1:
         raise ConfigError(f"parallel.micro_batch_size must be >= 1, got {p.micro_batch_size}")
     # megatron refuses sequence parallelism without TP; at tp 1 it is a no-op, so configs may leave it on.
-    return dataclasses.replace(p, dp=dp, sequence_parallel=p.sequence_parallel and p.tp > 1)
+    return dataclasses.replace(p, dp=dp, etp=etp, sequence_parallel=p.sequence_parallel and p.tp > 1)
 
 
 def backend_for(p: ParallelConfig, device: torch.device) -> str:

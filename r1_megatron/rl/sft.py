@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1_megatron.config.schema import JobConfig
+from r1_megatron.config.schema import JobConfig, ParallelConfig
 from r1_megatron.data.packing import pack
 from r1_megatron.rl.microbatch import Microbatch, packed_microbatches
 
@@ -48,26 +48,28 @@ class Example:
     loss_mask: list[float]
 
 
-def load_pairs(cfg: JobConfig, n: int) -> list[dict]:
-    """Prompt/response pairs: data.train_file (JSONL of {"prompt", "response"}) or `n` pairs of the
-    built-in task (data.task) with worked solutions."""
+def load_pairs(cfg: JobConfig) -> list[dict]:
+    """Prompt/response pairs: data.train_file (JSONL of {"prompt", "response"}; a bad line is an error
+    naming it) or data.sft_examples pairs of the built-in task with worked solutions."""
     if cfg.data.train_file:
         from r1_megatron.data.jsonl import read_jsonl
 
         pairs, _ = read_jsonl(cfg.data.train_file, "sft", strict=True)
         return pairs
     from r1_megatron.data.tasks import make_items, sft_pairs
+    from r1_megatron.rl.grpo import task_kwargs
 
-    return sft_pairs(make_items(cfg.data.task, n, seed=cfg.data.seed), seed=cfg.data.seed)
+    items = make_items(n=cfg.data.sft_examples, **task_kwargs(cfg, "train"))
+    return sft_pairs(items, seed=cfg.data.seed, wrong_fraction=cfg.data.sft_wrong_fraction)
 
 
-def tokenize_pairs(pairs: Sequence[dict], tokenizer, seq_length: int) -> list[Example]:
-    """Encode with the chat template; the loss covers the response tokens. Too-long pairs are cut."""
+def tokenize_pairs(pairs: Sequence[dict], tokenizer, seq_length: int, *, chat: bool = False) -> list[Example]:
+    """Encode prompt + response (+ eos); the loss covers the response. Longer pairs are cut to seq_length."""
     from r1_megatron.data.chat import encode_sft
 
     out = []
     for pair in pairs:
-        enc = encode_sft(tokenizer, pair["prompt"], pair["response"])
+        enc = encode_sft(tokenizer, pair["prompt"], pair["response"], chat=chat)
         tokens, mask = list(enc.input_ids)[:seq_length], list(enc.loss_mask)[:seq_length]
         out.append(Example(tokens, [float(m) for m in mask]))
     return out
@@ -102,8 +104,7 @@ class SFTData:
         # The loss mask marks tokens to predict; packing's loss_mask is aligned with labels (t -> t+1).
         batch = pack([e.tokens for e in chosen], self.seq_length, loss_masks=[e.loss_mask for e in chosen])
         mbs = packed_microbatches(batch, rows_per_microbatch)
-        quantum = dp
-        while len(mbs) % quantum:
+        while len(mbs) % dp:
             mbs.append(_empty_like(mbs[-1]))
         return mbs
 
@@ -118,3 +119,56 @@ def _empty_like(mb: Microbatch) -> Microbatch:
         position_ids=torch.arange(n).reshape(1, n),
         cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
     )
+
+
+def run_sft(cfg: JobConfig, layout: ParallelConfig, device: torch.device, tokenizer=None) -> dict[str, float]:
+    """SFT for optim.total_steps steps on this rank's share; resumes from checkpoint.dir/latest.
+
+    Starts from checkpoint.load (a megatron checkpoint of any layout) when there is nothing to resume.
+    Saves every checkpoint.save_every steps and at the end. Returns the last step's metrics."""
+    import dataclasses
+    from pathlib import Path
+
+    from megatron.core import parallel_state
+
+    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.config.loader import ConfigError
+    from r1_megatron.data.tokenizer import load_tokenizer
+    from r1_megatron.rl.metrics import MetricsLogger
+    from r1_megatron.rl.microbatch import shard_for_data_parallel
+    from r1_megatron.rl.train_step import Trainer
+
+    tok = tokenizer or load_tokenizer()
+    if len(tok) > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({len(tok)})")
+    if cfg.data.sft_pairs_per_step < 1:
+        raise ConfigError(f"data.sft_pairs_per_step must be >= 1, got {cfg.data.sft_pairs_per_step}")
+    examples = tokenize_pairs(load_pairs(cfg), tok, cfg.data.seq_length, chat=cfg.data.chat)
+    data = SFTData(examples, cfg.data.sft_pairs_per_step, cfg.data.seq_length, cfg.data.seed)
+    trainer = Trainer(cfg, layout, device)
+    run_dir = Path(cfg.logging.run_dir)
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    extra = ckpt.resume(trainer, root) if cfg.checkpoint.resume else None
+    if extra is not None:
+        data.position = int(extra["data_position"])
+    elif cfg.checkpoint.load:
+        ckpt.load_model_weights(trainer.unwrapped, cfg.checkpoint.load)
+    logger = MetricsLogger(cfg.logging, run_dir, dataclasses.asdict(cfg))
+    rank0 = torch.distributed.get_rank() == 0
+    metrics: dict[str, float] = {}
+    dp_rank = parallel_state.get_data_parallel_rank()
+    while trainer.step < cfg.optim.total_steps:
+        global_mbs = data.next_batch(layout.dp, layout.micro_batch_size)
+        mine = shard_for_data_parallel(global_mbs, dp_rank, layout.dp)
+        # Every rank builds the same global batch, so the global token count needs no collective.
+        metrics = trainer.train_step(mine, sft_loss(local_loss_tokens(global_mbs)))
+        logger.log(trainer.step, {f"sft/{k}": v for k, v in metrics.items()})
+        if rank0 and (trainer.step % max(cfg.logging.log_every, 1) == 0 or trainer.step == cfg.optim.total_steps):
+            print(f"sft step {trainer.step}/{cfg.optim.total_steps} loss {metrics['loss']:.4f} "
+                  f"grad_norm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e}", flush=True)
+        every = cfg.checkpoint.save_every
+        if (every and trainer.step % every == 0) or trainer.step == cfg.optim.total_steps:
+            ckpt.save(trainer, root, extra={"data_position": data.position})
+    logger.close()
+    return metrics
+

@@ -1,0 +1,54 @@
+"""`r1m sft` and `r1m train`: job configs run under torchrun (any layout) or as one process.
+
+  r1m sft CONFIG [key=value ...]
+  torchrun --nproc-per-node 4 -m r1_megatron.cli sft configs/micro_moe_sft.yaml parallel.tp=2 parallel.pp=2
+
+The layout is checked against the world size before any process group starts, so a bad layout gives
+the same one-line error on every rank and every rank exits non-zero (no collective is left waiting).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from r1_megatron.config.loader import ConfigError
+
+
+def _split_args(argv: list[str], prog: str) -> tuple[str, list[str]] | None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {prog} CONFIG [key=value ...]\n\n{__doc__.strip().splitlines()[0]}")
+        return None
+    return argv[0], argv[1:]
+
+
+def sft_main(argv: list[str]) -> int:
+    """`r1m sft CONFIG [key=value ...]`: SFT (rl/sft.py run_sft) from a job config."""
+    import os
+
+    args = _split_args(list(argv), "r1m sft")
+    if args is None:
+        return 0
+    path, overrides = args
+    try:
+        from r1_megatron.config.loader import load_config
+        from r1_megatron.parallel.groups import resolve_layout
+
+        cfg = load_config(path, overrides)
+        resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # fails here, before any collective
+        from r1_megatron.parallel.groups import destroy_process_groups, init_process_groups
+        from r1_megatron.rl.sft import run_sft
+
+        layout, device = init_process_groups(cfg)
+        run_sft(cfg, layout, device)
+        destroy_process_groups()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"r1m sft: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train_main(argv: list[str]) -> int:
+    """`r1m train CONFIG [key=value ...]`: the GRPO loop (rl/loop.py)."""
+    from r1_megatron.rl.loop import main
+
+    return int(main(argv) or 0)
