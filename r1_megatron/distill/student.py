@@ -11,7 +11,8 @@ policy. The steps:
    token-mean NLL over the global batch (rl/sft.py);
 3. checkpoints go to checkpoint.dir every checkpoint.save_every steps and at the end, with the data
    position, so an interrupted run resumes at the step and pair where it stopped; a fresh run starts
-   from checkpoint.load (our checkpoint or an HF directory), or from the random init when it is empty;
+   at step 0 from the weights in checkpoint.load (our checkpoint or an HF directory), or from the
+   random init when it is empty;
 4. `export_hf` writes the trained weights as an HF directory: `Qwen2ForCausalLM` / `LlamaForCausalLM`
    for students (checkpoint/hf.py's dense tables), `DeepseekV3ForCausalLM` for the teacher.
 """
@@ -57,7 +58,6 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
     from r1_megatron.data.tokenizer import load_tokenizer
     from r1_megatron.parallel.groups import init_process_groups
     from r1_megatron.rl.microbatch import shard_for_data_parallel
-    from r1_megatron.rl.session import load_initial_weights
     from r1_megatron.rl.sft import SFTData, local_loss_tokens, sft_loss
     from r1_megatron.rl.train_step import Trainer
 
@@ -70,7 +70,7 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
     root = Path(cfg.checkpoint.dir)
     extra = dist_ckpt.resume(trainer, root) if cfg.checkpoint.resume else None
     if extra is None:
-        load_initial_weights(trainer, cfg.checkpoint.load)
+        init_weights(trainer, cfg.checkpoint.load)
     else:
         data.position = int(extra["data_position"])
     start, loss = trainer.step, None
@@ -87,6 +87,21 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
     if last is None or last.name != dist_ckpt.step_dir_name(trainer.step):
         dist_ckpt.save(trainer, root, extra={"data_position": data.position})
     return trainer, SFTResult(start, trainer.step, loss, root)
+
+
+def init_weights(trainer, source: str) -> None:
+    """Weights only, from our checkpoint (root or step dir, any layout) or an HF directory: a new
+    stage starts at step 0 with a fresh optimizer and LR schedule ("": keep the random init)."""
+    from r1_megatron.checkpoint import dist as dist_ckpt
+    from r1_megatron.rl.session import load_initial_weights
+
+    path = Path(source)
+    if not source or ((path / "config.json").is_file() and not (path / "metadata.json").is_file()):
+        load_initial_weights(trainer, source)
+        return
+    if not (path / "metadata.json").is_file():
+        path = dist_ckpt.latest(path) or path
+    dist_ckpt.load_model_weights(trainer.unwrapped, path)
 
 
 def export_hf(trainer, out_dir: str | Path) -> Path | None:

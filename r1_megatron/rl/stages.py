@@ -6,8 +6,8 @@ to DIR. Kinds:
   data.sft_wrong_fraction of them wrong on purpose) or on data.train_file. Starts from the previous
   policy stage's checkpoint (the first one from the base job's checkpoint.load, or the random init).
   Writes checkpoints/ and hf/.
-- grpo: the GRPO loop (rl/loop.py) from the previous policy checkpoint, which is also the frozen
-  reference. Writes checkpoints/ and hf/. R1-Zero is a pipeline whose only training stage is this one.
+- grpo: the GRPO loop (rl/loop.py) from the previous policy's weights (its HF export), which are
+  also the frozen reference. Writes checkpoints/ and hf/. R1-Zero is a pipeline whose only training stage is this one.
 - rejection_sampling: sample `rejection.k` responses for `prompts` train prompts from the previous
   policy's HF export, keep the verified, readable ones (distill/rejection.py), mix in non-reasoning
   pairs, then SFT the previous policy on them. Writes traces.jsonl, checkpoints/, hf/.
@@ -193,8 +193,8 @@ def build_pipeline(base: dict, shared: dict, stages_raw: object, common: list[st
             raise ConfigError(f"{where}: init '{spec.init}' is not an earlier "
                               "sft/grpo/rejection_sampling stage")
         if spec.kind == "distill" and spec.init == "base":
-            raise ConfigError(f"{where}: init: base does not apply to distill (the teacher is a policy stage; "
-                              "or reuse a traces set with traces: <stage>)")
+            raise ConfigError(f"{where}: init: base does not apply to distill (the teacher is a policy "
+                              "stage; or reuse a traces set with traces: <stage>)")
         if spec.traces and earlier.get(spec.traces) not in ("rejection_sampling", "distill"):
             raise ConfigError(f"{where}: traces '{spec.traces}' is not an earlier "
                               "rejection_sampling/distill stage")
@@ -274,7 +274,9 @@ def run_stage(ctx: Context, stage: Stage) -> dict:
     spec, d = stage.spec, ctx.stage_dir(stage.spec.name)
     d.mkdir(parents=True, exist_ok=True)
     source = ctx.policy(spec.init)
-    load = None if source is None else str(ctx.path(source, "checkpoint"))
+    # GRPO starts from the previous policy's HF export (weights only, the same file vLLM serves): RunState
+    # then begins at step 0 with a fresh optimizer. SFT stages read the weights of the checkpoint itself.
+    load = None if source is None else str(ctx.path(source, "hf" if spec.kind == "grpo" else "checkpoint"))
     job = _in_stage_dirs(stage.job, d, load if spec.kind != "distill" else None)
     from r1_megatron.config import save_resolved
 
