@@ -75,6 +75,7 @@ class ParallelConfig:
     dp: int = 0  # data parallel size (0: derived as world_size / (tp*pp))
     sequence_parallel: bool = False  # required with tp>1 and MoE
     redundant_experts: int = 0  # extra physical expert slots (R - E)
+    rebalance_every: int = 0  # re-plan redundant experts from measured loads every N steps (0: never)
     micro_batch_size: int = 1  # sequences (or packed rows) per microbatch
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # MoE token dispatcher
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # torch.distributed backend (auto: nccl on GPU)
@@ -149,7 +150,6 @@ class RolloutConfig:
     enforce_eager: bool = True  # no CUDA graphs / compile
     seed: int = 0  # sampling seed
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
-    canary_len: int = 64  # tokens of the fixed sequence whose logprobs are checked after each refit
 
 
 @dataclass
@@ -212,8 +212,8 @@ class DataConfig:
     ops: list[str] = field(default_factory=lambda: ["+", "-"])  # arithmetic operators
     mul_digits: int = 1  # digits of the second operand of a product
     sft_examples: int = 2000  # synthetic SFT pairs for a base/cold-start stage
-    sft_pairs_per_step: int = 32  # prompt/response pairs per `r1m sft` optimizer step (over all DP ranks)
     sft_wrong_fraction: float = 0.0  # share of SFT answers made wrong on purpose (a weak base)
+    sft_pairs_per_step: int = 32  # prompt/response pairs per `r1m sft` optimizer step (over all DP ranks)
     train_file: str = ""  # JSONL prompts {"prompt", "answer"} or SFT pairs {"prompt", "response"}
     eval_file: str = ""  # JSONL eval prompts
     seq_length: int = 256  # packed row capacity / max sequence length

@@ -125,8 +125,7 @@ class Trainer:
         # Expert load statistics; with redundant experts also replica grad sync and rebalancing
         # (needs the model, the optimizer and config.finalize_model_grads_func, so it comes last).
         if cfg.model.num_experts:
-            rebalance_every = getattr(layout, "rebalance_every", 0)  # until ParallelConfig has it
-            self.replicas = ReplicaManager(self, rebalance_every).attach()
+            self.replicas = ReplicaManager(self, layout.rebalance_every).attach()
 
     # ------------------------------------------------------------------------------------------
     @property
