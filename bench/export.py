@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_worker, args=(2, _free_port(), args, queue), nprocs=2, join=True, start_method="spawn")
+    worker_args = (2, _free_port(), args, queue)
+    mp.start_processes(_worker, args=worker_args, nprocs=2, join=True, start_method="spawn")
     nbytes, export_t, copy_t, memcpy_t, count = queue.get()
     mb = nbytes / 1024**2
     e, c, m = statistics.median(export_t), statistics.median(copy_t), statistics.median(memcpy_t)

@@ -133,7 +133,11 @@ def mcore_to_hf(
 
 
 def _mcore_to_hf_parallel(
-    ckpt_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | None, max_shard_mb: float, layout: tuple
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    tokenizer: str | Path | None,
+    max_shard_mb: float,
+    layout: tuple[int, int, int],
 ) -> Path:
     import torch.distributed as dist
 
@@ -141,7 +145,9 @@ def _mcore_to_hf_parallel(
     from r1_megatron.rollout.weight_export import export_weights
 
     if not mcore_io.is_mcore_dir(ckpt_dir):
-        raise hf.ConversionError(f"{ckpt_dir}: --tp/--pp/--ep need a megatron checkpoint ({mcore_io.CARD_FILE})")
+        raise hf.ConversionError(
+            f"{ckpt_dir}: --tp/--pp/--ep need a megatron checkpoint ({mcore_io.CARD_FILE})"
+        )
     tp, pp, ep = layout
     try:
         trainer = open_for_inference(ckpt_dir, tp=tp, pp=pp, ep=ep)

@@ -97,7 +97,8 @@ def _layout_key(trainer: Trainer) -> dict:
 def model_sharded_state_dict(model: torch.nn.Module) -> dict:
     """megatron's sharded state dict of one GPTModel chunk (keys as a single-rank model has them)."""
     # The MTP stage ties its embedding copy to the first stage's and needs the DP group for that.
-    return model.sharded_state_dict(metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)})
+    dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return model.sharded_state_dict(metadata={"dp_cp_group": dp_cp_group})
 
 
 def _sharded_state(trainer: Trainer, *, loading: bool, with_optimizer: bool = True) -> dict:

@@ -403,7 +403,9 @@ CUDA_DEVICE_MODULES.update({
 })
 
 
-def _down_proj_forward(self: Any, input_: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None):
+def _down_proj_forward(
+    self: Any, input_: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None
+) -> tuple[torch.Tensor, None]:
     """A column-parallel MLA down-projection run as a full (duplicated) linear on this rank's
     sequence shard: y_r = x_r @ all_gather(W)^T, returned at full width.
 
@@ -417,7 +419,9 @@ def _down_proj_forward(self: Any, input_: torch.Tensor, weight: Any = None, runt
     per-shard weight gradients, which sums the sequence shards' contributions."""
     from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-    full = gather_from_sequence_parallel_region(self.weight, tensor_parallel_output_grad=True, group=self.tp_group)
+    full = gather_from_sequence_parallel_region(
+        self.weight, tensor_parallel_output_grad=True, group=self.tp_group
+    )
     return torch.nn.functional.linear(input_, full), None
 
 

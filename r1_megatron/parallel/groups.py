@@ -19,13 +19,13 @@ import os
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig, ParallelConfig
 from r1_megatron.config.validate import validate_model, validate_parallel
-from r1_megatron.parallel import compat_cpu
-from r1_megatron.parallel.device import seed_all, select_device
+
+# megatron-core is imported inside the functions that start groups: checking a layout
+# (resolve_layout) stays cheap, so a bad layout fails in a second on every rank.
 
 
 def resolve_layout(cfg: JobConfig, world_size: int) -> ParallelConfig:
@@ -78,6 +78,9 @@ def init_process_groups(
     rank/world_size default to the torchrun environment (1 process when unset); init_method to
     env:// (MASTER_ADDR/MASTER_PORT). Returns the resolved layout and the device to build on.
     """
+    from r1_megatron.parallel import compat_cpu
+    from r1_megatron.parallel.device import seed_all, select_device
+
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     layout = resolve_layout(cfg, world_size)
@@ -99,7 +102,8 @@ def init_process_groups(
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     elif dist.get_world_size() != world_size:
-        raise ConfigError(f"torch.distributed already runs {dist.get_world_size()} ranks, not world_size({world_size})")
+        running = dist.get_world_size()
+        raise ConfigError(f"torch.distributed already runs {running} ranks, not world_size({world_size})")
     set_layout(layout, timeout_minutes=timeout_minutes)
     seed_all(cfg.seed)
     return layout, device
@@ -107,6 +111,8 @@ def init_process_groups(
 
 def set_layout(layout: ParallelConfig, *, timeout_minutes: float = 30.0) -> None:
     """(Re)build megatron's groups for `layout` on the running world (tests switch layouts this way)."""
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -120,20 +126,12 @@ def set_layout(layout: ParallelConfig, *, timeout_minutes: float = 30.0) -> None
 
 def destroy_process_groups() -> None:
     """Tear down megatron's groups and torch.distributed (end of a job)."""
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def describe() -> str:
-    """One line naming this rank's coordinates, e.g. for log prefixes."""
-    ps = parallel_state
-    return (
-        f"rank {dist.get_rank()}/{dist.get_world_size()} tp {ps.get_tensor_model_parallel_rank()}"
-        f" pp {ps.get_pipeline_model_parallel_rank()} dp {ps.get_data_parallel_rank()}"
-        f" ep {ps.get_expert_model_parallel_rank()}"
-    )
 
 
 def _free_port() -> int:

@@ -37,7 +37,8 @@ class Microbatch:
         shape = tuple(self.tokens.shape)
         for name in ("labels", "loss_mask", "position_ids"):
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"Microbatch.{name}: shape {tuple(getattr(self, name).shape)} != tokens {shape}")
+                got = tuple(getattr(self, name).shape)
+                raise ValueError(f"Microbatch.{name}: shape {got} != tokens {shape}")
         for name, t in self.extras.items():
             if tuple(t.shape) != shape:
                 raise ValueError(f"Microbatch.extras[{name!r}]: shape {tuple(t.shape)} != tokens {shape}")
@@ -45,7 +46,8 @@ class Microbatch:
             if shape[0] != 1:
                 raise ValueError(f"Microbatch: a packed stream has one row, got tokens {shape}")
             if int(self.cu_seqlens[-1]) != shape[1]:
-                raise ValueError(f"Microbatch.cu_seqlens ends at {int(self.cu_seqlens[-1])}, the stream has {shape[1]}")
+                end = int(self.cu_seqlens[-1])
+                raise ValueError(f"Microbatch.cu_seqlens ends at {end}, the stream has {shape[1]}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -148,7 +150,9 @@ def padded_microbatches(
     return out
 
 
-def shard_for_data_parallel(microbatches: Sequence[Microbatch], dp_rank: int, dp_size: int) -> list[Microbatch]:
+def shard_for_data_parallel(
+    microbatches: Sequence[Microbatch], dp_rank: int, dp_size: int
+) -> list[Microbatch]:
     """This DP rank's contiguous share of a global list of microbatches (the count must divide)."""
     n = len(microbatches)
     if n % dp_size:

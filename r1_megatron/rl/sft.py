@@ -86,7 +86,8 @@ class SFTData:
     def __init__(self, examples: list[Example], pairs_per_step: int, seq_length: int, seed: int) -> None:
         if not examples:
             raise ValueError("SFT data: no examples")
-        self.examples, self.pairs_per_step, self.seq_length, self.seed = examples, pairs_per_step, seq_length, seed
+        self.examples, self.pairs_per_step = examples, pairs_per_step
+        self.seq_length, self.seed = seq_length, seed
         self.position = 0
 
     def _order(self, epoch: int) -> list[int]:
@@ -140,7 +141,10 @@ def run_sft(cfg: JobConfig, layout: ParallelConfig, device: torch.device, tokeni
 
     tok = tokenizer or load_tokenizer()
     if len(tok) > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary ({len(tok)})")
+        raise ConfigError(
+            f"model.vocab_size({cfg.model.vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({len(tok)})"
+        )
     if cfg.data.sft_pairs_per_step < 1:
         raise ConfigError(f"data.sft_pairs_per_step must be >= 1, got {cfg.data.sft_pairs_per_step}")
     examples = tokenize_pairs(load_pairs(cfg), tok, cfg.data.seq_length, chat=cfg.data.chat)
@@ -163,7 +167,8 @@ def run_sft(cfg: JobConfig, layout: ParallelConfig, device: torch.device, tokeni
         # Every rank builds the same global batch, so the global token count needs no collective.
         metrics = trainer.train_step(mine, sft_loss(local_loss_tokens(global_mbs)))
         logger.log(trainer.step, {f"sft/{k}": v for k, v in metrics.items()})
-        if rank0 and (trainer.step % max(cfg.logging.log_every, 1) == 0 or trainer.step == cfg.optim.total_steps):
+        last = trainer.step == cfg.optim.total_steps
+        if rank0 and (trainer.step % max(cfg.logging.log_every, 1) == 0 or last):
             print(f"sft step {trainer.step}/{cfg.optim.total_steps} loss {metrics['loss']:.4f} "
                   f"grad_norm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e}", flush=True)
         every = cfg.checkpoint.save_every

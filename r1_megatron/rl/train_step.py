@@ -30,7 +30,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -164,10 +168,19 @@ class Trainer:
             cu = mb.cu_seqlens.to(torch.int32)
             longest = int((cu[1:] - cu[:-1]).max())
             packed = PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest
+                qkv_format="thd",
+                cu_seqlens_q=cu,
+                cu_seqlens_kv=cu,
+                max_seqlen_q=longest,
+                max_seqlen_kv=longest,
             )
         out = model(
-            mb.tokens, mb.position_ids, None, labels=mb.labels, loss_mask=mb.loss_mask, packed_seq_params=packed
+            mb.tokens,
+            mb.position_ids,
+            None,
+            labels=mb.labels,
+            loss_mask=mb.loss_mask,
+            packed_seq_params=packed,
         )
         return out, functools.partial(loss_wrapper, mb)
 
@@ -237,7 +250,10 @@ class Trainer:
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         group = parallel_state.get_pipeline_model_parallel_group()
         for i, (mb, orig) in enumerate(zip(mbs, microbatches, strict=True)):
-            lp = outputs[i]["logprobs"] if last else torch.empty(mb.shape, dtype=torch.float32, device=self.device)
+            if last:
+                lp = outputs[i]["logprobs"]
+            else:
+                lp = torch.empty(mb.shape, dtype=torch.float32, device=self.device)
             if self.layout.pp > 1:
                 dist.broadcast(lp, src=src, group=group)
             result.append(lp[:, : orig.shape[1]].cpu())

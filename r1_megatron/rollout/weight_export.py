@@ -64,8 +64,8 @@ def _local_entries(model: torch.nn.Module, cfg: ModelConfig) -> list[_Entry]:
     edp_rank = ps.get_expert_data_parallel_rank()
     ep_rank = ps.get_expert_model_parallel_rank()
     experts_per_rank = cfg.num_experts // max(ps.get_expert_model_parallel_world_size(), 1)
-    layer_numbers = {str(i): layer.layer_number - 1 for i, layer in enumerate(getattr(model.decoder, "layers", []))} \
-        if hasattr(model, "decoder") else {}
+    layers = model.decoder.layers if hasattr(model, "decoder") else []
+    layer_numbers = {str(i): layer.layer_number - 1 for i, layer in enumerate(layers)}
 
     state = model.state_dict(keep_vars=True)
     redundant = export_slots(model)  # replica slot -> (logical expert, first replica?)

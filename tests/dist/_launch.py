@@ -90,7 +90,9 @@ def launch(
             p.wait()
     for log in logs:
         log.close()
-    results = [RankResult(r, p.returncode, (log_dir / f"rank{r}.log").read_text()) for r, p in enumerate(procs)]
+    results = [
+        RankResult(r, p.returncode, (log_dir / f"rank{r}.log").read_text()) for r, p in enumerate(procs)
+    ]
     if timed_out:
         raise TimeoutError(f"{argv} did not finish in {timeout:.0f}s:\n{tails(results)}")
     return results

@@ -3,7 +3,8 @@
 Each mode runs under tests/dist/_launch.py (torchrun-like env) and writes its results to OUT_DIR as
 torch files; the test modules compare them. Modes:
   reference OUT           world 1: initial checkpoint, one SFT step, export, post-step logprobs
-  layouts OUT INIT L...   for each layout L ("tp,pp,ep,etp,dp,dispatcher[,save]"): load INIT, same step, export
+  layouts OUT INIT L...   for each layout L ("tp,pp,ep,etp,dp,dispatcher[,save]"): load INIT, the same
+                          step, export
   crash OUT               (tp2, ep2) 1 step, save; 1 step, a save killed (SIGKILL) between write and commit
   recover OUT             after crash: resume from `latest`; steps to 4, save, 2 steps, and a fresh
                           trainer resumed from the save redoes them; the save read at (tp1, ep1), (pp2)
@@ -60,7 +61,8 @@ def global_batch(seed: int):
 def local_batch(trainer, seed: int):
     from megatron.core import parallel_state as ps
 
-    return shard_for_data_parallel(global_batch(seed), ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    return shard_for_data_parallel(global_batch(seed), rank, size)
 
 
 def sft_step(trainer, seed: int) -> dict:
@@ -83,7 +85,8 @@ def all_logprobs(trainer, seed: int) -> torch.Tensor:
 def exported(trainer) -> dict[str, torch.Tensor]:
     from r1_megatron.rollout.weight_export import export_weights
 
-    return {k: v.clone() for k, v in export_weights(trainer.unwrapped, trainer.cfg.model, bucket_bytes=64 * 1024)}
+    stream = export_weights(trainer.unwrapped, trainer.cfg.model, bucket_bytes=64 * 1024)
+    return {k: v.clone() for k, v in stream}
 
 
 def start(cfg: JobConfig):
@@ -149,7 +152,9 @@ def layouts(out: Path, init: str, specs: list[str]) -> None:
         if save:  # the initial weights again, now saved from this layout (for the converter test)
             ckpt.save(trainer, out / f"ckpt_{spec.replace(',', '_')}")
         metrics = sft_step(trainer, seed=1)
-        results[spec] = {"metrics": metrics, "weights": exported(trainer), "logprobs": all_logprobs(trainer, 1)}
+        results[spec] = {
+            "metrics": metrics, "weights": exported(trainer), "logprobs": all_logprobs(trainer, 1)
+        }
         del trainer
         gc.collect()
     save_rank0(results, out / "layouts.pt")
@@ -203,7 +208,8 @@ def recover(out: Path) -> None:
     for name, changes in (("tp1_ep1", dict(tp=1, ep=1, etp=1)), ("pp2", dict(tp=1, ep=1, etp=1, pp=2))):
         trainer = build(job_config(**changes), 2)
         extra = ckpt.load(trainer, saved)
-        result["reshard"][name] = {"logprobs": all_logprobs(trainer, 99), "step": trainer.step, "extra": extra}
+        logprobs = all_logprobs(trainer, 99)
+        result["reshard"][name] = {"logprobs": logprobs, "step": trainer.step, "extra": extra}
         del trainer
         gc.collect()
     save_rank0(result, out / "recover.pt")

@@ -43,14 +43,16 @@ def test_sft_then_score_under_torchrun(tmp_path):
     ckpt = run / "checkpoints" / "step_000002"
 
     requests = tmp_path / "in.jsonl"
-    requests.write_text("\n".join(json.dumps({"tokens": t}) for t in ([5, 9, 300, 2, 7, 7], [11, 400], [3] * 9)))
+    token_lists = ([5, 9, 300, 2, 7, 7], [11, 400], [3] * 9)
+    requests.write_text("\n".join(json.dumps({"tokens": t}) for t in token_lists))
     parallel_out, single_out = tmp_path / "tp2.jsonl", tmp_path / "single.jsonl"
     score = _torchrun(["score", "--ckpt", str(ckpt), "--input", str(requests), "--output", str(parallel_out),
                        "--tp", "2"], 2, timeout=300)
     assert score.returncode == 0, score.stdout[-3000:] + score.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "r1_megatron.cli", "score", "--ckpt", str(ckpt), "--input",
-                             str(requests), "--output", str(single_out)], cwd=REPO, env=worker_env(0, 1, free_port()),
-                            capture_output=True, text=True, timeout=300)
+    single_cmd = [sys.executable, "-m", "r1_megatron.cli", "score", "--ckpt", str(ckpt),
+                  "--input", str(requests), "--output", str(single_out)]
+    single = subprocess.run(single_cmd, cwd=REPO, env=worker_env(0, 1, free_port()), capture_output=True,
+                            text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     got = [json.loads(line) for line in parallel_out.read_text().splitlines()]
     want = [json.loads(line) for line in single_out.read_text().splitlines()]
@@ -65,8 +67,10 @@ def test_sft_then_score_under_torchrun(tmp_path):
     ("overrides", "message"),
     [
         (["parallel.tp=3"], "r1m sft: parallel.tp(3) does not divide model.num_attention_heads(4)"),
-        (["parallel.tp=2", "parallel.pp=2"], "r1m sft: parallel: tp(2)*pp(2) = 4 does not divide world_size(2)"),
-        (["parallel.ep=2", "parallel.etp=2"], "r1m sft: parallel: etp(2)*ep(2)*pp(1) = 4 does not divide world_size(2)"),
+        (["parallel.tp=2", "parallel.pp=2"],
+         "r1m sft: parallel: tp(2)*pp(2) = 4 does not divide world_size(2)"),
+        (["parallel.ep=2", "parallel.etp=2"],
+         "r1m sft: parallel: etp(2)*ep(2)*pp(1) = 4 does not divide world_size(2)"),
     ],
 )
 def test_bad_layout_fails_on_every_rank(tmp_path, overrides, message):

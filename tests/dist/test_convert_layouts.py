@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.dist._launch import check_ok, launch
 
 
-def _convert(ckpt, out, nprocs: int = 1, layout: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
+def _convert(ckpt, out, nprocs: int = 1, layout: tuple | None = None) -> dict[str, torch.Tensor]:
     argv = ["-m", "r1_megatron.cli", "convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out", str(out)]
     if layout:
         argv += ["--tp", str(layout[0]), "--pp", str(layout[1]), "--ep", str(layout[2])]

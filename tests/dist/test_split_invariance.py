@@ -21,7 +21,8 @@ TOL = 1e-5
 
 def _check_layout(name: str, got: dict, ref: dict) -> None:
     for key in ("loss", "mtp_loss", "moe_aux_loss", "grad_norm", "num_tokens"):
-        assert abs(got["metrics"][key] - ref["metrics"][key]) <= TOL, (name, key, got["metrics"][key], ref["metrics"][key])
+        have, want = got["metrics"][key], ref["metrics"][key]
+        assert abs(have - want) <= TOL, (name, key, have, want)
     assert set(got["weights"]) == set(ref["weights"]), (name, set(got["weights"]) ^ set(ref["weights"]))
     for hf_name, want in ref["weights"].items():
         have = got["weights"][hf_name]
