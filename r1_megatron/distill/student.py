@@ -1,8 +1,12 @@
-"""SFT on prompt/response pairs with the megatron trainer, and the HF export of what it trained.
+"""Distillation traces, SFT on prompt/response pairs with the megatron trainer, and the HF export.
 
 Distillation (SPEC §8) runs it on a dense student (a Qwen2 / Llama card) over the teacher's verified
 traces; the R1 recipe's cold-start and rejection-sampling stages run the very same code on the MoE
 policy. The steps:
+
+0. `sample_traces`: the teacher's HF export (the same files vLLM serves) samples k responses per
+   train prompt; the verified, readable ones are kept (distill/rejection.py), or a kept set of an
+   earlier stage is reused;
 
 1. tokenize each pair with the chat template setting of the job (data.chat); the loss covers the
    response and its eos (data/chat.py `encode_sft`);
@@ -19,12 +23,17 @@ policy. The steps:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.rl.sft import Example
+
+if TYPE_CHECKING:
+    from r1_megatron.rl.stages import StageSpec
 
 
 @dataclass
@@ -87,6 +96,45 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
     if last is None or last.name != dist_ckpt.step_dir_name(trainer.step):
         dist_ckpt.save(trainer, root, extra={"data_position": data.position})
     return trainer, SFTResult(start, trainer.step, loss, root)
+
+
+def sample_traces(spec: StageSpec, job: JobConfig, teacher_hf: Path, d: Path) -> tuple[list[dict], dict]:
+    """Verified traces of the teacher at `teacher_hf` (vLLM) for `spec.prompts` train prompts of the job's
+    task, decontaminated against its eval split, filtered by `spec.rejection` (distill/rejection.py).
+    Cached in d/traces.jsonl; d/traces_report.json, written after it, marks the set complete."""
+    from r1_megatron.data.jsonl import read_jsonl, write_jsonl
+
+    path, report_path = d / "traces.jsonl", d / "traces_report.json"
+    if report_path.is_file():
+        return read_jsonl(path, "sft", strict=True)[0], json.loads(report_path.read_text())
+    from r1_megatron.data.tasks import chitchat_pairs, make_items
+    from r1_megatron.data.tokenizer import load_tokenizer
+    from r1_megatron.distill.rejection import rejection_sample
+    from r1_megatron.eval.runner import make_pool
+    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.rollout.engine import SamplingParams
+    from r1_megatron.rollout.vllm_engine import VLLMEngine
+
+    items = make_items(n=spec.prompts, **task_kwargs(job, "train"))
+    eval_texts = [it["question"] for it in make_items(n=job.data.num_eval, **task_kwargs(job, "eval"))]
+    chat = chitchat_pairs(64, seed=job.data.seed, template=job.data.template) \
+        if spec.rejection.non_reasoning_fraction else None
+    engine, pool = VLLMEngine(teacher_hf, job.rollout), make_pool(job.reward)
+    try:
+        records, report = rejection_sample(engine, load_tokenizer(), items, spec.rejection,
+                                           SamplingParams.from_config(job.rollout), eval_texts=eval_texts,
+                                           non_reasoning=chat, pool=pool, chat=job.data.chat)
+    finally:
+        pool.close()
+        engine.close()
+    if not records:
+        raise RuntimeError(f"stage {spec.name}: rejection sampling kept no sample of {report.get('samples')} "
+                           f"(rejected: {report}); sample more prompts or train the policy longer")
+    tmp = path.with_name(".traces.jsonl.tmp")
+    write_jsonl(tmp, records)
+    tmp.replace(path)
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    return records, report
 
 
 def init_weights(trainer, source: str) -> None:

@@ -372,7 +372,7 @@ def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict |
 
 
 def _rejection(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import train_sft
+    from r1_megatron.distill.student import sample_traces, train_sft
 
     records, counts = sample_traces(spec, job, _teacher_hf(ctx, source, job), d)
     logger, log = _sft_log(job, d)
@@ -386,7 +386,7 @@ def _rejection(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: d
 
 
 def _distill(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import train_sft
+    from r1_megatron.distill.student import sample_traces, train_sft
 
     if spec.traces:
         from r1_megatron.data.jsonl import read_jsonl
@@ -424,45 +424,7 @@ def _eval(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict |
     return out
 
 
-# ------------------------------------------------------------------------- sampling and eval
-
-
-def sample_traces(spec: StageSpec, job: JobConfig, teacher_hf: Path, d: Path) -> tuple[list[dict], dict]:
-    """Verified traces of the teacher at `teacher_hf` for `spec.prompts` train prompts (cached in
-    d/traces.jsonl: the report file, written after it, marks the set complete)."""
-    from r1_megatron.data.jsonl import read_jsonl, write_jsonl
-
-    path, report_path = d / "traces.jsonl", d / "traces_report.json"
-    if report_path.is_file():
-        return read_jsonl(path, "sft", strict=True)[0], json.loads(report_path.read_text())
-    from r1_megatron.data.tasks import chitchat_pairs, make_items
-    from r1_megatron.data.tokenizer import load_tokenizer
-    from r1_megatron.distill.rejection import rejection_sample
-    from r1_megatron.eval.runner import make_pool
-    from r1_megatron.rl.grpo import task_kwargs
-    from r1_megatron.rollout.engine import SamplingParams
-    from r1_megatron.rollout.vllm_engine import VLLMEngine
-
-    items = make_items(n=spec.prompts, **task_kwargs(job, "train"))
-    eval_texts = [it["question"] for it in make_items(n=job.data.num_eval, **task_kwargs(job, "eval"))]
-    chat = chitchat_pairs(64, seed=job.data.seed, template=job.data.template) \
-        if spec.rejection.non_reasoning_fraction else None
-    engine, pool = VLLMEngine(teacher_hf, job.rollout), make_pool(job.reward)
-    try:
-        records, report = rejection_sample(engine, load_tokenizer(), items, spec.rejection,
-                                           SamplingParams.from_config(job.rollout), eval_texts=eval_texts,
-                                           non_reasoning=chat, pool=pool, chat=job.data.chat)
-    finally:
-        pool.close()
-        engine.close()
-    if not records:
-        raise RuntimeError(f"stage {spec.name}: rejection sampling kept no sample of {report.get('samples')} "
-                           f"(rejected: {report}); sample more prompts or train the policy longer")
-    tmp = path.with_name(".traces.jsonl.tmp")
-    write_jsonl(tmp, records)
-    tmp.replace(path)
-    report_path.write_text(json.dumps(report, indent=1) + "\n")
-    return records, report
+# ------------------------------------------------------------------------------------ eval
 
 
 def evaluate_hf(hf_dir: Path, job: JobConfig, n: int, k: int, engine=None, keep_text: bool = False) -> dict:
