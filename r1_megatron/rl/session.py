@@ -30,7 +30,7 @@ def hosts_engine(device: torch.device) -> bool:
 
 
 def load_initial_weights(trainer: Trainer, source: str) -> None:
-    """Fill a fresh trainer from a checkpoint dir (ours, any layout) or an HF dir (single rank)."""
+    """Fill a fresh trainer's weights from a checkpoint dir (ours, any layout) or an HF dir (single rank)."""
     if not source:
         return
     path = Path(source)
@@ -45,7 +45,8 @@ def load_initial_weights(trainer: Trainer, source: str) -> None:
         return
     if not (path / "metadata.json").is_file():
         path = dist_ckpt.latest(path) or path
-    dist_ckpt.load(trainer, path, with_optimizer=False)
+    # Weights only: the new run starts at step 0 with its own optimizer and schedule.
+    dist_ckpt.load_model_weights(trainer.unwrapped, path)
 
 
 class Reference:
