@@ -1,12 +1,14 @@
 """Refit throughput: streaming weights into the vLLM engine against a plain copy of the same bytes.
 
-    python bench/refit.py [--repeats 5] [--bucket-mb 64]
+    python bench/refit.py [--repeats 5] [--bucket-mb 64] [--scale 1]
 
 Two random tiny_moe checkpoints (fp32, MTP layer included, as our export writes them) are held in
 memory as (HF name, tensor) streams. Each repeat refits the engine with the other checkpoint (so every
 refit really changes the weights), through `Refitter` with `rollout.bucket_mb` buckets, and then copies
 the same tensors into preallocated tensors of the same shapes (the floor any in-place refit pays).
-Medians are compared. After timing, the engine's logprobs are checked against transformers' for the
+Medians are compared. `--scale K` multiplies the card's hidden and FFN sizes by K, to see how
+the engine's fixed per-layer costs amortize over more bytes (the RATIO line is for the run's shape).
+After timing, the engine's logprobs are checked against transformers' for the
 checkpoint it holds (a fast but wrong refit would not count).
 
 Last line: RATIO refit_vs_copy=<refit bytes/s / plain copy bytes/s>   (goal >= 0.5)
@@ -19,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bucket-mb", type=float, default=None, help="default: rollout.bucket_mb")
+    p.add_argument("--scale", type=int, default=1, help="multiply hidden and FFN sizes of tiny_moe")
     args = p.parse_args(argv)
 
     quiet_vllm()
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # the MTP layer's tensors are unknown to transformers' model
     card, cfg = load_card("tiny_moe"), RolloutConfig()
+    k = args.scale
+    card = replace(card, hidden_size=card.hidden_size * k, ffn_hidden_size=card.ffn_hidden_size * k,
+                   moe_ffn_hidden_size=card.moe_ffn_hidden_size * k)
     bucket_mb = args.bucket_mb if args.bucket_mb is not None else cfg.bucket_mb
     with tempfile.TemporaryDirectory() as tmp:
         dirs = [Path(tmp) / "A", Path(tmp) / "B"]
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 refit_bps.append(report["bytes"] / report["seconds"])
                 copy_bps.append(nbytes / copy_s)
                 print(f"repeat {r}: refit v{report['version']} {report['bytes'] / 2**20:.1f} MiB in "
-                      f"{report['buckets']} buckets {report['seconds'] * 1e3:.1f} ms; plain copy {copy_s * 1e3:.1f} ms")
+                      f"{report['buckets']} buckets {report['seconds'] * 1e3:.1f} ms; "
+                      f"plain copy {copy_s * 1e3:.1f} ms")
             held = dirs[(args.repeats - 1) % 2]
             tokens = canary_sequences(card.vocab_size, 64)
             model = AutoModelForCausalLM.from_pretrained(held, dtype=torch.float32).eval()
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print("the refit left the engine wrong: not reporting its speed", file=sys.stderr)
         return 1
     refit_rate, copy_rate = statistics.median(refit_bps), statistics.median(copy_bps)
-    print(f"tiny_moe fp32, {nbytes / 2**20:.1f} MiB, bucket {bucket_mb} MiB; torch threads "
+    print(f"tiny_moe x{args.scale} fp32, {nbytes / 2**20:.1f} MiB, bucket {bucket_mb} MiB; torch threads "
           f"{torch.get_num_threads()}; {load_average()}")
     print(f"median refit {refit_rate / 2**20:,.0f} MiB/s, plain copy {copy_rate / 2**20:,.0f} MiB/s")
     print(f"RATIO refit_vs_copy={refit_rate / copy_rate:.3f}")

@@ -15,7 +15,6 @@ Last line: RATIO rollout_vs_hf=<vLLM tokens/s / transformers tokens/s>   (goal >
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -92,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         engine = VLLMEngine(tmp, RolloutConfig(max_model_len=args.prompt_len + args.tokens + 8))
         try:
             prompts = _prompts(args.prompts, args.prompt_len, card.vocab_size)
-            sampling = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.tokens, stop_on_eos=False, seed=0)
+            sampling = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.tokens,
+                                      stop_on_eos=False, seed=0)
             _time_vllm(engine, prompts, args.n, sampling)
             _time_hf(model, prompts, args.n, args.tokens)
             err = _check_logprobs(engine, model, prompts, sampling)
             print(f"check: vLLM sampled-token logprobs vs transformers teacher forcing, max |diff| {err:.2e}")
             if err > 1e-3:
-                print("vLLM logprobs disagree with transformers: not benchmarking a wrong engine", file=sys.stderr)
+                print("vLLM logprobs disagree with transformers: not timing a wrong engine", file=sys.stderr)
                 return 1
             rates: dict[str, list[float]] = {"vllm": [], "hf": []}
             for r in range(args.repeats):
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             engine.close()
     vllm_rate, hf_rate = statistics.median(rates["vllm"]), statistics.median(rates["hf"])
-    print(f"shape: {args.prompts} prompts x n={args.n} x {args.tokens} tokens, prompt length {args.prompt_len}, "
-          f"tiny_moe fp32 on CPU; torch threads {torch.get_num_threads()}; {load_average()}; pid {os.getpid()}")
+    print(f"shape: {args.prompts} prompts x n={args.n} x {args.tokens} tokens, prompt length "
+          f"{args.prompt_len}, tiny_moe fp32 on CPU; torch threads {torch.get_num_threads()}; "
+          f"{load_average()}")
     print(f"median vLLM {vllm_rate:,.0f} tok/s, transformers generate {hf_rate:,.0f} tok/s")
     print(f"RATIO rollout_vs_hf={vllm_rate / hf_rate:.3f}")
     return 0

