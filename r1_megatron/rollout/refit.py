@@ -86,7 +86,9 @@ def canary_max_error(
     worst, where = -1.0, ""
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         if g.shape != w.shape:
-            raise ValueError(f"canary sequence {i}: engine gave {tuple(g.shape)} logprobs, reference {tuple(w.shape)}")
+            raise ValueError(
+                f"canary sequence {i}: engine gave {tuple(g.shape)} logprobs, reference {tuple(w.shape)}"
+            )
         err = (g.float() - w).abs()
         if not torch.isfinite(err).all():
             return float("inf"), f"sequence {i} has non-finite logprobs"
@@ -115,8 +117,9 @@ class Refitter:
         self.version = engine.weights_version
 
     def refit(self, weights: WeightStream, reference: Reference | None = None) -> dict[str, Any]:
-        """Stream `weights` into the engine, then check the canary against `reference` (skipped when
-        None). Returns {version, bytes, seconds, buckets, tensors, bytes_per_s, canary_max_err}."""
+        """Stream `weights` into the engine, wake it fully, then check the canary against `reference`
+        (skipped when None). Returns {version, bytes, seconds, buckets, tensors, bytes_per_s,
+        canary_max_err}; `seconds` covers the load alone."""
         if reference is not None and self.canary_tokens is None:
             raise ValueError("Refitter: a canary reference was given but no canary_tokens")
         self.version += 1
@@ -133,6 +136,9 @@ class Refitter:
         start = time.perf_counter()
         self.engine.update_weights(stream(), version=self.version)
         seconds = time.perf_counter() - start
+        # A released engine woke only its weights for the load; the canary (and the rollout after
+        # it) needs the KV cache too, allocated now that the weights are in (no-op on CPU).
+        self.engine.resume()
         report: dict[str, Any] = {
             "version": self.version,
             **stats,
