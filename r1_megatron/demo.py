@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     base_acc = run.evaluate()
     print(f"base held-out accuracy (pass@1, 4 samples): {base_acc:.3f}", flush=True)
     loop.train(rl_cfg, run=run)
-    run.refit()
     final_acc = run.evaluate()
     export_hf(run.trainer, out / "hf", run._tokenizer_dir())
     rows = read_metrics(out / "metrics.jsonl")

@@ -187,6 +187,8 @@ class RunState:
             kept += (batch if last_round else batch.select_groups([not f for f in flat.tolist()])).samples
             if last_round or len(kept) >= rl.prompts_per_step * rl.group_size:
                 break
+        if self.engine is not None:
+            self.engine.release()  # GPU: vLLM sleeps (weights, KV cache) before the trainer reloads
         stats = {"all_equal_frac": all_equal / max(seen, 1), "sampling_rounds": float(rounds)}
         if self.pool is not None:
             stats.update(self.pool.stats(reset=True))  # this rank's pool (rank 0's is logged)
@@ -226,11 +228,16 @@ class RunState:
         return torch.tensor(out)
 
     def evaluate(self, n: int | None = None) -> float:
-        """Held-out pass@1 (mean over rl.eval_samples samples, T=0.6, top-p 0.95); rank 0's value."""
+        """Held-out pass@1 of the trainer's current weights (refit first; mean over rl.eval_samples
+        samples, T=0.6, top-p 0.95); rank 0's value."""
         from r1_megatron.rl.evaluate import heldout_accuracy
+
+        self.refit()
 
         # Every engine rank runs the same eval (a vLLM TP group must generate together); rank 0's counts.
         acc = heldout_accuracy(self.engine, self.pool, self.tokenizer, self.cfg, n) if hosts_engine(self.device) else 0.0
+        if self.engine is not None:
+            self.engine.release()
         box = [acc]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)

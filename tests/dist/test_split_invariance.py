@@ -40,7 +40,8 @@ def test_reference_step_is_not_trivial(reference):
     """The step moved the weights: the expert bias update fired, and the loss is a real CE."""
     biases = [v for k, v in reference["weights"].items() if k.endswith("e_score_correction_bias")]
     assert biases and all((b != 0).any() for b in biases)
-    assert 3.0 < reference["metrics"]["loss"] < 6.0  # ~ln(128) for an untrained 128-token vocab
+    # An untrained model's CE is about ln(V): V = 512, the tokenizer's vocabulary (ln 512 = 6.24).
+    assert 5.0 < reference["metrics"]["loss"] < 7.5
     assert reference["metrics"]["lr"] > 0 and reference["metrics"]["update_ok"] == 1.0
 
 
