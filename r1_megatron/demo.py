@@ -21,39 +21,21 @@ from r1_megatron.config.loader import CONFIGS_DIR
 
 
 def sft_base(cfg, out: Path, steps: int, pairs_per_step: int = 32) -> Path:
-    """Train the weak base from random init; returns its checkpoint root."""
-    from r1_megatron.checkpoint import dist as dist_ckpt
-    from r1_megatron.data.chat import encode_sft
+    """Train the weak base from random init (resumable); returns its checkpoint root."""
     from r1_megatron.data.tasks import make_items, sft_pairs
-    from r1_megatron.data.tokenizer import load_tokenizer
-    from megatron.core import parallel_state
-
-    from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.microbatch import shard_for_data_parallel
+    from r1_megatron.distill.student import train_sft
     from r1_megatron.rl.grpo import task_kwargs
-    from r1_megatron.rl.sft import Example, SFTData, local_loss_tokens, sft_loss
-    from r1_megatron.rl.train_step import Trainer
 
-    layout, device = init_process_groups(cfg)
-    tok = load_tokenizer()
     items = make_items(n=cfg.data.sft_examples, **task_kwargs(cfg, "train"))
     pairs = sft_pairs(items, seed=cfg.data.seed, wrong_fraction=cfg.data.sft_wrong_fraction)
-    examples = []
-    for p in pairs:
-        enc = encode_sft(tok, p["prompt"], p["response"], chat=cfg.data.chat)
-        examples.append(Example(list(enc.input_ids), [float(m) for m in enc.loss_mask]))
-    data = SFTData(examples, pairs_per_step, cfg.data.seq_length, cfg.seed)
-    trainer = Trainer(cfg, layout, device)
-    for step in range(steps):
-        mbs = data.next_batch(layout.dp)
-        mine = shard_for_data_parallel(mbs, parallel_state.get_data_parallel_rank(), layout.dp)
-        tokens = sum(local_loss_tokens([mb]) for mb in mbs)
-        metrics = trainer.train_step(mine, sft_loss(tokens))
-        if step % 25 == 0 or step == steps - 1:
-            print(f"sft step {step + 1}/{steps} loss {metrics['loss']:.4f}", flush=True)
-    root = out / "sft_checkpoints"
-    dist_ckpt.save(trainer, root, extra={"data_position": data.position})
-    return root
+    job = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, dir=str(out / "sft_checkpoints")))
+
+    def log(step: int, metrics: dict) -> None:
+        if step % 25 == 1 or step == steps:
+            print(f"sft step {step}/{steps} loss {metrics['loss']:.4f}", flush=True)
+
+    _, result = train_sft(job, pairs, steps, pairs_per_step, log=log)
+    return result.checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,18 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     if "--out" in argv:
         i = argv.index("--out")
         out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
-    sft_steps = 150
+    sft_steps, sft_lr = 500, 1e-3
     rest = []
     for a in argv:
         if a.startswith("sft_steps="):
             sft_steps = int(a.split("=", 1)[1])
+        elif a.startswith("sft_lr="):
+            sft_lr = float(a.split("=", 1)[1])
         else:
             rest.append(a)
     overrides = [f"logging.run_dir={out}", *[("seed=" + a[5:]) if a.startswith("seed=") else a for a in rest]]
     cfg = load_config(CONFIGS_DIR / "demo_cpu.yaml", overrides)
     save_resolved(cfg, out)
     start = time.time()
-    base_root = sft_base(cfg, out, sft_steps)
+    # The SFT base trains at its own (higher) learning rate; GRPO uses optim.lr from the config.
+    sft_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=sft_lr))
+    base_root = sft_base(sft_cfg, out, sft_steps)
     from r1_megatron.rl import loop
     from r1_megatron.rl.metrics import plot_curve, read_metrics
     from r1_megatron.rl.session import RunState, export_hf
@@ -90,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"step": cfg.rl.steps, "eval/accuracy": final_acc})
     plot_curve(rows, out / "curve.png", title="r1m demo: GRPO on tiny_moe (CPU)")
     summary = {"base_accuracy": base_acc, "final_accuracy": final_acc, "steps": cfg.rl.steps,
-               "sft_steps": sft_steps, "seconds": round(time.time() - start, 1), "run_dir": str(out)}
+               "sft_steps": sft_steps, "sft_lr": sft_lr, "seconds": round(time.time() - start, 1), "run_dir": str(out)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"held-out accuracy: base {base_acc:.3f} -> after GRPO {final_acc:.3f} "
           f"({cfg.rl.steps} steps, {summary['seconds']:.0f} s); run dir {out}", flush=True)
