@@ -149,6 +149,7 @@ class RolloutConfig:
     bucket_mb: int = 64  # refit bucket size
     enforce_eager: bool = True  # no CUDA graphs / compile
     seed: int = 0  # sampling seed
+    redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
 
 

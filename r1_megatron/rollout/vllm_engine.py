@@ -202,6 +202,11 @@ class VLLMEngine(RolloutEngine):
             if world % cfg.tp:
                 raise ValueError(f"rollout.tp ({cfg.tp}) must divide the world size ({world})")
             kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world // cfg.tp)
+        if cfg.redundant_experts:
+            # vLLM's own EPLB places the redundant slots; refits send each logical expert once under its
+            # HF name and vLLM's loader writes it into every physical replica. Not run here (no GPU).
+            kw.update(enable_expert_parallel=True, enable_eplb=True,
+                      eplb_config={"num_redundant_experts": cfg.redundant_experts})
         return kw
 
     def _build(self) -> None:
