@@ -46,9 +46,3 @@ def sft_main(argv: list[str]) -> int:
         return 2
     return 0
 
-
-def train_main(argv: list[str]) -> int:
-    """`r1m train CONFIG [key=value ...]`: the GRPO loop (rl/loop.py)."""
-    from r1_megatron.rl.loop import main
-
-    return int(main(argv) or 0)
