@@ -1,4 +1,4 @@
-"""`r1m sft` and `r1m train`: job configs run under torchrun (any layout) or as one process.
+"""`r1m sft`: SFT from a job config under torchrun (any layout) or as one process.
 
   r1m sft CONFIG [key=value ...]
   torchrun --nproc-per-node 4 -m r1_megatron.cli sft configs/micro_moe_sft.yaml parallel.tp=2 parallel.pp=2
