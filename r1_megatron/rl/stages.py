@@ -371,22 +371,29 @@ def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict |
     return record
 
 
-def _rejection(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import sample_traces, train_sft
+def _sft_on(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, records: list[dict]) -> dict:
+    """SFT the stage's model on `records` (logged to the stage dir); the stage record of the result."""
+    from r1_megatron.distill.student import train_sft
 
-    records, counts = sample_traces(spec, job, _teacher_hf(ctx, source, job), d)
     logger, log = _sft_log(job, d)
     try:
         trainer, result = train_sft(job, records, spec.steps, spec.pairs_per_step, log)
     finally:
         logger.close()
-    out = _trained(ctx, trainer, result, spec, job, d)
+    return _trained(ctx, trainer, result, spec, job, d)
+
+
+def _rejection(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
+    from r1_megatron.distill.student import sample_traces
+
+    records, counts = sample_traces(spec, job, _teacher_hf(ctx, source, job), d)
+    out = _sft_on(ctx, spec, job, d, records)
     out["outputs"]["traces"] = ctx.rel(d / "traces.jsonl")
     return {**out, "traces": counts}
 
 
 def _distill(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import sample_traces, train_sft
+    from r1_megatron.distill.student import sample_traces
 
     if spec.traces:
         from r1_megatron.data.jsonl import read_jsonl
@@ -395,12 +402,7 @@ def _distill(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dic
         records, counts = read_jsonl(path, "sft", strict=True)[0], {"reused": str(path)}
     else:
         records, counts = sample_traces(spec, job, _teacher_hf(ctx, source, job), d)
-    logger, log = _sft_log(job, d)
-    try:
-        trainer, result = train_sft(job, records, spec.steps, spec.pairs_per_step, log)
-    finally:
-        logger.close()
-    out = _trained(ctx, trainer, result, spec, job, d)
+    out = _sft_on(ctx, spec, job, d, records)
     if not spec.traces:
         out["outputs"]["traces"] = ctx.rel(d / "traces.jsonl")
     return {**out, "traces": counts, "student": spec.student}
