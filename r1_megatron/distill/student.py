@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from r1_megatron.config.schema import JobConfig
-from r1_megatron.rl.sft import Example
 
 if TYPE_CHECKING:
     from r1_megatron.rl.stages import StageSpec
@@ -46,17 +45,6 @@ class SFTResult:
     checkpoint: Path
 
 
-def tokenize(pairs: Sequence[dict], tokenizer, seq_length: int, chat: bool) -> list[Example]:
-    """Encode {"prompt", "response"} pairs; a pair longer than seq_length is cut to it."""
-    from r1_megatron.data.chat import encode_sft
-
-    out = []
-    for pair in pairs:
-        enc = encode_sft(tokenizer, pair["prompt"], pair["response"], chat=chat)
-        out.append(Example(list(enc.input_ids)[:seq_length], [float(m) for m in enc.loss_mask][:seq_length]))
-    return out
-
-
 def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step: int, log=None):
     """Run SFT until the trainer has taken `steps` optimizer steps (resuming from checkpoint.dir).
 
@@ -67,13 +55,13 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
     from r1_megatron.data.tokenizer import load_tokenizer
     from r1_megatron.parallel.groups import init_process_groups
     from r1_megatron.rl.microbatch import shard_for_data_parallel
-    from r1_megatron.rl.sft import SFTData, local_loss_tokens, sft_loss
+    from r1_megatron.rl.sft import SFTData, local_loss_tokens, sft_loss, tokenize_pairs
     from r1_megatron.rl.train_step import Trainer
 
     if not pairs:
         raise ValueError("SFT: no prompt/response pairs to train on")
     layout, device = init_process_groups(cfg)
-    examples = tokenize(pairs, load_tokenizer(), cfg.data.seq_length, cfg.data.chat)
+    examples = tokenize_pairs(pairs, load_tokenizer(), cfg.data.seq_length, chat=cfg.data.chat)
     data = SFTData(examples, pairs_per_step, cfg.data.seq_length, cfg.seed)
     trainer = Trainer(cfg, layout, device)
     root = Path(cfg.checkpoint.dir)

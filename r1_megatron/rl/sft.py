@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1_megatron.config.schema import JobConfig, ParallelConfig
+from r1_megatron.config.schema import JobConfig
 from r1_megatron.data.packing import pack
 from r1_megatron.rl.microbatch import Microbatch, packed_microbatches
 
@@ -122,22 +122,20 @@ def _empty_like(mb: Microbatch) -> Microbatch:
     )
 
 
-def run_sft(cfg: JobConfig, layout: ParallelConfig, device: torch.device, tokenizer=None) -> dict[str, float]:
-    """SFT for optim.total_steps steps on this rank's share; resumes from checkpoint.dir/latest.
+def run_sft(cfg: JobConfig, tokenizer=None) -> dict[str, float]:
+    """`r1m sft`: SFT for optim.total_steps steps (distill/student.py `train_sft`) on data.train_file or
+    the built-in task, checkpoints in checkpoint.dir (default run_dir/checkpoints), metrics in the run dir.
 
-    Starts from checkpoint.load (a megatron checkpoint of any layout) when there is nothing to resume.
-    Saves every checkpoint.save_every steps and at the end. Returns the last step's metrics."""
+    Resumes from checkpoint.dir/latest; a fresh run starts from checkpoint.load (a megatron checkpoint
+    of any layout, or an HF directory). Returns the last step's metrics."""
     import dataclasses
     from pathlib import Path
 
-    from megatron.core import parallel_state
-
-    from r1_megatron.checkpoint import dist as ckpt
     from r1_megatron.config.loader import ConfigError
     from r1_megatron.data.tokenizer import load_tokenizer
+    from r1_megatron.distill.student import train_sft
+    from r1_megatron.parallel.groups import init_process_groups
     from r1_megatron.rl.metrics import MetricsLogger
-    from r1_megatron.rl.microbatch import shard_for_data_parallel
-    from r1_megatron.rl.train_step import Trainer
 
     tok = tokenizer or load_tokenizer()
     if len(tok) > cfg.model.vocab_size:
@@ -147,33 +145,20 @@ def run_sft(cfg: JobConfig, layout: ParallelConfig, device: torch.device, tokeni
         )
     if cfg.data.sft_pairs_per_step < 1:
         raise ConfigError(f"data.sft_pairs_per_step must be >= 1, got {cfg.data.sft_pairs_per_step}")
-    examples = tokenize_pairs(load_pairs(cfg), tok, cfg.data.seq_length, chat=cfg.data.chat)
-    data = SFTData(examples, cfg.data.sft_pairs_per_step, cfg.data.seq_length, cfg.data.seed)
-    trainer = Trainer(cfg, layout, device)
     run_dir = Path(cfg.logging.run_dir)
-    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    extra = ckpt.resume(trainer, root) if cfg.checkpoint.resume else None
-    if extra is not None:
-        data.position = int(extra["data_position"])
-    elif cfg.checkpoint.load:
-        ckpt.load_model_weights(trainer.unwrapped, cfg.checkpoint.load)
+    root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, dir=root))
+    init_process_groups(cfg)  # before the logger, which writes on rank 0 only
     logger = MetricsLogger(cfg.logging, run_dir, dataclasses.asdict(cfg))
-    rank0 = torch.distributed.get_rank() == 0
-    metrics: dict[str, float] = {}
-    dp_rank = parallel_state.get_data_parallel_rank()
-    while trainer.step < cfg.optim.total_steps:
-        global_mbs = data.next_batch(layout.dp, layout.micro_batch_size)
-        mine = shard_for_data_parallel(global_mbs, dp_rank, layout.dp)
-        # Every rank builds the same global batch, so the global token count needs no collective.
-        metrics = trainer.train_step(mine, sft_loss(local_loss_tokens(global_mbs)))
-        logger.log(trainer.step, {f"sft/{k}": v for k, v in metrics.items()})
-        last = trainer.step == cfg.optim.total_steps
-        if rank0 and (trainer.step % max(cfg.logging.log_every, 1) == 0 or last):
-            print(f"sft step {trainer.step}/{cfg.optim.total_steps} loss {metrics['loss']:.4f} "
-                  f"grad_norm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e}", flush=True)
-        every = cfg.checkpoint.save_every
-        if (every and trainer.step % every == 0) or trainer.step == cfg.optim.total_steps:
-            ckpt.save(trainer, root, extra={"data_position": data.position})
-    logger.close()
-    return metrics
+    total, last = cfg.optim.total_steps, {}
 
+    def log(step: int, metrics: dict) -> None:
+        last.update(metrics)
+        logger.log(step, {f"sft/{k}": v for k, v in metrics.items()})
+        if torch.distributed.get_rank() == 0 and (step % max(cfg.logging.log_every, 1) == 0 or step == total):
+            print(f"sft step {step}/{total} loss {metrics['loss']:.4f} "
+                  f"grad_norm {metrics['grad_norm']:.3f} lr {metrics['lr']:.2e}", flush=True)
+
+    train_sft(cfg, load_pairs(cfg), total, cfg.data.sft_pairs_per_step, log=log)
+    logger.close()
+    return last

@@ -8,8 +8,11 @@
 - The safe countdown verifier agrees with sympy on random expressions and rejects anything that is
   not plain arithmetic over the numbers (names, calls, powers, unary signs, reuse, division by 0).
 - SFT responses: every working step is true arithmetic (sympy), the boxed answer is judged correct
-  by math-verify (arithmetic) or sympy (countdown); with wrong_fraction f exactly round(f*n) are
-  wrong, and they are the ones flagged; responses fit the tiny model's 64-token budget.
+  by math-verify (arithmetic) or sympy (countdown); with wrong_fraction f, exactly round(f*n) of the
+  n items that can go wrong are wrong, and they are the ones flagged; responses fit the tiny model's 64-token budget.
+- Column working for + and - (hand-written cases): a wrong response forgets only the carry (borrow)
+  into the last column, so only items with one can go wrong; everything before that column is the
+  correct response's text.
 """
 
 import re
@@ -156,15 +159,47 @@ def test_wrong_answer_knob_fraction(task, fraction):
         if task == "arithmetic":
             ok = verify(parse(item["answer"]), parse(f"\\boxed{{{boxed}}}"))
             steps = _steps_true(pair["response"])
-            # A wrong response keeps true working and fails only in its final step.
-            assert all(steps) if ok else (all(steps[:-1]) and not steps[-1])
+            if "*" in item["question"]:  # a wrong product fails only in its final step
+                assert all(steps) if ok else (all(steps[:-1]) and not steps[-1])
+            else:  # a wrong sum/difference keeps true equations but mis-tracks the last carry
+                right = tasks.sft_response(item)
+                assert all(steps)
+                assert ok == (pair["response"] == right)
+                head = right.split("</think>")[0].rsplit(", ", 1)[0] if ", " in right.split("</think>")[0] else " "
+                assert pair["response"].startswith(head)
         else:
             ok = sympy.sympify(boxed) == item["target"]
             assert Counter(_ints(boxed)) == Counter(item["numbers"]) and all(_steps_true(pair["response"]))
         assert ok == pair["correct"]
         judged_correct.append(ok)
-    assert judged_correct.count(False) == round(fraction * len(items))
+    eligible = [it for it in items if tasks.can_go_wrong(it)]
+    assert 0 < len(eligible) and (task != "arithmetic" or fraction < 1 or len(eligible) < len(items))
+    assert judged_correct.count(False) == round(fraction * len(eligible))
     assert pairs == tasks.sft_pairs(items, seed=5, wrong_fraction=fraction)
+
+
+@pytest.mark.parametrize("question,right,wrong", [
+    ("56 + 36", " 6+6=12, 5+3+1=9 </think> \\boxed{92}", " 6+6=12, 5+3=8 </think> \\boxed{82}"),
+    ("99 + 99", " 9+9=18, 9+9+1=19 </think> \\boxed{198}", " 9+9=18, 9+9=18 </think> \\boxed{188}"),
+    ("23 + 41", " 3+1=4, 2+4=6 </think> \\boxed{64}", None),
+    ("52 - 36", " 12-6=6, 5-3-1=1 </think> \\boxed{16}", " 12-6=6, 5-3=2 </think> \\boxed{26}"),
+    ("36 - 52", " 36-52=-(52-36), 12-6=6, 5-3-1=1 </think> \\boxed{-16}",
+     " 36-52=-(52-36), 12-6=6, 5-3=2 </think> \\boxed{-26}"),
+    ("10 - 9", " 10-9=1, 1-0-1=0 </think> \\boxed{1}", " 10-9=1, 1-0=1 </think> \\boxed{11}"),
+    ("55 - 51", " 5-1=4, 5-5=0 </think> \\boxed{4}", None),
+    ("7 + 5", " 7+5=12 </think> \\boxed{12}", None),
+])
+def test_column_working_by_hand(question, right, wrong):
+    a, op, b = question.split(" ")
+    item = {"task": "arithmetic", "question": f"What is {question}?", "id": "x",
+            "answer": str(int(a) + int(b) if op == "+" else int(a) - int(b))}
+    assert tasks.sft_response(item) == right
+    assert tasks.can_go_wrong(item) == (wrong is not None)
+    if wrong is None:  # no carry into the last column: nothing to forget
+        with pytest.raises(ValueError, match="no carry"):
+            tasks.sft_response(item, wrong=True)
+    else:
+        assert tasks.sft_response(item, wrong=True) == wrong
 
 
 def test_lengths_fit_the_tiny_model():
