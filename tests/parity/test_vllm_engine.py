@@ -5,11 +5,15 @@ Guarantees:
   we turn off is what breaks that (with it on, the error is far above the tolerance);
 - the logprob `generate` reports for each sampled token (temperature 1) equals transformers'
   teacher-forced logprob of the same token within 1e-4; EOS stops a sample and is kept in it;
-- a refit streamed in buckets leaves every vLLM parameter bit-identical to an engine freshly loaded
-  from the same weights, with equal greedy outputs and logprobs; refitting the old weights back
-  restores the original outputs exactly (the CPU MoE re-pack bug would fail both);
+- a refit streamed in buckets, through the fast in-place path (`vllm_cpu_refit`), leaves every vLLM
+  parameter bit-identical to an engine freshly loaded from the same weights, with equal greedy outputs
+  and logprobs; a second refit, back to the old weights, restores the original parameters and outputs
+  exactly (the CPU MoE re-pack bug would fail both); vLLM's full reload, the fallback, does the same;
+- CPU linears compute from a oneDNN copy of their weights, so a write into lm_head.weight alone changes
+  nothing, while the same change streamed through a refit shows in the logprobs;
 - the refit canary, fed transformers' logprobs as the trainer's, raises CanaryError naming the version
-  when one expert's weights are corrupted in the stream;
+  when one expert's weights are corrupted in the stream; that expert's packed slice is the only
+  engine tensor that differs from the uncorrupted weights';
 - a failure inside vLLM mid-generation or mid-refit raises RolloutError naming the phase; the engine is
   rebuilt on its next use and refuses to sample stale weights until it is refitted;
 - beside a multi-rank torch.distributed group (where vLLM would hang) the engine refuses to start.
@@ -24,6 +28,7 @@ pytest.importorskip("vllm")
 
 from r1_megatron.config.loader import load_card  # noqa: E402
 from r1_megatron.config.schema import RolloutConfig  # noqa: E402
+from r1_megatron.rollout import vllm_cpu_refit  # noqa: E402
 from r1_megatron.rollout.engine import RolloutError, SamplingParams  # noqa: E402
 from r1_megatron.rollout.refit import CanaryError, Refitter, canary_sequences  # noqa: E402
 from r1_megatron.rollout.vllm_engine import VLLMEngine  # noqa: E402
@@ -124,7 +129,8 @@ def fresh_b(models, rotary_on):
 @pytest.fixture(scope="module")
 def engine(models, fresh_b):
     eng = VLLMEngine(models["A"][0], RolloutConfig())
-    eng.original = {"greedy": eng.generate(PROMPTS, 1, GREEDY), "logprobs": eng.logprobs(CANARY)}
+    eng.original = {"params": vllm_params(eng), "greedy": eng.generate(PROMPTS, 1, GREEDY),
+                    "logprobs": eng.logprobs(CANARY)}
     yield eng
     eng.close()
 
@@ -165,25 +171,54 @@ def test_eos_stops_a_sample_and_is_kept(engine):
     assert all(s.finish_reason == "stop" and not s.truncated for s in stop)
 
 
+def assert_same_as(engine: VLLMEngine, ref: dict) -> None:
+    got = vllm_params(engine)
+    assert got.keys() == ref["params"].keys()
+    assert [n for n in got if not torch.equal(got[n], ref["params"][n])] == []
+    assert engine.generate(PROMPTS, 1, GREEDY) == ref["greedy"]
+    assert max_err(engine.logprobs(CANARY), ref["logprobs"]) <= 1e-6
+
+
 def test_refit_equals_fresh_load_then_restores(models, engine, fresh_b):
+    """Two consecutive refits with different weights (A to B, then back to A), each checked against
+    a freshly loaded engine; the first builds the fast path's map, the second only replays it."""
     weights_b = hf_weights(models["B"][0])
     refitter = Refitter(engine, bucket_mb=1.0)
     report = refitter.refit(iter(weights_b.items()))
+    assert engine.refit_path == "fast"
     assert report["bytes"] == sum(t.numel() * t.element_size() for t in weights_b.values())
     assert report["tensors"] == len(weights_b) and report["buckets"] > 1
-    got = vllm_params(engine)
-    assert got.keys() == fresh_b["params"].keys()
-    assert [n for n in got if not torch.equal(got[n], fresh_b["params"][n])] == []
-    assert engine.generate(PROMPTS, 1, GREEDY) == fresh_b["greedy"]
-    assert max_err(engine.logprobs(CANARY), fresh_b["logprobs"]) <= 1e-6
+    assert_same_as(engine, fresh_b)
 
     back = refitter.refit(iter(hf_weights(models["A"][0]).items()))
+    assert engine.refit_path == "fast"
     assert back["version"] == report["version"] + 1 == engine.weights_version
-    assert engine.generate(PROMPTS, 1, GREEDY) == engine.original["greedy"]
-    assert max_err(engine.logprobs(CANARY), engine.original["logprobs"]) <= 1e-6
+    assert_same_as(engine, engine.original)
 
 
-def test_canary_catches_one_corrupted_expert(models, engine):
+def test_linear_layers_compute_from_a_packed_copy(models, engine):
+    """Why the refit rebuilds each linear's oneDNN handle: vLLM-CPU keeps lm_head.weight, but its
+    matmul reads a packed copy, so an in-place write into the weight would be silently ignored."""
+    weights = hf_weights(models["A"][0])
+    engine.update_weights(iter(weights.items()))
+    before = engine.logprobs(CANARY)
+
+    def double_lm_head(worker):
+        worker.model_runner.get_model().lm_head.weight.data.mul_(2.0)
+
+    engine.llm.collective_rpc(double_lm_head)
+    engine.llm.reset_prefix_cache()
+    assert max_err(engine.logprobs(CANARY), before) == 0.0
+
+    weights["lm_head.weight"] = 2.0 * weights["lm_head.weight"]
+    engine.update_weights(iter(weights.items()))
+    assert engine.refit_path == "fast"
+    assert max_err(engine.logprobs(CANARY), before) > 0.1
+    engine.update_weights(iter(hf_weights(models["A"][0]).items()))
+    assert_same_as(engine, engine.original)
+
+
+def test_canary_catches_one_corrupted_expert(models, engine, fresh_b):
     _, model_b = models["B"]
     refitter = Refitter(engine, bucket_mb=1.0, canary_tol=1e-3, canary_tokens=CANARY)
     ok = refitter.refit(iter(hf_weights(models["B"][0]).items()),
@@ -198,6 +233,29 @@ def test_canary_catches_one_corrupted_expert(models, engine):
     with pytest.raises(CanaryError, match=expected) as err:
         refitter.refit(iter(weights.items()), reference=hf_logprobs(model_b, CANARY))
     assert err.value.max_err > 1e-3 and "sequence" in str(err.value)
+    assert engine.refit_path == "fast"
+    got, want = vllm_params(engine), fresh_b["params"]
+    w2 = "model.layers.1.mlp.experts.routed_experts.w2_weight"  # [expert, hidden, ffn], packed per expert
+    assert [n for n in got if not torch.equal(got[n], want[n])] == [w2]
+    assert [e for e in range(len(got[w2])) if not torch.equal(got[w2][e], want[w2][e])] == [3]
+
+
+def test_full_reload_fallback_equals_fresh_load(models, engine, fresh_b, monkeypatch, caplog):
+    """When vllm_cpu_refit declines a model (here as if its experts were not the CPU kernel's),
+    refits take vLLM's full reload plus our MoE re-pack."""
+    monkeypatch.setattr(vllm_cpu_refit, "_cpu_experts", lambda layer: None)
+    engine.close()  # rebuilt at its next use, where the refit path is chosen again
+    try:
+        engine.update_weights(iter(hf_weights(models["B"][0]).items()))
+        assert engine.refit_path == "full"
+        assert "fast refit off: model.layers.1.mlp.experts.routed_experts (RoutedExperts)" in caplog.text
+        assert_same_as(engine, fresh_b)
+        engine.update_weights(iter(hf_weights(models["A"][0]).items()))
+        assert engine.refit_path == "full"
+        assert_same_as(engine, engine.original)
+    finally:
+        monkeypatch.undo()
+        engine.close()
 
 
 def test_failure_mid_generation_rebuilds_and_refuses_stale_weights(models, engine):
