@@ -68,8 +68,7 @@ def _place_value_response(item: dict) -> str:
     Frozen here so the shipped tokenizer does not change when the SFT working in data/tasks.py does."""
     from r1_megatron.data import tasks
 
-    a_text, op, b_text = item["question"].removeprefix("What is ").removesuffix("?").split(" ")
-    a, b = int(a_text), int(b_text)
+    a, op, b = tasks._operands(item)
     if op == "*":
         return tasks.sft_response(item)
     sign, (a, b) = ("-", (b, a)) if op == "-" and a < b else ("", (a, b))
