@@ -34,7 +34,8 @@ def make_hf_dir(out_dir: Path, seed: int = 0) -> Path:
 
 
 def our_config(run_dir: Path, hf_dir: Path, steps: int, *, prompts: int = 8, group: int = 8,
-               max_new_tokens: int = 64, kl_coef: float = 0.001, lr: float = 1e-5) -> JobConfig:
+               max_new_tokens: int = 64, kl_coef: float = 0.001, lr: float = 1e-5,
+               extra: tuple[str, ...] = ()) -> JobConfig:
     """configs/demo_cpu.yaml with the bench's shape; starts from `hf_dir`, saves nothing."""
     cfg = load_config(REPO / "configs" / "demo_cpu.yaml", [
         f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.progress=false",
@@ -42,7 +43,7 @@ def our_config(run_dir: Path, hf_dir: Path, steps: int, *, prompts: int = 8, gro
         f"rl.steps={steps}", f"rl.prompts_per_step={prompts}", f"rl.group_size={group}",
         f"rl.kl_coef={kl_coef}", "rl.eval_every=0", "rl.num_minibatches=1", "rl.ppo_epochs=1",
         f"rollout.max_new_tokens={max_new_tokens}", f"rollout.max_model_len={max_new_tokens + 64}",
-        f"optim.lr={lr}",
+        f"optim.lr={lr}", *extra,
     ])
     # Overrides merge into the demo's {accuracy, format} weights; the comparison scores accuracy only.
     return replace(cfg, reward=replace(cfg.reward, weights={"accuracy": 1.0}))

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up step)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of our loop's config")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = make_hf_dir(Path(tmp) / "hf")
         run_dir = Path(tmp) / "run"
-        cfg = our_config(run_dir, hf_dir, steps=1 + args.steps)
+        cfg = our_config(run_dir, hf_dir, steps=1 + args.steps, extra=tuple(args.overrides))
         print(f"before: {load_average()}")
         run = BenchRun(cfg)
         try:

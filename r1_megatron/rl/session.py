@@ -195,7 +195,8 @@ class RunState:
         return RolloutBatch(kept), stats
 
     def prepare(self, batch):
-        """Advantages, then per minibatch: packed microbatches with old (and reference) logprobs."""
+        """Advantages, then per minibatch: packed microbatches with old (unless fused into the training
+        forward, grpo.fuses_old_logprobs) and reference logprobs."""
         from r1_megatron.rl import grpo
         from r1_megatron.rl.advantages import assign_advantages
 
@@ -207,7 +208,8 @@ class RunState:
         parts = []
         for part in grpo.minibatches(batch, rl.num_minibatches):
             mbs = grpo.microbatches(part, self.cfg.data.seq_length, self.layout.micro_batch_size)
-            grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
+            if not grpo.fuses_old_logprobs(rl):
+                grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
             if self.reference is not None and rl.kl_in == "loss":
                 for mb, lp in zip(mbs, self.reference.logprobs(mbs), strict=True):
                     mb.extras["ref_logprobs"] = lp

@@ -1,6 +1,6 @@
 """The rollout engine interface: what the GRPO loop asks of any generator (DESIGN "Interfaces").
 
-Four verbs carry a step: `generate` samples G responses per prompt with the logprob of every
+Four verbs carry a step: `generate` (or `generate_stream`) samples G responses per prompt with the logprob of every
 sampled token, `update_weights` takes the trainer's weights as a stream of (HF name, full tensor),
 `release` frees the device for the trainer and `resume` takes it back. `logprobs` scores fixed
 token sequences (teacher forcing); the refit canary uses it to compare against the trainer.
@@ -11,7 +11,7 @@ Prompts and responses are token ids: tokenization and the chat template live in 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +82,13 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[GenSample]]:
         """n samples for each prompt: result[i][j] is sample j of prompt i."""
+
+    def generate_stream(
+        self, prompts: list[list[int]], n: int, sampling: SamplingParams
+    ) -> Iterator[tuple[int, list[GenSample]]]:
+        """(i, the n samples of prompt i) in the order the groups finish, so that scoring can start
+        before the last group is done. Default: every group at the end of `generate`."""
+        yield from enumerate(self.generate(prompts, n, sampling))
 
     @abc.abstractmethod
     def logprobs(self, token_ids: list[list[int]]) -> list[torch.Tensor]:

@@ -334,36 +334,59 @@ class VLLMEngine(RolloutEngine):
         return [random.Random(f"{seed}:{self._calls}:{i}").randrange(2**31) for i in range(count)]
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[GenSample]]:
+        out: list[list[GenSample]] = [[] for _ in prompts]
+        for i, samples in self.generate_stream(prompts, n, sampling):
+            out[i] = samples
+        return out
+
+    def generate_stream(
+        self, prompts: list[list[int]], n: int, sampling: SamplingParams
+    ) -> Iterator[tuple[int, list[GenSample]]]:
+        """All prompts go into one engine batch; each prompt's group is yielded as soon as its last
+        sample finishes, so the caller can score it while the rest are still decoding. Closing the
+        iterator early aborts the unfinished requests."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         if n < 1:
             raise ValueError(f"generate: n must be >= 1, got {n}")
         if sampling.stop_on_eos and not self.eos_ids:
             raise ValueError(f"sampling.stop_on_eos: no eos_token_id in {self.model_dir}/config.json")
         self._check_prompts(prompts, sampling.max_tokens)
-        llm = self._live("generate")
+        engine = self._live("generate").llm_engine
         self._require_current_weights("generate")
         # vLLM refuses n > 1 when greedy; greedy samples are identical, so sample once and copy.
-        greedy_copies = n if sampling.temperature == 0 else 1
-        params = [
-            VSamplingParams(
-                n=n // greedy_copies,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                logprobs=0,  # 0 extra candidates: only the sampled token's logprob
-                seed=seed,
-                stop_token_ids=self.eos_ids if sampling.stop_on_eos else None,
-                ignore_eos=not sampling.stop_on_eos,
-                detokenize=False,
-            )
-            for seed in self._request_seeds(sampling.seed, len(prompts))
-        ]
+        copies = n if sampling.temperature == 0 else 1
+        pending: dict[str, int] = {}
         with self._phase("generate"):
-            requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-            outputs = llm.generate(requests, params, use_tqdm=False)
-            return [self._samples(out, greedy_copies) for out in outputs]
+            for i, seed in enumerate(self._request_seeds(sampling.seed, len(prompts))):
+                params = VSamplingParams(
+                    n=n // copies,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    max_tokens=sampling.max_tokens,
+                    logprobs=0,  # 0 extra candidates: only the sampled token's logprob
+                    seed=seed,
+                    stop_token_ids=self.eos_ids if sampling.stop_on_eos else None,
+                    ignore_eos=not sampling.stop_on_eos,
+                    detokenize=False,
+                    output_kind=RequestOutputKind.FINAL_ONLY,  # one output per prompt, all n samples
+                )
+                request_id = f"r1m-{self._calls}-{i}"
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompts[i]), params)
+                pending[request_id] = i
+        try:
+            while pending:
+                with self._phase("generate"):
+                    finished = [(pending.pop(out.request_id), self._samples(out, copies))
+                                for out in engine.step() if out.finished]
+                    if not finished and not engine.has_unfinished_requests():
+                        raise RuntimeError(f"vLLM dropped {len(pending)} requests without finishing them")
+                yield from finished
+        finally:
+            if pending and not self._dead:
+                engine.abort_request(list(pending))
 
     @staticmethod
     def _samples(out: Any, copies: int) -> list[GenSample]:

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from r1_megatron.config.schema import RLConfig
+from r1_megatron.data.packing import best_fit_decreasing
 from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.rl import grpo
 from r1_megatron.rl.losses import policy_loss
+from r1_megatron.rl.microbatch import Microbatch
 from r1_megatron.rl.types import RolloutBatch, Sample
 
 
@@ -86,3 +88,46 @@ def test_rollout_metrics_count_components_and_errors():
         s.reward_error = "timeout" if i == 3 else None
     m = grpo.rollout_metrics(batch)
     assert m["accuracy"] == 0.5 and m["format_rate"] == 1.0 and m["reward_error/timeout"] == 1.0
+
+
+def test_fused_old_logprobs_equal_a_separate_pass_on_the_same_weights():
+    """One update per batch: pi_old taken from the training forward gives the loss, metrics and
+    gradient that a separate pass computing the same logprobs gives (ratio 1, clipping inactive)."""
+    batch = _batch()
+    cfg = RLConfig(kl_coef=0.0, tis=2.0)
+    assert grpo.fuses_old_logprobs(cfg)
+    norm = batch.loss_norm(16)
+    for mb in grpo.microbatches(batch, capacity=24):
+        base = _fake_logprobs(mb.tokens, mb.labels)
+        fused_lp, separate_lp = base.clone().requires_grad_(), base.clone().requires_grad_()
+        fused, fused_m = grpo.grpo_loss(cfg, norm)(fused_lp, mb)
+        separate_mb = Microbatch(mb.tokens, mb.labels, mb.loss_mask, mb.position_ids, mb.cu_seqlens,
+                                 {**mb.extras, "old_logprobs": base.clone()})
+        separate, separate_m = grpo.grpo_loss(cfg, norm)(separate_lp, separate_mb)
+        fused.backward()
+        separate.backward()
+        assert float(fused.detach()) == float(separate.detach())
+        assert {k: float(v) for k, v in fused_m.items()} == {k: float(v) for k, v in separate_m.items()}
+        assert torch.equal(fused_lp.grad, separate_lp.grad) and fused_lp.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("knob", [{"num_minibatches": 2}, {"ppo_epochs": 2}, {"old_logprob_pass": "separate"}])
+def test_old_logprobs_need_their_own_pass_when_the_batch_makes_several_updates(knob):
+    cfg = RLConfig(kl_coef=0.0, **knob)
+    assert not grpo.fuses_old_logprobs(cfg)
+    batch = _batch()
+    mb = grpo.microbatches(batch, capacity=24)[0]
+    match = r"no old_logprobs.*'separate'" if "old_logprob_pass" in knob else r"no old_logprobs.* = 2\)"
+    with pytest.raises(ValueError, match=match):
+        grpo.grpo_loss(cfg, batch.loss_norm(16))(_fake_logprobs(mb.tokens, mb.labels), mb)
+
+
+def test_tight_capacity_keeps_the_row_count_with_less_padding():
+    lengths = [90, 85, 88, 92, 95, 60, 70, 91, 89, 93, 87, 86]  # 1026 tokens: 3 rows of 512
+    assert len(best_fit_decreasing(lengths, 512)) == 3
+    row = grpo.tight_capacity(lengths, 512)
+    assert row % 8 == 0 and row < 512
+    assert len(best_fit_decreasing(lengths, row)) == 3  # same rows, each shorter
+    assert len(best_fit_decreasing(lengths, row - 8)) > 3  # and no shorter row would do
+    assert grpo.tight_capacity([600, 10], 512) == 600  # a sequence longer than the cap sets the row
+    assert grpo.tight_capacity([5], 512) == 8
