@@ -9,7 +9,7 @@ timed steps, and prints the phase split that the loop itself logs (time/<phase> 
     logprobs  old-policy and reference logprobs, advantages, packing
     train     forward/backward with the GRPO loss and the optimizer step
 
-    python bench/grpo_step.py [--steps 3] [--threads N]
+    python bench/grpo_step.py [--steps 3] [--threads N] [key=value ...]   (overrides of the loop's config)
 
 Last line: RESULT grpo_step_seconds=<mean seconds per step after the warm-up>
 """

