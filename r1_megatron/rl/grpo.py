@@ -87,7 +87,8 @@ def generate_and_score(
     group goes to the reward pool as soon as its last response finishes, so scoring overlaps decoding."""
     sampling = SamplingParams.from_config(cfg.rollout)
     tickets: list[tuple[int, Any, list[Sample]]] = []
-    for i, gens in engine.generate_stream([it["prompt_ids"] for it in items], n=cfg.rl.group_size, sampling=sampling):
+    prompts = [it["prompt_ids"] for it in items]
+    for i, gens in engine.generate_stream(prompts, n=cfg.rl.group_size, sampling=sampling):
         item = items[i]
         group = [
             Sample(
@@ -223,9 +224,9 @@ def grpo_loss(cfg: RLConfig, norm: LossNorm):
         if old is None:
             if not fuses_old_logprobs(cfg):
                 raise ValueError(
-                    "grpo_loss: the microbatch has no old_logprobs; the training forward stands in for them only "
-                    f"with rl.old_logprob_pass 'fused' (here {cfg.old_logprob_pass!r}) and one update per batch "
-                    f"(rl.num_minibatches {cfg.num_minibatches} x rl.ppo_epochs {cfg.ppo_epochs} = "
+                    "grpo_loss: the microbatch has no old_logprobs; the training forward stands in for them "
+                    f"only with rl.old_logprob_pass 'fused' (here {cfg.old_logprob_pass!r}) and one update per "
+                    f"batch (rl.num_minibatches {cfg.num_minibatches} x rl.ppo_epochs {cfg.ppo_epochs} = "
                     f"{cfg.num_minibatches * cfg.ppo_epochs})")
             old = logprobs.detach()  # one update per batch: these weights are the ones that sampled
         return policy_loss(

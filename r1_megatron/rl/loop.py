@@ -1,8 +1,9 @@
 """The GRPO loop (DeepSeek-R1 §2.2), on one screen:
 
   refit the engine from the trainer (canary-checked) -> offload the trainer -> generate G samples per
-  prompt while the reward pool scores finished groups -> reload the trainer -> old and reference
-  logprobs -> group advantages -> packed microbatches -> train_step with the GRPO loss -> log, save.
+  prompt while the reward pool scores finished groups -> reload the trainer -> reference logprobs
+  (and old ones, unless the training forward gives them: rl.old_logprob_pass) -> group advantages ->
+  packed microbatches -> train_step with the GRPO loss -> log, save.
 
 The MTP head is not trained during RL: its loss on the policy's own samples would be an SFT term.
 Departures from the paper are config switches (SPEC §1): Dr. GRPO / leave-one-out baselines,
@@ -37,7 +38,7 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
         with timer("rollout"), offload.offloaded_during("rollout") if cfg.offload.enabled else nullcontext():
             batch, kept = run.rollout()
         with timer("logprobs"):
-            parts, adv_metrics = run.prepare(batch)  # old/ref logprobs, advantages, packed microbatches
+            parts, adv_metrics = run.prepare(batch)  # ref (and old) logprobs, advantages, packing
         with timer("train"):
             for _epoch in range(rl.ppo_epochs):
                 for mbs, norm in parts:  # rl.num_minibatches optimizer steps

@@ -1,8 +1,8 @@
 """The rollout engine interface: what the GRPO loop asks of any generator (DESIGN "Interfaces").
 
-Four verbs carry a step: `generate` (or `generate_stream`) samples G responses per prompt with the logprob of every
-sampled token, `update_weights` takes the trainer's weights as a stream of (HF name, full tensor),
-`release` frees the device for the trainer and `resume` takes it back. `logprobs` scores fixed
+Four verbs carry a step: `generate` (or `generate_stream`) samples G responses per prompt with the
+logprob of every sampled token, `update_weights` takes the trainer's weights as a stream of (HF name,
+full tensor), `release` frees the device for the trainer and `resume` takes it back. `logprobs` scores fixed
 token sequences (teacher forcing); the refit canary uses it to compare against the trainer.
 
 Prompts and responses are token ids: tokenization and the chat template live in `data/`.

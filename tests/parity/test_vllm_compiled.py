@@ -18,7 +18,9 @@ from r1_megatron.rollout.engine import SamplingParams  # noqa: E402
 from r1_megatron.rollout.refit import Refitter  # noqa: E402
 from r1_megatron.rollout.vllm_engine import VLLMEngine  # noqa: E402
 
-from tests.parity.test_vllm_engine import CANARY, PROMPTS, TOL, build_tiny_hf, hf_logprobs, hf_weights, max_err  # noqa: E402
+from tests.parity.test_vllm_engine import (  # noqa: E402
+    CANARY, PROMPTS, TOL, build_tiny_hf, hf_logprobs, hf_weights, max_err,
+)
 
 
 def test_compiled_engine_refits_to_new_weights_and_back(tmp_path):

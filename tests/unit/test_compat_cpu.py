@@ -184,7 +184,9 @@ def test_sdpa_attention_matches_naive_softmax_attention(world):
         torch.testing.assert_close(out[lo:hi], naive(q[lo:hi, 0], k[lo:hi, 0], v[lo:hi, 0]))
     # An empty sequence and row padding past cu_seqlens[-1] (its own sequence), as pack() can leave.
     cu = torch.tensor([0, 3, 3, 6], dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=3, max_seqlen_kv=3)
+    packed = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=3, max_seqlen_kv=3
+    )
     out = attn(q[:, 1], k[:, 1], v[:, 1], None, packed_seq_params=packed)
     for lo, hi in ((0, 3), (3, 6), (6, 7)):
         torch.testing.assert_close(out[lo:hi], naive(q[lo:hi, 1], k[lo:hi, 1], v[lo:hi, 1]))

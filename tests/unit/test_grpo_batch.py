@@ -111,7 +111,8 @@ def test_fused_old_logprobs_equal_a_separate_pass_on_the_same_weights():
         assert torch.equal(fused_lp.grad, separate_lp.grad) and fused_lp.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("knob", [{"num_minibatches": 2}, {"ppo_epochs": 2}, {"old_logprob_pass": "separate"}])
+@pytest.mark.parametrize("knob", [{"num_minibatches": 2}, {"ppo_epochs": 2},
+                                  {"old_logprob_pass": "separate"}])
 def test_old_logprobs_need_their_own_pass_when_the_batch_makes_several_updates(knob):
     cfg = RLConfig(kl_coef=0.0, **knob)
     assert not grpo.fuses_old_logprobs(cfg)
