@@ -85,9 +85,13 @@ def launch(
                 os.kill(p.pid, signal.SIGUSR1)
         time.sleep(2.0)
     for p in procs:
-        if p.poll() is None:
+        # Each rank leads its own process group. End the whole group, also for a rank that already
+        # exited: helpers it spawned (dist_checkpointing's save workers) outlive a SIGKILLed rank.
+        try:
             os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        except ProcessLookupError:
+            pass
+        p.wait()
     for log in logs:
         log.close()
     results = [
