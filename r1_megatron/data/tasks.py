@@ -237,7 +237,7 @@ def _column_steps(a: int, op: str, b: int, drop_last_carry: bool = False) -> tup
     The last column's sum is written whole; the answer is it followed by the earlier columns' units.
     `drop_last_carry` forgets the carry (borrow) into the last column: every equation stays true
     arithmetic, but the result is off by one unit of that column. That is the deliberate mistake of a
-    weak SFT base; it needs a carry there (see has_last_carry).
+    weak SFT base; it needs a carry there (see can_go_wrong).
     """
     width = max(len(str(a)), len(str(b)))
     xs, ys = str(a)[::-1].ljust(width, "0"), str(b)[::-1].ljust(width, "0")
@@ -300,8 +300,8 @@ def sft_response(item: dict, *, wrong: bool = False, rng: random.Random | None =
 
     ``wrong=True`` gives the same kind of chain with a wrong boxed answer, for a deliberately weak SFT
     base. Addition and subtraction forget the carry (borrow) into the last column, one systematic
-    mistake (see _column_steps; only where can_go_wrong); multiplication's last result is off by 1, 2 or 10; countdown gives a
-    valid expression over the numbers that misses the target.
+    mistake (see _column_steps; only where can_go_wrong); multiplication's last result is off by 1, 2
+    or 10; countdown gives a valid expression over the numbers that misses the target.
     """
     rng = rng or random.Random(item["id"])
     if item["task"] == "arithmetic":

@@ -86,7 +86,7 @@ def generate_and_score(
     """Sample G responses per prompt and score them. All prompts decode in one engine batch; each
     group goes to the reward pool as soon as its last response finishes, so scoring overlaps decoding."""
     sampling = SamplingParams.from_config(cfg.rollout)
-    tickets: list[tuple[int, Any, list[Sample]]] = []
+    tickets: list[tuple[Any, list[Sample]]] = []
     prompts = [it["prompt_ids"] for it in items]
     for i, gens in engine.generate_stream(prompts, n=cfg.rl.group_size, sampling=sampling):
         item = items[i]
@@ -104,9 +104,9 @@ def generate_and_score(
             )
             for j, s in enumerate(gens)
         ]
-        tickets.append((i, pool.submit([(s.response_text, s.ground_truth) for s in group]), group))
-    samples = []
-    for _, ticket, group in sorted(tickets, key=lambda t: t[0]):
+        tickets.append((pool.submit([(s.response_text, s.ground_truth) for s in group]), group))
+    samples = []  # in the order the groups finished; gather_samples sorts them
+    for ticket, group in tickets:
         for s, r in zip(group, pool.wait(ticket), strict=True):
             s.reward, s.reward_components, s.reward_error = r.score, dict(r.components), r.error
         samples.extend(group)
