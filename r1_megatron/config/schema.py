@@ -132,6 +132,9 @@ class RLConfig:
     # optimizer step (num_minibatches = ppo_epochs = 1: same weights, one forward fewer); otherwise, or
     # with "separate", a separate trainer forward before the update computes it.
     old_logprob_pass: Literal["fused", "separate"] = "fused"
+    # Pack each group's prompt once with its G responses (rl/shared_prompts.py): same logprobs and loss,
+    # ~(G-1)/G of the prompt tokens fewer to compute. Needs the local spec's MLA (CPU path).
+    share_prompts: bool = False
     canary_tol: float = 1e-3  # max |logprob| error between trainer and vLLM after a refit
     entropy_coef: float = 0.0  # entropy bonus (0: off)
     eval_every: int = 0  # steps between held-out evaluations during RL (0: only before and after)

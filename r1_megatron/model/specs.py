@@ -2,7 +2,8 @@
 
 - Every MoE layer routes with DeepSeekV3Router (router.py) instead of megatron's TopKRouter.
 - CPU / local spec: megatron's local DotProductAttention cannot take MLA's k/v head dims and its
-  torch norm refuses sequence parallelism, so they become SDPAttention and RMSNorm (attention.py).
+  torch norm refuses sequence parallelism, so they become SDPAttention and RMSNorm (attention.py);
+  MLA becomes PositionedMLA, which adds shared-prefix rope positions (rl.share_prompts).
 - GPU spec: megatron's transformer-engine spec as is (fused layernorm+linear, TE attention, grouped
   GEMM experts); only the router changes.
 """
@@ -15,17 +16,21 @@ import functools
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from r1_megatron.config.schema import ModelConfig
-from r1_megatron.model.attention import RMSNorm, SDPAttention
+from r1_megatron.model.attention import PositionedMLA, RMSNorm, SDPAttention
 from r1_megatron.model.router import DeepSeekV3Router
 
-# Local-spec modules that cannot run our models, and what replaces them.
-LOCAL_SUBSTITUTES: dict[type, type] = {DotProductAttention: SDPAttention, WrappedTorchNorm: RMSNorm}
+# Local-spec modules that cannot run our models, and what replaces them. PositionedMLA is MLA with
+# shared-prefix rope positions (attention.py; rl.share_prompts), identical otherwise.
+LOCAL_SUBSTITUTES: dict[type, type] = {
+    DotProductAttention: SDPAttention, WrappedTorchNorm: RMSNorm, MLASelfAttention: PositionedMLA,
+}
 
 
 def _substitute(node, table: dict, seen: set[int]):

@@ -153,10 +153,16 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     return out
 
 
-def microbatches(batch: RolloutBatch, capacity: int, rows_per_microbatch: int = 1) -> list[Microbatch]:
-    """This DP rank's packed microbatches of `batch`, with the loss's per-token tensors as extras.
+def microbatches(batch: RolloutBatch, capacity: int, rows_per_microbatch: int = 1,
+                 share_prompts: bool = False) -> list[Microbatch]:
+    """This DP rank's packed microbatches of `batch`, with the loss's per-token tensors as extras;
+    each group's prompt packed once with share_prompts (rl/shared_prompts.py), else once per sample.
 
     Rows are padded (with empty rows) to a multiple of dp so every rank runs the same schedule."""
+    if share_prompts:
+        from r1_megatron.rl.shared_prompts import shared_prompt_microbatches
+
+        return _dp_share(shared_prompt_microbatches(batch, capacity, rows_per_microbatch))
     seqs = [sequence_tensors(s) for s in batch.samples]
     capacity = tight_capacity([len(q.tokens) for q in seqs], capacity)
     # pack() shifts a token-aligned mask onto labels; sequence_tensors' mask is label-aligned already,
@@ -167,7 +173,11 @@ def microbatches(batch: RolloutBatch, capacity: int, rows_per_microbatch: int = 
         name: pack_values(packed, [getattr(q, name) for q in seqs], fill=1.0 if name == "token_seq_len" else 0.0)
         for name in ("advantages", "rollout_logprobs", "token_seq_len")
     }
-    mbs = packed_microbatches(packed, rows_per_microbatch, extras)
+    return _dp_share(packed_microbatches(packed, rows_per_microbatch, extras))
+
+
+def _dp_share(mbs: list[Microbatch]) -> list[Microbatch]:
+    """This DP rank's share of `mbs`, padded first with empty microbatches to a multiple of dp."""
     dp = parallel_state.get_data_parallel_world_size()
     while len(mbs) % dp:
         mbs.append(_empty_like(mbs[-1]))

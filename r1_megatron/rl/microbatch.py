@@ -22,6 +22,8 @@ class Microbatch:
     """One microbatch. tokens, labels (long), loss_mask (float), position_ids (long): [b, s].
 
     cu_seqlens: int32 [n + 1] for a packed stream (then b == 1), None for padded rows.
+    segment_prefix: long [n] for a stream with shared prefixes (rl/shared_prompts.py): the segment
+    each segment also attends to (-1: none); position_ids then hold the rope positions. None otherwise.
     extras: per-token tensors [b, s] for the loss function (e.g. old_logprobs, ref_logprobs,
     rollout_logprobs, advantages, token_seq_len), padded along with the tokens.
     """
@@ -32,6 +34,7 @@ class Microbatch:
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    segment_prefix: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.tokens.shape)
@@ -48,6 +51,11 @@ class Microbatch:
             if int(self.cu_seqlens[-1]) != shape[1]:
                 end = int(self.cu_seqlens[-1])
                 raise ValueError(f"Microbatch.cu_seqlens ends at {end}, the stream has {shape[1]}")
+        if self.segment_prefix is not None:
+            n = 0 if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+            if self.segment_prefix.shape != (n,):
+                raise ValueError(f"Microbatch.segment_prefix: shape {tuple(self.segment_prefix.shape)}, "
+                                 f"the stream has {n} segments (cu_seqlens)")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,9 +76,11 @@ class Microbatch:
             return torch.cat([t, pad], dim=1)
 
         positions = torch.arange(length - s, device=self.position_ids.device).expand(self.shape[0], -1)
-        cu = None
+        cu = prefix = None
         if self.cu_seqlens is not None:
             cu = torch.cat([self.cu_seqlens, self.cu_seqlens.new_tensor([length])])
+        if self.segment_prefix is not None:
+            prefix = torch.cat([self.segment_prefix, self.segment_prefix.new_tensor([-1])])
         return replace(
             self,
             tokens=grow(self.tokens, 0),
@@ -79,6 +89,7 @@ class Microbatch:
             position_ids=torch.cat([self.position_ids, positions], dim=1),
             cu_seqlens=cu,
             extras={k: grow(v, 0.0 if v.is_floating_point() else 0) for k, v in self.extras.items()},
+            segment_prefix=prefix,
         )
 
     def to(self, device: torch.device) -> Microbatch:
@@ -91,6 +102,7 @@ class Microbatch:
             position_ids=move(self.position_ids),
             cu_seqlens=move(self.cu_seqlens),
             extras={k: move(v) for k, v in self.extras.items()},
+            segment_prefix=move(self.segment_prefix),
         )
 
 

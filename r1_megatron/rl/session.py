@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from r1_megatron.checkpoint import dist as dist_ckpt
 from r1_megatron.config.schema import JobConfig
+from r1_megatron.model.attention import supports_shared_prefix
 from r1_megatron.offload import Offloader, model_tensors
 from r1_megatron.rl.microbatch import Microbatch
 from r1_megatron.rl.train_step import Trainer
@@ -119,6 +120,11 @@ class RunState:
         self.layout, self.device = init_process_groups(cfg)
         self.tokenizer = load_tokenizer()
         self.trainer = Trainer(cfg, self.layout, self.device)
+        if cfg.rl.share_prompts and not supports_shared_prefix(self.trainer.unwrapped):
+            raise ValueError(
+                "rl.share_prompts=true needs attention that lets a response see its group's shared prompt: "
+                "the local spec's MLA (CPU path, DeepSeek-V3 cards). This model's attention layers do not "
+                f"(device {self.device.type}, arch {cfg.model.arch}); set rl.share_prompts=false")
         extra = dist_ckpt.resume(self.trainer, self.ckpt_root) if cfg.checkpoint.resume else None
         if extra is None:
             load_initial_weights(self.trainer, cfg.checkpoint.load)
@@ -207,7 +213,8 @@ class RunState:
         adv_metrics = assign_advantages(batch, rl, max_len, seq_k1)
         parts = []
         for part in grpo.minibatches(batch, rl.num_minibatches):
-            mbs = grpo.microbatches(part, self.cfg.data.seq_length, self.layout.micro_batch_size)
+            mbs = grpo.microbatches(part, self.cfg.data.seq_length, self.layout.micro_batch_size,
+                                    share_prompts=rl.share_prompts)
             if not grpo.fuses_old_logprobs(rl):
                 grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
             if self.reference is not None and rl.kl_in == "loss":

@@ -43,6 +43,7 @@ from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_t
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from r1_megatron.config.schema import JobConfig, ParallelConfig
+from r1_megatron.model.attention import SharedPrefixParams
 from r1_megatron.model.provider import build_model, mtp_disabled
 from r1_megatron.parallel.replicas import ReplicaManager
 from r1_megatron.rl.microbatch import Microbatch
@@ -167,12 +168,15 @@ class Trainer:
         if mb.cu_seqlens is not None:
             cu = mb.cu_seqlens.to(torch.int32)
             longest = int((cu[1:] - cu[:-1]).max())
-            packed = PackedSeqParams(
+            shared = {} if mb.segment_prefix is None else {
+                "prefix_of": mb.segment_prefix, "positions": mb.position_ids.reshape(-1)}
+            packed = (SharedPrefixParams if shared else PackedSeqParams)(
                 qkv_format="thd",
                 cu_seqlens_q=cu,
                 cu_seqlens_kv=cu,
                 max_seqlen_q=longest,
                 max_seqlen_kv=longest,
+                **shared,
             )
         out = model(
             mb.tokens,
