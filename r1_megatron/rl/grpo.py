@@ -21,6 +21,7 @@ from r1_megatron.config.schema import JobConfig, RLConfig
 from r1_megatron.data.packing import best_fit_decreasing, pack, pack_values
 from r1_megatron.rl.losses import policy_loss
 from r1_megatron.rl.microbatch import Microbatch, packed_microbatches, shard_for_data_parallel
+from r1_megatron.rl.shared_prompts import EXTRAS, FILL, shared_prompt_microbatches
 from r1_megatron.rl.types import LossNorm, RolloutBatch, Sample, sequence_tensors
 from r1_megatron.rollout.engine import RolloutEngine, SamplingParams
 
@@ -160,8 +161,6 @@ def microbatches(batch: RolloutBatch, capacity: int, rows_per_microbatch: int = 
 
     Rows are padded (with empty rows) to a multiple of dp so every rank runs the same schedule."""
     if share_prompts:
-        from r1_megatron.rl.shared_prompts import shared_prompt_microbatches
-
         return _dp_share(shared_prompt_microbatches(batch, capacity, rows_per_microbatch))
     seqs = [sequence_tensors(s) for s in batch.samples]
     capacity = tight_capacity([len(q.tokens) for q in seqs], capacity)
@@ -170,8 +169,7 @@ def microbatches(batch: RolloutBatch, capacity: int, rows_per_microbatch: int = 
     token_masks = [torch.cat([q.loss_mask.new_zeros(1), q.loss_mask[:-1]]) for q in seqs]
     packed = pack([q.tokens for q in seqs], capacity, loss_masks=token_masks)
     extras = {
-        name: pack_values(packed, [getattr(q, name) for q in seqs], fill=1.0 if name == "token_seq_len" else 0.0)
-        for name in ("advantages", "rollout_logprobs", "token_seq_len")
+        name: pack_values(packed, [getattr(q, name) for q in seqs], fill=FILL[name]) for name in EXTRAS
     }
     return _dp_share(packed_microbatches(packed, rows_per_microbatch, extras))
 

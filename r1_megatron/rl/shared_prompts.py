@@ -24,8 +24,10 @@ import torch
 from r1_megatron.rl.microbatch import Microbatch
 from r1_megatron.rl.types import RolloutBatch, Sample, sequence_tensors
 
+# The loss's per-token tensors of a packed microbatch (both packings) and their value off the
+# response tokens; token_seq_len divides, so it is never 0.
 EXTRAS = ("advantages", "rollout_logprobs", "token_seq_len")
-FILL = {"advantages": 0.0, "rollout_logprobs": 0.0, "token_seq_len": 1.0}  # token_seq_len divides
+FILL = {"advantages": 0.0, "rollout_logprobs": 0.0, "token_seq_len": 1.0}
 
 
 @dataclass
