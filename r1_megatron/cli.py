@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1m: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    from r1_megatron.config.loader import ConfigError
+
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except ConfigError as e:  # one line naming the key beats a traceback through the loader
+        print(f"r1m {name}: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

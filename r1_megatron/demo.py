@@ -70,7 +70,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rl_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=str(base_root)))
     run = RunState(rl_cfg)
-    base_acc = run.evaluate()
+    base_file = out / "base_accuracy.json"
+    if run.trainer.step == 0:
+        base_acc = run.evaluate()
+        base_file.write_text(json.dumps({"base_accuracy": base_acc}))
+    elif base_file.is_file():  # resumed mid-GRPO: the policy is no longer the base; use what it scored
+        base_acc = json.loads(base_file.read_text())["base_accuracy"]
+    else:
+        run.close()
+        raise SystemExit(f"r1m demo: {out} holds a GRPO run at step {run.trainer.step} but not the base's "
+                         f"accuracy ({base_file.name}); use another --out or remove {out}")
     print(f"base held-out accuracy (pass@1, 4 samples): {base_acc:.3f}", flush=True)
     loop.train(rl_cfg, run=run)
     final_acc = run.evaluate()

@@ -187,11 +187,47 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# What a resumed run may change (keys, or sections ending in "."): how long it runs, how it reports,
+# and how it is laid out on the machines (any layout resumes any other's checkpoint), not what it computes.
+RESUMABLE = ("rl.steps", "rl.eval_every", "checkpoint.", "logging.", "parallel.", "offload.", "rollout.tp",
+             "rollout.gpu_memory_utilization", "rollout.bucket_mb", "rollout.enforce_eager")
+
+
+def _resumable(key: str) -> bool:
+    return key in RESUMABLE or key.startswith(tuple(k for k in RESUMABLE if k.endswith(".")))
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def save_resolved(cfg: JobConfig, run_dir: str | Path) -> Path:
-    """Write the resolved config next to the run's outputs, so a run can be reproduced exactly."""
+    """Write the resolved config next to the run's outputs, so a run can be reproduced exactly.
+
+    When the run dir already holds a checkpoint the job would resume from (a `latest` pointer in one
+    of its subdirectories or in checkpoint.dir), its saved config must agree with `cfg` on every key
+    but RESUMABLE ones; otherwise ConfigError names each key with both values and nothing is
+    written, so a rerun with other settings (another seed, say) never silently continues the old run."""
     out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
     target = out / "config.resolved.yaml"
+    pointers = [*out.glob("*/latest"), *([Path(cfg.checkpoint.dir) / "latest"] if cfg.checkpoint.dir else [])]
+    if cfg.checkpoint.resume and target.is_file() and any(p.is_file() for p in pointers):
+        old, new = _flat(_read_yaml(target)), _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+        changed = [k for k in sorted(old.keys() | new.keys())
+                   if old.get(k) != new.get(k) and not _resumable(k)]
+        if changed:
+            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise ConfigError(
+                f"{out} holds a run made with another config, which this one would resume: {diffs}{more}; "
+                f"use another run dir, remove {out}, or set checkpoint.resume=false")
+    out.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return target
 

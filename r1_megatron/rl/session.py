@@ -166,7 +166,8 @@ class RunState:
             return {}
         report = self.refitter.refit(stream, reference=reference)
         return {"refit/version": report["version"], "refit/bytes": report["bytes"],
-                "refit/seconds": report["seconds"], "refit/canary_max_err": report["canary_max_err"]}
+                "refit/seconds": report["seconds"], "refit/canary_max_err": report["canary_max_err"],
+                **{f"refit/{part}_s": s for part, s in report["split"].items()}}
 
     def rollout(self):
         """Generate and score one batch (each engine rank its share), with dynamic sampling."""

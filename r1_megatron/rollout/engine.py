@@ -78,6 +78,9 @@ class RolloutEngine(abc.ABC):
     """
 
     weights_version: int = 0
+    # Seconds per part of the last update_weights, for engines that measure them (the refit log and
+    # bench/refit.py show them). Engines assign a new dict; this shared default stays empty.
+    refit_split: dict[str, float] = {}  # noqa: RUF012
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[GenSample]]:

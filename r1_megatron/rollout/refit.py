@@ -119,7 +119,8 @@ class Refitter:
     def refit(self, weights: WeightStream, reference: Reference | None = None) -> dict[str, Any]:
         """Stream `weights` into the engine, wake it fully, then check the canary against `reference`
         (skipped when None). Returns {version, bytes, seconds, buckets, tensors, bytes_per_s,
-        canary_max_err}; `seconds` covers the load alone."""
+        canary_max_err, split}; `seconds` covers the load alone, `split` is the engine's
+        `refit_split` (seconds per part of the load, when it measures them)."""
         if reference is not None and self.canary_tokens is None:
             raise ValueError("Refitter: a canary reference was given but no canary_tokens")
         self.version += 1
@@ -145,6 +146,7 @@ class Refitter:
             "seconds": seconds,
             "bytes_per_s": stats["bytes"] / seconds if seconds > 0 else float("inf"),
             "canary_max_err": None,
+            "split": dict(self.engine.refit_split),
         }
         if reference is not None:
             assert self.canary_tokens is not None

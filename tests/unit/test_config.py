@@ -82,3 +82,24 @@ def test_resolved_config_round_trip(tmp_path):
     cfg = load_config(None, ["model.card=tiny_moe", "rl.steps=7", "reward.weights={accuracy: 1.0, code: 0.5}"])
     path = save_resolved(cfg, tmp_path / "run")
     assert config_from_resolved(path) == cfg
+
+
+def test_resume_refuses_another_config(tmp_path):
+    """A run dir with a checkpoint keeps its config: a rerun that changes what the run computes is
+    refused with the keys and both values, and the saved config stays as it was."""
+    run = tmp_path / "run"
+    first = load_config(None, ["model.card=tiny_moe", "rl.steps=7", "seed=3"])
+    save_resolved(first, run)
+    save_resolved(load_config(None, ["model.card=tiny_moe", "seed=4"]), run)  # no checkpoint yet: fine
+    save_resolved(first, run)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_000007")
+    changed = load_config(None, ["model.card=tiny_moe", "rl.steps=7", "seed=4", "optim.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"another config.*: optim\.lr: 0\.0001 -> 0\.001; seed: 3 -> 4; use"):
+        save_resolved(changed, run)
+    assert config_from_resolved(run / "config.resolved.yaml") == first
+    longer = load_config(None, ["model.card=tiny_moe", "rl.steps=20", "seed=3", "logging.progress=false",
+                                "parallel.tp=2", "parallel.sequence_parallel=true"])
+    assert config_from_resolved(save_resolved(longer, run)) == longer  # more steps, reporting, layout
+    fresh = load_config(None, ["model.card=tiny_moe", "seed=5", "checkpoint.resume=false"])
+    assert config_from_resolved(save_resolved(fresh, run)) == fresh
