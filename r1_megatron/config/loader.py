@@ -216,9 +216,10 @@ def save_resolved(cfg: JobConfig, run_dir: str | Path) -> Path:
     written, so a rerun with other settings (another seed, say) never silently continues the old run."""
     out = Path(run_dir)
     target = out / "config.resolved.yaml"
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     pointers = [*out.glob("*/latest"), *([Path(cfg.checkpoint.dir) / "latest"] if cfg.checkpoint.dir else [])]
     if cfg.checkpoint.resume and target.is_file() and any(p.is_file() for p in pointers):
-        old, new = _flat(_read_yaml(target)), _flat(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+        old, new = _flat(_read_yaml(target)), _flat(yaml.safe_load(text))
         changed = [k for k in sorted(old.keys() | new.keys())
                    if old.get(k) != new.get(k) and not _resumable(k)]
         if changed:
@@ -228,7 +229,7 @@ def save_resolved(cfg: JobConfig, run_dir: str | Path) -> Path:
                 f"{out} holds a run made with another config, which this one would resume: {diffs}{more}; "
                 f"use another run dir, remove {out}, or set checkpoint.resume=false")
     out.mkdir(parents=True, exist_ok=True)
-    target.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    target.write_text(text)
     return target
 
 
