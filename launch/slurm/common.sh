@@ -65,6 +65,10 @@ export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 # Print NCCL's topology and transport choice once per rank: WARN by default, INFO to debug a hang.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# $HOME is not mounted in the container (--no-container-mount-home below): the caches that default
+# under it (vLLM's and HF's ~/.cache, triton's ~/.triton) go to the node's local /tmp instead.
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/r1m-cache-$SLURM_JOB_ID}
+export TRITON_HOME=${TRITON_HOME:-$XDG_CACHE_HOME}
 # vLLM as a library inside the trainer process, sharing the GPU (SPEC §7).
 export VLLM_ENABLE_V1_MULTIPROCESSING=${VLLM_ENABLE_V1_MULTIPROCESSING:-0}
 

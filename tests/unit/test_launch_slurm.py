@@ -135,11 +135,13 @@ def test_gloo_interface_from_an_exclusion(tmp_path):
     assert "GLOO_SOCKET_IFNAME" not in _torchrun_gloo_env(tmp_path / "d", route, None)
 
 
-def test_sbatch_leaves_gloo_ifname_unset(tmp_path):
+def test_sbatch_environment(tmp_path):
+    """NCCL keeps its exclusion, gloo gets none; caches leave the unmounted $HOME for node-local /tmp."""
     env = fake_slurm(tmp_path)
     assert _run(["bash", "launch/slurm/grpo.sbatch"], env).returncode == 0
     srun_env = env_of(tmp_path / "log/srun.env")
     assert srun_env["NCCL_SOCKET_IFNAME"] == "^lo,docker0" and "GLOO_SOCKET_IFNAME" not in srun_env
+    assert srun_env["XDG_CACHE_HOME"] == srun_env["TRITON_HOME"] == "/tmp/r1m-cache-4242"
 
 
 def test_torchrun_uses_the_checkout_interpreter(tmp_path):
