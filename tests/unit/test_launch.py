@@ -18,7 +18,8 @@ from _fake_slurm import BIN, REPO, free_port
 from _fake_slurm import fake_slurm as _fake_slurm
 from _fake_slurm import lines as _lines
 
-SCRIPTS = [REPO / "launch/torchrun.sh", REPO / "launch/gpu_check.sh", *sorted((REPO / "launch/slurm").iterdir())]
+SCRIPTS = [REPO / f"launch/{name}.sh" for name in ("torchrun", "gpu_check")]
+SCRIPTS += sorted((REPO / "launch/slurm").iterdir())
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_scripts_parse(script):
@@ -94,7 +95,8 @@ def test_dry_run_and_other_commands(tmp_path):
     assert "--nproc-per-node=4" in argv and "--rdzv-endpoint=node01:31000" in argv
     assert argv[argv.index("r1_megatron.cli") + 1] == "validate"
     env = _fake_slurm(tmp_path / "sft")
-    subprocess.run(["bash", "launch/slurm/sft.sbatch", "x=1"], cwd=REPO, env=env, check=True, capture_output=True)
+    sft = ["bash", "launch/slurm/sft.sbatch", "x=1"]
+    subprocess.run(sft, cwd=REPO, env=env, check=True, capture_output=True)
     argv = _lines(tmp_path / "sft/log/torchrun.argv")
     assert argv[argv.index("r1_megatron.cli") + 1 :][:2] == ["sft", "configs/dsv3_671b_grpo_256xh100.yaml"]
     assert argv[-1] == "x=1"

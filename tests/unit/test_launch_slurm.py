@@ -16,16 +16,33 @@ from _fake_slurm import REPO, env_of, fake_slurm, free_port, lines
 
 
 def _run(args: list[str], env: dict, timeout: int = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 DRY_RUNS = [
-    ("grpo.sbatch", "configs/demo_cpu.yaml", {}, ["parallel.tp=2", "parallel.sequence_parallel=true"],
-     "world 4 = tp 2 x pp 1 x dp 2"),
-    ("sft.sbatch", "configs/micro_moe_sft.yaml", {}, ["parallel.tp=2", "parallel.pp=2"],
-     "world 4 = tp 2 x pp 2 x dp 1"),
-    ("convert.sbatch", "configs/micro_moe_sft.yaml", {"HF_DIR": "/hf", "OUT_DIR": "/out", "TP": "2", "PP": "2",
-     "EP": "2"}, [], "world 4 = tp 2 x pp 2 x dp 1"),
+    (
+        "grpo.sbatch",
+        "configs/demo_cpu.yaml",
+        {},
+        ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        "world 4 = tp 2 x pp 1 x dp 2",
+    ),
+    (
+        "sft.sbatch",
+        "configs/micro_moe_sft.yaml",
+        {},
+        ["parallel.tp=2", "parallel.pp=2"],
+        "world 4 = tp 2 x pp 2 x dp 1",
+    ),
+    (
+        "convert.sbatch",
+        "configs/micro_moe_sft.yaml",
+        {"HF_DIR": "/hf", "OUT_DIR": "/out", "TP": "2", "PP": "2", "EP": "2"},
+        [],
+        "world 4 = tp 2 x pp 2 x dp 1",
+    ),
 ]
 
 
@@ -34,9 +51,18 @@ def test_sbatch_dry_run_validates_on_four_cpu_ranks(tmp_path, script, config, ex
     """One fake node with 4 CPU ranks: srun's step is launch/torchrun.sh, torchrun is real, every rank
     runs `r1m validate` on the config."""
     env = fake_slurm(
-        tmp_path, fakes=("srun", "scontrol"), SLURM_JOB_NUM_NODES="1", FAKE_HOSTS="127.0.0.1",
-        NPROC_PER_NODE="4", MASTER_PORT=str(free_port()), DRY_RUN="1", CONFIG=config, TORCHRUN="",
-        OMP_NUM_THREADS="1", R1M_VALIDATE_TIMEOUT="120", **extra_env,
+        tmp_path,
+        fakes=("srun", "scontrol"),
+        SLURM_JOB_NUM_NODES="1",
+        FAKE_HOSTS="127.0.0.1",
+        NPROC_PER_NODE="4",
+        MASTER_PORT=str(free_port()),
+        DRY_RUN="1",
+        CONFIG=config,
+        TORCHRUN="",
+        OMP_NUM_THREADS="1",
+        R1M_VALIDATE_TIMEOUT="120",
+        **extra_env,
     )
     r = _run(["bash", f"launch/slurm/{script}", *overrides], env, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -49,14 +75,30 @@ def test_sbatch_dry_run_validates_on_four_cpu_ranks(tmp_path, script, config, ex
 
 
 def test_convert_sbatch_builds_hf_to_mcore(tmp_path):
-    env = fake_slurm(tmp_path, HF_DIR="/data/DeepSeek-V3", OUT_DIR="/data/dsv3-mcore", TP="1", PP="16", EP="16")
+    env = fake_slurm(
+        tmp_path, HF_DIR="/data/DeepSeek-V3", OUT_DIR="/data/dsv3-mcore", TP="1", PP="16", EP="16"
+    )
     del env["CONFIG"]  # conversion needs no job config
     r = _run(["bash", "launch/slurm/convert.sbatch", "--card", "deepseek_v3_671b"], env)
     assert r.returncode == 0, r.stderr
     argv = lines(tmp_path / "log/torchrun.argv")
     assert argv[argv.index("-m") :] == [
-        "-m", "r1_megatron.cli", "convert", "hf-to-mcore", "--hf", "/data/DeepSeek-V3",
-        "--out", "/data/dsv3-mcore", "--tp", "1", "--pp", "16", "--ep", "16", "--card", "deepseek_v3_671b",
+        "-m",
+        "r1_megatron.cli",
+        "convert",
+        "hf-to-mcore",
+        "--hf",
+        "/data/DeepSeek-V3",
+        "--out",
+        "/data/dsv3-mcore",
+        "--tp",
+        "1",
+        "--pp",
+        "16",
+        "--ep",
+        "16",
+        "--card",
+        "deepseek_v3_671b",
     ]
     assert "--nnodes=4" in argv and "--rdzv-id=4242" in argv
     assert (tmp_path / "shared/runs/convert-dsv3-mcore/logs/job-4242").is_dir()
@@ -88,11 +130,14 @@ def test_preflight_stops_the_job_on_a_cpu_machine(tmp_path):
 def _gloo_init(ifname: str) -> subprocess.CompletedProcess:
     code = (
         "import torch.distributed as dist; "
-        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1); "
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1);"
+        " "
         "dist.destroy_process_group()"
     )
     env = {**os.environ, "GLOO_SOCKET_IFNAME": ifname}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def test_gloo_rejects_nccl_exclusion_syntax():
@@ -111,8 +156,12 @@ def _default_route_interface() -> str | None:
 
 def _torchrun_gloo_env(tmp_path: Path, route: str, ifname: str | None) -> dict[str, str]:
     env = fake_slurm(
-        tmp_path, fakes=("torchrun", "ip", "getent"), MASTER_ADDR="node01", CONFIG="configs/micro_moe_sft.yaml",
-        FAKE_GETENT="10.1.2.3      STREAM node01", FAKE_IP_ROUTE=route,
+        tmp_path,
+        fakes=("torchrun", "ip", "getent"),
+        MASTER_ADDR="node01",
+        CONFIG="configs/micro_moe_sft.yaml",
+        FAKE_GETENT="10.1.2.3      STREAM node01",
+        FAKE_IP_ROUTE=route,
     )
     if ifname is not None:
         env["GLOO_SOCKET_IFNAME"] = ifname
@@ -145,7 +194,7 @@ def test_sbatch_environment(tmp_path):
 
 
 def test_torchrun_uses_the_checkout_interpreter(tmp_path):
-    """No activated venv and no torchrun on PATH: the checkout's .venv/bin/python runs torch.distributed.run."""
+    """No activated venv, no torchrun on PATH: the checkout's .venv/bin/python runs torch.distributed.run."""
     checkout = tmp_path / "checkout"
     (checkout / "launch").mkdir(parents=True)
     shutil.copy(REPO / "launch/torchrun.sh", checkout / "launch/torchrun.sh")
@@ -155,7 +204,11 @@ def test_torchrun_uses_the_checkout_interpreter(tmp_path):
     assert r.returncode == 0, r.stderr
     argv = lines(tmp_path / "log/python3.argv")  # no .venv: python3 from PATH
     assert argv[:2] == ["-m", "torch.distributed.run"] and argv[-4:] == [
-        "r1_megatron.cli", "train", "configs/micro_moe_sft.yaml", "x=1"]
+        "r1_megatron.cli",
+        "train",
+        "configs/micro_moe_sft.yaml",
+        "x=1",
+    ]
 
     (checkout / ".venv/bin").mkdir(parents=True)
     shutil.copy(tmp_path / "bin/python3", checkout / ".venv/bin/python")
