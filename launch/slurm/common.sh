@@ -23,6 +23,9 @@ MASTER_PORT=${MASTER_PORT:-29500}
 # `r1m doctor --require-gpu` on every node before torchrun: a wrong image or a node without GPUs
 # fails in seconds with the reason instead of inside the first collective.
 export PREFLIGHT=${PREFLIGHT:-1}
+# The image's interpreter: a .venv in the mounted checkout (a CPU venv from launch/setup_env.sh) must not
+# be picked up by launch/torchrun.sh inside the container.
+export R1M_PYTHON=${R1M_PYTHON:-python3}
 
 if [[ -n "${CONFIG:-}" ]]; then
   RUN_NAME=${RUN_NAME:-$(basename "${CONFIG%.yaml}")}

@@ -185,12 +185,14 @@ def test_gloo_interface_from_an_exclusion(tmp_path):
 
 
 def test_sbatch_environment(tmp_path):
-    """NCCL keeps its exclusion, gloo gets none; caches leave the unmounted $HOME for node-local /tmp."""
+    """NCCL keeps its exclusion, gloo gets none; caches leave the unmounted $HOME for node-local /tmp;
+    the step runs the image's python3."""
     env = fake_slurm(tmp_path)
     assert _run(["bash", "launch/slurm/grpo.sbatch"], env).returncode == 0
     srun_env = env_of(tmp_path / "log/srun.env")
     assert srun_env["NCCL_SOCKET_IFNAME"] == "^lo,docker0" and "GLOO_SOCKET_IFNAME" not in srun_env
     assert srun_env["XDG_CACHE_HOME"] == srun_env["TRITON_HOME"] == "/tmp/r1m-cache-4242"
+    assert srun_env["R1M_PYTHON"] == "python3"  # the image's, not a CPU .venv in the mounted checkout
 
 
 def test_torchrun_uses_the_checkout_interpreter(tmp_path):
