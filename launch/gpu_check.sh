@@ -4,6 +4,9 @@
 #
 #   bash launch/gpu_check.sh [OUT_DIR]        # default runs/gpu_check; the report is OUT_DIR/report.json
 #
+# R1M_PYTHON picks the interpreter [the checkout's .venv/bin/python when there is one, else python3]; in
+# the image of launch/container/Dockerfile set R1M_PYTHON=python3 if the mounted checkout has a CPU .venv.
+#
 # NEVER RUN YET: written against the GPU code paths without a GPU to run it on. Nothing in it counts as
 # measured until someone runs it and reads the report.
 #
