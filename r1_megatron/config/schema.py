@@ -136,7 +136,7 @@ class RLConfig:
     # ~(G-1)/G of the prompt tokens fewer to compute. Needs the local spec's MLA (CPU path).
     share_prompts: bool = False
     # mean |logprob error| between trainer and vLLM over the canary's sampled tokens after a refit;
-    # None: by dtype (rollout/refit.py CANARY_TOL: fp32 1e-3, bf16/fp16 looser)
+    # None: by the engine's and the trainer's dtypes (rollout/refit.py CANARY_TOL: fp32 1e-3, bf16 0.05, mixed 0.15)
     canary_tol: float | None = None
     entropy_coef: float = 0.0  # entropy bonus (0: off)
     eval_every: int = 0  # steps between held-out evaluations during RL (0: only before and after)

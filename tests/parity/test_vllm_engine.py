@@ -247,7 +247,7 @@ def test_linear_layers_compute_from_a_packed_copy(models, engine):
 
 def test_canary_catches_one_corrupted_expert(models, engine, fresh_b):
     _, model_b = models["B"]
-    refitter = Refitter(engine, bucket_mb=1.0, canary_tol=canary_tolerance(torch.float32),
+    refitter = Refitter(engine, bucket_mb=1.0, canary_tol=canary_tolerance(torch.float32, torch.float32),
                         canary_prompts=canary_sequences(vocab_size=512, length=16, count=2, seed=3))
     tokens = refitter.canary_tokens  # sampled by the engine with the weights it holds before the refit
     assert [t[:16] for t in tokens] == refitter.canary_prompts and all(len(t) == 32 for t in tokens)

@@ -4,7 +4,7 @@ Guarantees: `bucketize` keeps every (name, tensor) pair, in order, the very same
 bucket exceeds the size unless it holds one tensor larger than the size alone; buckets are filled
 greedily (a bucket closes only when the next tensor would not fit); bad sizes are refused. The
 canary sequences are deterministic, in range, and the CanaryError message names version and numbers;
-the default canary tolerance follows the loosest dtype.
+the default canary tolerance follows the engine's and the trainer's dtypes.
 """
 
 import pytest
@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r1_megatron.rollout.refit import CANARY_TOL, CanaryError, bucketize, canary_sequences, canary_tolerance
+from r1_megatron.rollout.refit import CANARY_TOL, CANARY_TOL_MIXED, CanaryError, bucketize, canary_sequences, canary_tolerance
 
 
 def _stream(numels: list[int], dtype=torch.float32):
@@ -91,7 +91,9 @@ def test_canary_error_message():
 
 
 def test_canary_tolerance_by_dtype():
-    # The loosest of the engine's and the trainer's dtypes decides; fp32 stays tight.
+    # Same dtype on both sides: fp32 tight, bf16/fp16 looser; mixed dtypes (the engine runs rounded
+    # weights) loosest, in either order.
     assert canary_tolerance("float32", torch.float32) == CANARY_TOL["float32"] == 1e-3
-    assert canary_tolerance("bfloat16", torch.float32) == canary_tolerance(torch.bfloat16) == CANARY_TOL["bfloat16"]
-    assert CANARY_TOL["bfloat16"] > 10 * CANARY_TOL["float32"]
+    assert canary_tolerance("bfloat16", torch.bfloat16) == CANARY_TOL["bfloat16"] > 10 * CANARY_TOL["float32"]
+    assert canary_tolerance("bfloat16", torch.float32) == canary_tolerance("float32", "bfloat16") == CANARY_TOL_MIXED
+    assert CANARY_TOL_MIXED > CANARY_TOL["bfloat16"]
