@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sharpen", type=float, default=8.0)
     args = p.parse_args(argv)
     quiet_vllm()
-    print("seed engine   trainer  mean_err  max_err   max_err_random  mean_logprob  mean_err_corrupted  max_err_corrupted")
+    print("seed engine   trainer  mean_err  max_err   max_err_random  mean_logprob  "
+          "mean_err_corrupted  max_err_corrupted")
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for row in measure(seed, args.sharpen, Path(tmp)):

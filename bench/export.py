@@ -9,8 +9,8 @@ the same number of bytes the plain way: one flat all-gather into a preallocated 
 contributing an equal share, so every rank ends with that many bytes (the floor of any multi-rank
 export, with no names, no splitting, no bucketing). Medians are compared. For scale, a local memcpy
 of the same bytes is printed too, and the bytes the export's collectives delivered to rank 0
-(tests/dist/_transport_scenarios.py counts them). After timing, the exported tensors are checked against the ranks'
-own shards (a fast but wrong export would not count).
+(tests/dist/_transport_scenarios.py counts them). After timing, the exported tensors are checked
+against the ranks' own shards (a fast but wrong export would not count).
 
 Last line: RATIO export_vs_copy=<export bytes/s / plain all-gather bytes/s>   (goal >= 0.5)
 """

@@ -113,10 +113,11 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         # vLLM 0.32 takes redundant slots only with enable_eplb, whose rebalancing (every
         # eplb_config.step_interval engine steps, no off switch) moves experts between slots while its
         # loader, and so every refit, still maps them by the initial placement: after the first
-        # rebalance a refit writes experts into the wrong slots. parallel.redundant_experts (training) is fine.
+        # rebalance a refit writes experts into the wrong slots. parallel.redundant_experts (training)
+        # is fine.
         raise ConfigError(
-            f"rollout.redundant_experts({cfg.rollout.redundant_experts}) > 0 needs vLLM's EPLB, whose rebalancing "
-            "makes refits land in the wrong expert slots; set rollout.redundant_experts=0")
+            f"rollout.redundant_experts({cfg.rollout.redundant_experts}) > 0 needs vLLM's EPLB, whose "
+            "rebalancing makes refits land in the wrong expert slots; set rollout.redundant_experts=0")
     for name, w in cfg.reward.weights.items():
         if w != w:
             raise ConfigError(f"reward.weights.{name} is NaN")

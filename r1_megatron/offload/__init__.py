@@ -21,13 +21,10 @@ engine weights), never trainer + engine weights + KV cache.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -102,7 +99,9 @@ class Offloader:
     @property
     def nbytes(self) -> int:
         """Bytes offloaded now, or that an offload now would move."""
-        return sum(self._nbytes.values()) if self.offloaded else sum(s.nbytes() for s in self._gather().values())
+        if self.offloaded:
+            return sum(self._nbytes.values())
+        return sum(s.nbytes() for s in self._gather().values())
 
     def offload(self) -> dict:
         """Copy every storage to host and free it on the device. Returns bytes moved and seconds."""
@@ -137,17 +136,6 @@ class Offloader:
         self._host.clear()
         self.offloaded = False
         return {"bytes": moved, "seconds": time.perf_counter() - start}
-
-    @contextlib.contextmanager
-    def offloaded_during(self, phase: str = "rollout") -> Iterator[dict]:
-        """`with off.offloaded_during("rollout") as stats:` frees the state for the block."""
-        stats = {"offload": self.offload()}
-        log.info("offload before %s: %.1f MB in %.3f s", phase, stats["offload"]["bytes"] / 2**20,
-                 stats["offload"]["seconds"])
-        try:
-            yield stats
-        finally:
-            stats["reload"] = self.reload()
 
 
 class TrainerOffload:

@@ -31,7 +31,8 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
     trainer, rl = run.trainer, cfg.rl
     train_metrics: dict = {}
     # Collected at each offload: Adam's moments appear only at the first step (offload/).
-    offload = TrainerOffload(trainer.model[0], trainer.optimizer, cfg.offload.pin_memory) if cfg.offload.enabled else None
+    offload = TrainerOffload(trainer.model[0], trainer.optimizer, cfg.offload.pin_memory) \
+        if cfg.offload.enabled else None
     log, metrics = MetricsLogger(cfg.logging, run.run_dir), {}
     for step in run.progress(range(trainer.step, rl.steps)):
         timer = grpo.PhaseTimer()

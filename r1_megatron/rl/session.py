@@ -147,8 +147,8 @@ class RunState:
             self.pool = RewardPool(cfg.reward)
         tol = cfg.rl.canary_tol if cfg.rl.canary_tol is not None else \
             canary_tolerance(cfg.rollout.dtype, next(self.trainer.unwrapped.parameters()).dtype)
-        self.refitter = Refitter(self.engine, cfg.rollout.bucket_mb, tol, self.canary_prompts, cfg.rl.canary_length) \
-            if self.engine is not None else None
+        self.refitter = Refitter(self.engine, cfg.rollout.bucket_mb, tol, self.canary_prompts,
+                                 cfg.rl.canary_length) if self.engine is not None else None
         self._bar = None
 
     @staticmethod

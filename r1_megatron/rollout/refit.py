@@ -58,7 +58,9 @@ CANARY_TOL_MIXED = 0.15  # engine and trainer in different dtypes
 def canary_tolerance(engine_dtype: torch.dtype | str, trainer_dtype: torch.dtype | str) -> float:
     """The default canary tolerance for an engine and a trainer in these dtypes."""
     engine, trainer = (str(d).removeprefix("torch.") for d in (engine_dtype, trainer_dtype))
-    return CANARY_TOL[engine] if engine == trainer else max(CANARY_TOL_MIXED, CANARY_TOL[engine], CANARY_TOL[trainer])
+    if engine == trainer:
+        return CANARY_TOL[engine]
+    return max(CANARY_TOL_MIXED, CANARY_TOL[engine], CANARY_TOL[trainer])
 
 
 class CanaryError(RuntimeError):
@@ -166,7 +168,11 @@ class Refitter:
         return [p + group[0].token_ids for p, group in zip(self.canary_prompts, out, strict=True)]
 
     def refit(
-        self, weights: WeightStream, reference: Reference | None = None, *, after_load: Callable[[], Any] | None = None
+        self,
+        weights: WeightStream,
+        reference: Reference | None = None,
+        *,
+        after_load: Callable[[], Any] | None = None,
     ) -> dict[str, Any]:
         """Stream `weights` into the engine, call `after_load` (the caller frees what the stream read),
         wake the engine fully, then check the canary against `reference`, the trainer's logprobs of

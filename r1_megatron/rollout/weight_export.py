@@ -157,7 +157,8 @@ def _buckets(plan: list[_Entry], bucket_bytes: int) -> Iterator[list[_Entry]]:
     size = 0
     for e in plan:
         nbytes = e.numel * e.dtype.itemsize
-        if bucket and (size + nbytes > bucket_bytes or e.dtype != bucket[0].dtype or e.stage != bucket[0].stage):
+        kind = (e.dtype, e.stage)  # one dtype and one owning stage per bucket
+        if bucket and (size + nbytes > bucket_bytes or kind != (bucket[0].dtype, bucket[0].stage)):
             yield bucket
             bucket, size = [], 0
         bucket.append(e)

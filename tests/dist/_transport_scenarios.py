@@ -95,7 +95,8 @@ def compare(got: list, want: list) -> list[str]:
     if [k for k, _ in got] != [k for k, _ in want]:
         return ["names or order differ"]
     return [k for (k, a), (_, b) in zip(got, want, strict=True)
-            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(torch.uint8), b.view(torch.uint8))]
+            if a.dtype != b.dtype or a.shape != b.shape
+            or not torch.equal(a.view(torch.uint8), b.view(torch.uint8))]
 
 
 def layouts(out: Path, specs: list[str]) -> None:

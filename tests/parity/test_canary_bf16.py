@@ -43,7 +43,8 @@ def test_bf16_canary_passes_a_correct_refit_and_catches_a_corrupted_expert(tmp_p
                             canary_prompts=canary_sequences(vocab_size=512, length=16, count=2, seed=3))
         for dtype, trainer in trainers.items():
             refitter.canary_tol = canary_tolerance("bfloat16", dtype)
-            report = refitter.refit(iter(weights.items()), reference=lambda toks, m=trainer: hf_logprobs(m, toks))
+            reference = lambda toks, m=trainer: hf_logprobs(m, toks)  # noqa: E731
+            report = refitter.refit(iter(weights.items()), reference=reference)
             assert report["canary_mean_err"] <= refitter.canary_tol, (dtype, report)
         random_tokens = canary_sequences(vocab_size=512, length=32, count=2, seed=4)
         _, old_check, _ = canary_errors(engine, random_tokens, hf_logprobs(model_b, random_tokens))

@@ -66,7 +66,8 @@ def test_refit_offloads_and_wakes_in_order(tmp_path):
             def watched():
                 for i, pair in enumerate(weights):
                     if i == 0:
-                        events.append(f"(3) stream [params on: {_resident(params)}, grads off: {_freed(grads)}]")
+                        on, off_ = _resident(params), _freed(grads)
+                        events.append(f"(3) stream [params on: {on}, grads off: {off_}]")
                     yield pair
             return real_update(watched(), *args, **kwargs)
 

@@ -12,7 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r1_megatron.rollout.refit import CANARY_TOL, CANARY_TOL_MIXED, CanaryError, bucketize, canary_sequences, canary_tolerance
+from r1_megatron.rollout.refit import (
+    CANARY_TOL,
+    CANARY_TOL_MIXED,
+    CanaryError,
+    bucketize,
+    canary_sequences,
+    canary_tolerance,
+)
 
 
 def _stream(numels: list[int], dtype=torch.float32):
@@ -95,5 +102,6 @@ def test_canary_tolerance_by_dtype():
     # weights) loosest, in either order.
     assert canary_tolerance("float32", torch.float32) == CANARY_TOL["float32"] == 1e-3
     assert canary_tolerance("bfloat16", torch.bfloat16) == CANARY_TOL["bfloat16"] > 10 * CANARY_TOL["float32"]
-    assert canary_tolerance("bfloat16", torch.float32) == canary_tolerance("float32", "bfloat16") == CANARY_TOL_MIXED
+    mixed = canary_tolerance("bfloat16", torch.float32)
+    assert mixed == canary_tolerance("float32", "bfloat16") == CANARY_TOL_MIXED
     assert CANARY_TOL_MIXED > CANARY_TOL["bfloat16"]
