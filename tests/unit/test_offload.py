@@ -1,6 +1,7 @@
 """Offload frees every storage (size 0) and reload restores params, grads and optimizer state
 bit-exactly, keeping the same tensor objects so the optimizer keeps working."""
 
+import pytest
 import torch
 
 from r1_megatron.offload import Offloader, model_tensors, optimizer_tensors
@@ -126,3 +127,34 @@ def test_trainer_offload_reaches_adam_state_created_at_the_first_step():
     off.reload()
     for a, b in zip(before, (*params, *state, *grads), strict=True):
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.gpu
+def test_cuda_offload_frees_state_then_params_and_restores():
+    """CUDA: `state.offload()` frees exactly the grads' and Adam moments' bytes (created lazily at the
+    first step) while the params stay; `params.offload()` frees the params; `reload()` restores all
+    into pinned-host round trips bit-exactly."""
+    from r1_megatron.offload import TrainerOffload
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 64)).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    off = TrainerOffload(model, opt)  # before the first step, as the loop builds it
+    model(torch.randn(8, 256, device="cuda")).pow(2).mean().backward()
+    opt.step()
+    params = list(model.parameters())
+    state = _optimizer_state(opt)  # Adam's step counters stay on the host; the moments are on CUDA
+    grads = [p.grad for p in params]
+    on_cuda = [t for t in (*state, *grads) if t.is_cuda]
+    expected = sum(_storages((*state, *grads)).values())
+    before = [t.detach().clone().cpu() for t in (*params, *state, *grads)]
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    assert off.state.offload()["bytes"] == expected
+    assert start - torch.cuda.memory_allocated() >= sum(t.numel() * t.element_size() for t in on_cuda) > 0
+    assert all(p.untyped_storage().nbytes() > 0 for p in params)
+    off.params.offload()
+    assert all(p.untyped_storage().nbytes() == 0 for p in params)
+    off.reload()
+    for a, b in zip(before, (*params, *state, *grads), strict=True):
+        assert torch.equal(a, b.detach().cpu())
