@@ -214,6 +214,7 @@ class OffloadConfig:
 class DataConfig:
     """Prompts and sequences."""
 
+    tokenizer: str = ""  # HF tokenizer directory ("": the shipped 512-id test tokenizer of the tiny cards)
     task: str = "arithmetic"  # built-in task (arithmetic | countdown), or "" to read train_file
     template: Literal["r1_zero", "compact", "plain"] = "compact"  # prompt template (all end "Assistant: <think>")
     chat: bool = False  # wrap prompts in the tokenizer's chat template (same for SFT and RL)
