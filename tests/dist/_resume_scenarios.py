@@ -7,6 +7,9 @@ Modes (results go to OUT as torch files written by rank 0):
                       OUT/ckpt and takes step 3. With "refuse" after the layout it also resumes
                       OUT/noopt: refused by default, and with checkpoint.allow_fresh_optimizer it
                       loads and takes step 3 with a fresh Adam (the negative control)
+  gpu OUT             world 1 on CUDA with the distributed optimizer (model-space format): 2 steps,
+                      save, step 3 uninterrupted; resumed into the distributed and into the plain
+                      optimizer (the flat per-rank ranges read back as whole tensors), step 3
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def layout_config(spec: str, **checkpoint):
     tp, pp, ep, etp, dp, dispatcher = spec.split(",")
     cfg = job_config(tp=int(tp), pp=int(pp), ep=int(ep), etp=int(etp), dp=int(dp), dispatcher=dispatcher)
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, **checkpoint))
+
+
+def gpu_config(distributed: bool):
+    cfg = job_config(device="cuda", backend="nccl")
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, distributed_optimizer=distributed))
 
 
 def step3(trainer) -> dict:
@@ -77,6 +85,27 @@ def resume(out: Path, spec: str, refuse: bool) -> None:
     save_rank0(result, out / f"resume_{spec.replace(',', '_')}.pt")
 
 
+def gpu(out: Path) -> None:
+    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.rl.train_step import Trainer
+
+    layout, device = start(gpu_config(True))
+    trainer = Trainer(gpu_config(True), layout, device)
+    for seed in (1, 2):
+        sft_step(trainer, seed=seed)
+    ckpt.save(trainer, out / "ckpt")
+    result = {"uninterrupted": step3(trainer), "optimizer": type(trainer.optimizer.chained_optimizers[0]).__name__}
+    del trainer
+    gc.collect()
+    for name, distributed in (("distributed", True), ("plain", False)):
+        cfg = gpu_config(distributed)
+        trainer = Trainer(dataclasses.replace(cfg, seed=cfg.seed + 7), layout, device)
+        result[name] = {"extra": ckpt.resume(trainer, out / "ckpt"), **step3(trainer)}
+        del trainer
+        gc.collect()
+    save_rank0(result, out / "gpu.pt")
+
+
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     mode, out_dir, *rest = sys.argv[1:]
@@ -84,5 +113,7 @@ if __name__ == "__main__":
     out_path.mkdir(parents=True, exist_ok=True)
     if mode == "save":
         save(out_path)
+    elif mode == "gpu":
+        gpu(out_path)
     else:
         resume(out_path, rest[0], refuse=rest[1:] == ["refuse"])
