@@ -58,7 +58,8 @@ class _VocabParallelEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_entropy(logits: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """[..., V/tp] -> [...] (fp32, or fp64 for fp64 logits): -sum_v p_v log p_v over the whole vocabulary, differentiable.
+    """[..., V/tp] -> [...]: -sum_v p_v log p_v over the whole vocabulary, differentiable; fp32 (fp64
+    for fp64 logits).
 
     `logits` is this rank's vocabulary shard; `group` the ranks holding the other shards (None or a
     group of one: the whole vocabulary is here)."""

@@ -44,7 +44,8 @@ def test_hand_checked_two_token_case():
     cfg = RLConfig(kl_coef=0.0, entropy_coef=0.3, loss_agg="token-mean")
     one = torch.ones(1, dtype=torch.float64)
     x.grad = None
-    loss, _ = policy_loss(-one, -one, 0 * one, one, one, LossNorm(1, 1, 1), cfg, entropy=vocab_parallel_entropy(x[None]))
+    entropy = vocab_parallel_entropy(x[None])
+    loss, _ = policy_loss(-one, -one, 0 * one, one, one, LossNorm(1, 1, 1), cfg, entropy=entropy)
     loss.backward()
     assert x.grad.tolist() == pytest.approx([-0.3 * g for g in want], abs=1e-12)
 
@@ -161,7 +162,8 @@ def test_loss_with_entropy_coef_is_split_invariant(trainer):
     for rows in (1, 2, 4):
         mbs = grpo.microbatches(batch, 24, rows_per_microbatch=rows)
         metrics, grads, _, _ = _step(trainer, mbs, cfg, batch.loss_norm(16))
-        results.append((len(mbs), finalize_metrics(metrics), torch.cat([g.reshape(-1) for g in grads.values()])))
+        flat = torch.cat([g.reshape(-1) for g in grads.values()])
+        results.append((len(mbs), finalize_metrics(metrics), flat))
     assert len({n for n, _, _ in results}) == 3  # three different splits into microbatches
     _, m_ref, g_ref = results[0]
     assert m_ref["entropy_loss"] < 0
