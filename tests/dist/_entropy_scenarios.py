@@ -98,8 +98,7 @@ def layouts(out: Path, init: str, specs: list[str]) -> None:
 
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    mode, out_dir, *rest = sys.argv[1:]
-    out_path = Path(out_dir)
+    mode, out_path, rest = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     out_path.mkdir(parents=True, exist_ok=True)
     if mode == "reference":
         reference(out_path)

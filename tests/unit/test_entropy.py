@@ -8,7 +8,8 @@ Guarantees, at world size 1 (tests/dist/test_entropy.py covers tp2, pp2, tp2 x p
 - rl.entropy_coef > 0 changes the output layer's weight gradient by exactly -coef * sum_t w_t
   (dH_t/dlogits_t) h_t^T, with dH/dx = -p (log p + H) computed from the captured logits and hiddens;
 - the loss with rl.entropy_coef > 0 is split-invariant: one, two or four rows per microbatch give the
-  same loss, entropy and gradient (1e-5).
+  same loss, entropy and gradient (1e-5);
+- a negative rl.entropy_coef (which the loss would ignore) is a config error naming the key.
 """
 
 import math
@@ -16,6 +17,7 @@ import math
 import pytest
 import torch
 
+from r1_megatron.config import ConfigError
 from r1_megatron.config.loader import load_config
 from r1_megatron.config.schema import RLConfig
 from r1_megatron.model.provider import mtp_disabled
@@ -65,6 +67,11 @@ def test_equals_full_softmax_reference_in_value_and_gradient():
     # fp32 input, large logits: no overflow, and the fp32 answer keeps to the float64 one.
     big = logits.detach().float() * 50
     assert (vocab_parallel_entropy(big).double() - entropy_from_logits(big.double())).abs().max() < 1e-4
+
+
+def test_a_negative_entropy_coef_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"rl.entropy_coef\(-0.1\) must be >= 0"):
+        load_config("configs/micro_moe_sft.yaml", ["rl.entropy_coef=-0.1"])
 
 
 # ------------------------------------------------------------------------------------------------
