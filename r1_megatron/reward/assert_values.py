@@ -45,11 +45,13 @@ _UNARY: dict[type, Callable[[Any], Any]] = {
 }
 _CALLS: dict[str, Callable] = {
     f.__name__: f
-    for f in (int, float, str, bool, list, tuple, dict, set, range, abs, round, len, min, max, sum, sorted,
+    for f in (int, float, str, bool, list, tuple, dict, set, abs, round, len, min, max, sum, sorted,
               reversed, enumerate, zip, any, all, isinstance, type)
 }
 _MATH = {f.__name__: f for f in (math.isclose, math.isnan, math.isinf, math.fabs, math.sqrt)}
+# Bounds on what the candidate's values can make out here (the reward pool's timeout is the backstop).
 _MAX_ITEMS = 1_000_000  # a sequence repeated out here (`[0] * n`) stays below this many items
+_MAX_POWER_BITS = 1 << 20  # an integer power stays below about this many bits
 
 
 def _times(a: Any, b: Any) -> Any:
@@ -60,8 +62,8 @@ def _times(a: Any, b: Any) -> Any:
 
 
 def _power(a: Any, b: Any) -> Any:
-    if isinstance(a, int) and isinstance(b, int) and abs(b) > 4096 and abs(a) > 1:
-        raise ValueError(f"an integer power with exponent {b}")
+    if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and a.bit_length() * abs(b) > _MAX_POWER_BITS:
+        raise ValueError(f"an integer power of {a.bit_length()} bits with exponent {b}")
     return a**b
 
 

@@ -143,3 +143,10 @@ def test_forged_probe_lines_do_not_pass():
     # The program prints lines shaped like probe reports (it cannot know the marker, nor the expected value).
     program = "import sys\nsys.stdout.write('\\nx=[4]\\n')\ndef f(x):\n    return 5\n"
     assert score_program(program, [{"assert": "assert f(2) == 4"}], CFG).score == 0.0
+
+
+def test_values_that_would_blow_up_out_here_fail_the_test():
+    program = "def f(x):\n    return 10 ** 12\n"
+    tests = [{"assert": "assert 'a' * f(1) == 'b'"}, {"assert": "assert f(1) ** 2 ** 40 == 1"}]
+    result = score_program(program, tests, CFG)  # neither 10 ** 12 characters nor a 2 ** 46-bit power
+    assert (result.score, result.error) == (0.0, None)
