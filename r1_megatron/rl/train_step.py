@@ -144,7 +144,7 @@ class Trainer:
 
     def dp_sum(self, value: float | torch.Tensor) -> torch.Tensor:
         """Sum a number over the data-parallel ranks (e.g. loss tokens, for global normalizers)."""
-        t = torch.as_tensor(value, dtype=torch.float64).reshape(1).clone()
+        t = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(self.device, copy=True)
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
         return t[0]
 
