@@ -210,6 +210,10 @@ class ReplicaManager:
             self.rebalance()
         return load
 
+    def discard_step(self) -> None:
+        """Forget the loads counted by a step the non-finite guard skipped (no optimizer step)."""
+        self.load.counts.zero_()
+
     def state_dict(self) -> dict:
         """Checkpoint record: the load statistics, the EP size and (redundant) the placement."""
         state = {"load": self.load.state_dict(), "ep": self.trainer.layout.ep}
