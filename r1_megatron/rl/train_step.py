@@ -44,6 +44,7 @@ from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_t
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import unwrap_model
 
+from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig, ParallelConfig
 from r1_megatron.model import precision
 from r1_megatron.model.attention import SharedPrefixParams
@@ -55,8 +56,28 @@ from r1_megatron.rl.nonfinite import OBJECTIVE, StepGuard
 LossFn = Callable[[torch.Tensor, Microbatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _stage_overrides(cfg: JobConfig, layout: ParallelConfig) -> dict:
+# megatron-core 0.16.1's selective-recompute modules; the GPU-only ones need grouped GEMM (moe_act)
+# or transformer-engine's layer norm (layernorm).
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "mlp", "moe", "shared_experts", "moe_act", "layernorm")
+GPU_ONLY_RECOMPUTE = ("moe_act", "layernorm")
+
+
+def _check_recompute(layout: ParallelConfig, gpu: bool) -> None:
+    mods = layout.recompute_modules
+    if mods and layout.recompute != "selective":
+        raise ConfigError(f"parallel.recompute_modules {mods} needs parallel.recompute=selective, "
+                          f"got {layout.recompute!r}")
+    for name in mods:
+        if name not in RECOMPUTE_MODULES:
+            raise ConfigError(f"parallel.recompute_modules: {name!r} is not one of {list(RECOMPUTE_MODULES)}")
+        if name in GPU_ONLY_RECOMPUTE and not gpu:
+            raise ConfigError(f"parallel.recompute_modules: {name!r} needs the GPU path "
+                              "(grouped GEMM / transformer-engine)")
+
+
+def _stage_overrides(cfg: JobConfig, layout: ParallelConfig, gpu: bool = False) -> dict:
     """TransformerConfig fields for uneven pipeline stages and activation recompute."""
+    _check_recompute(layout, gpu)
     out: dict = {}
     if layout.pp > 1:
         if layout.first_stage_layers is not None:
@@ -90,7 +111,8 @@ class Trainer:
         self.replicas: ReplicaManager | None = None
         self.precision = precision.select(cfg, device)
         module = build_model(
-            cfg.model, layout, device=device, dtype=self.precision.dtype, **_stage_overrides(cfg, layout)
+            cfg.model, layout, device=device, dtype=self.precision.dtype,
+            **_stage_overrides(cfg, layout, gpu=device.type == "cuda"),
         )
         self.config = module.config
         module = precision.wrap(module, self.precision)
