@@ -19,6 +19,11 @@ microbatches, whatever the layout. Megatron computes the seq aux loss per *row*,
 stream the "sequence" is the whole stream (a departure from DeepSeek-V3, which takes each sequence).
 The aux-loss-free expert-bias update runs in megatron's finalize_model_grads, with token counts
 summed over the whole TP x DP batch.
+
+Precision (model/precision.py): fp32, or bf16 weights under Float16Module with fp32 main weights,
+grads and Adam moments; the loss, logprobs and metrics are fp32 either way. Before the optimizer
+writes anything, the non-finite guard (rl/nonfinite.py) checks the loss terms and the global grad
+norm and skips the whole update on every rank when either is not finite.
 """
 
 from __future__ import annotations
@@ -235,7 +240,9 @@ class Trainer:
         """One optimizer step over this DP rank's microbatches; metrics identical on every rank.
 
         Returns the summed `loss_fn` metrics (over microbatches and DP ranks), plus grad_norm, lr,
-        mtp_loss / moe_aux_loss (means over microbatches, when enabled) and update_ok.
+        mtp_loss / moe_aux_loss (means over microbatches, when enabled), update_ok (0: the non-finite
+        guard skipped the update on every rank, rl/nonfinite.py) and train/skipped_steps (so far).
+        Raises NonFiniteError after optim.max_bad_steps consecutive skips.
         """
         mbs, seq_length, rows = self._prepare(microbatches)
         scale = len(mbs) * self.dp_size
