@@ -37,6 +37,8 @@ OBJECTIVE = "_objective"  # the key under which train_step sums the loss handed 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite steps: one line naming the step and the cause."""
 
+    one_line = True  # r1m prints the message alone (no traceback) and exits 1
+
 
 def _first_nonfinite(named: Iterable[tuple[str, torch.Tensor | None]]) -> str | None:
     for name, t in named:

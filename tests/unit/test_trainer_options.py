@@ -148,3 +148,16 @@ def test_max_bad_steps_config(world):
         _cfg("rl.max_bad_steps=5")
     with pytest.raises(ValueError, match=r"optim\.max_bad_steps must be >= 1, got 0"):
         _trainer(_cfg("optim.max_bad_steps=0"))
+
+
+def test_cli_prints_the_stop_as_one_line(monkeypatch, capsys):
+    import r1_megatron.rl.loop as loop
+    from r1_megatron.cli import main
+
+    def stop(argv):
+        raise NonFiniteError("train: 3 consecutive steps skipped (optim.max_bad_steps=3), the last at step 7: x")
+
+    monkeypatch.setattr(loop, "main", stop)
+    assert main(["train", "cfg.yaml"]) == 1
+    assert capsys.readouterr().err == ("r1m train: train: 3 consecutive steps skipped (optim.max_bad_steps=3), "
+                                       "the last at step 7: x\n")
