@@ -88,8 +88,8 @@ class ParallelConfig:
     last_stage_layers: int | None = None  # layers on the last pipeline stage (None: even split)
     # activation recompute (full: every layer, megatron uniform/1; selective: recompute_modules only)
     recompute: Literal["none", "full", "selective"] = "none"
-    # selective recompute: megatron-core's recompute_modules (core_attn, mla_up_proj, layernorm, mlp,
-    # moe, shared_experts; moe_act needs grouped GEMM, i.e. GPU); [] means megatron's ["core_attn"]
+    # selective recompute: megatron-core's recompute_modules (core_attn, mla_up_proj, mlp, moe,
+    # shared_experts; GPU only: moe_act (grouped GEMM), layernorm (TE)); [] means megatron's ["core_attn"]
     recompute_modules: list[str] = field(default_factory=list)
     gpus_per_node: int = 8  # GPUs per node (planner and launch checks)
     gpu_memory_gb: float = 80.0  # memory of one GPU in GiB (planner budget)
@@ -182,7 +182,7 @@ class SandboxConfig:
     wall_seconds: float = 10.0  # wall-clock kill
     cpu_seconds: int = 5  # RLIMIT_CPU
     memory_mb: int = 1024  # RLIMIT_AS
-    max_processes: int = 64  # RLIMIT_NPROC
+    max_processes: int = 16  # RLIMIT_NPROC
     file_size_mb: int = 16  # RLIMIT_FSIZE
     open_files: int = 64  # RLIMIT_NOFILE
     max_output_bytes: int = 1_000_000  # stdout/stderr kept per run
