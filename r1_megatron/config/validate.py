@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig
+from r1_megatron.data.tokenizer import has_tokenizer_files
 
 
 def _divides(a_key: str, a: int, b_key: str, b: int) -> None:
@@ -105,6 +106,8 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rl.group_size({r.group_size}) must be >= 2 for group-relative advantages")
     if r.prompts_per_step < 1:
         raise ConfigError(f"rl.prompts_per_step({r.prompts_per_step}) must be >= 1")
+    if not r.entropy_coef >= 0:  # the loss applies only a positive bonus: anything else would be ignored
+        raise ConfigError(f"rl.entropy_coef({r.entropy_coef}) must be >= 0 (0: no entropy bonus)")
     if cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
     if not 0 < cfg.rollout.top_p <= 1:
@@ -118,6 +121,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"rollout.redundant_experts({cfg.rollout.redundant_experts}) > 0 needs vLLM's EPLB, whose "
             "rebalancing makes refits land in the wrong expert slots; set rollout.redundant_experts=0")
+    if cfg.data.tokenizer and not has_tokenizer_files(cfg.data.tokenizer):
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} is not a directory with tokenizer files "
+                          "(tokenizer.json or tokenizer_config.json)")
     for name, w in cfg.reward.weights.items():
         if w != w:
             raise ConfigError(f"reward.weights.{name} is NaN")
