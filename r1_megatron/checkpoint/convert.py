@@ -144,9 +144,7 @@ def _hf_to_mcore_parallel(
     integrity.verify(hf_dir, verify)  # collective: each rank hashes a share of the files
     ckpt = hf_io.HFCheckpoint(hf_dir, verify="off")
     hf_shard.import_shard(model, ckpt, cfg)
-    total = ckpt.total_bytes()
-    print(f"rank {dist.get_rank()}: read {len(ckpt.names_read)} tensors, {ckpt.bytes_read / 2**20:.2f} MiB "
-          f"of {total / 2**20:.2f} MiB", flush=True)
+    print(f"rank {dist.get_rank()}: {hf_shard.read_summary(ckpt)}", flush=True)
     out = mcore_io.save_mcore(model, cfg, out_dir)
     if dist.get_rank() == 0:
         hf_io.copy_tokenizer(hf_dir, out)

@@ -125,3 +125,11 @@ def _check_all_used(keys: set[str], used: set[str], cfg: ModelConfig) -> None:
     if unused:
         first = sorted(unused)[0]
         raise hf.ConversionError(f"unknown key '{first}' in the HF checkpoint ({len(unused)} unused keys)")
+
+
+def read_summary(ckpt: HFCheckpoint) -> str:
+    """What this rank read: tensors, bytes, and which layers / experts (the shard it was given)."""
+    layers = sorted({int(m[1]) for n in ckpt.names_read if (m := re.match(r"model\.layers\.(\d+)\.", n))})
+    experts = sorted({int(m[1]) for n in ckpt.names_read if (m := re.search(r"\.experts\.(\d+)\.", n))})
+    return (f"read {len(ckpt.names_read)} tensors, {ckpt.bytes_read / 2**20:.2f} MiB of "
+            f"{ckpt.total_bytes() / 2**20:.2f} MiB; layers {layers}; experts {experts}")
