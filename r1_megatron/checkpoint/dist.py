@@ -230,7 +230,7 @@ def is_training_checkpoint(path: str | Path) -> bool:
 def newest_intact(root: str | Path, verify: str = "full") -> Path | None:
     """`root`'s latest checkpoint, or, when its files fail the manifest check (or `latest` names no
     complete checkpoint), the newest older one that passes, logged loudly. None when `root` has no
-    `latest`; the first error when no checkpoint is intact. Collective under torch.distributed."""
+    `latest`; CorruptCheckpoint when none is intact. Collective under torch.distributed."""
     root = Path(root)
     try:
         named, damage = latest(root), None
@@ -251,7 +251,7 @@ def newest_intact(root: str | Path, verify: str = "full") -> Path | None:
         if damage is not None:
             log.error("!!! RESUMING FROM AN OLDER CHECKPOINT %s: the latest is damaged (%s)", path, damage)
         return path
-    raise damage
+    raise CorruptCheckpoint(f"{root}: no intact checkpoint to resume from; the latest: {damage}")
 
 
 def resume(trainer: Trainer, root: str | Path) -> dict | None:
