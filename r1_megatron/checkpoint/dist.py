@@ -6,8 +6,8 @@ A checkpoint root holds one directory per saved step and a `latest` pointer:
                         (common.pt: step, LR schedule, caller state such as the data position, layout)
                         model_card.yaml and config.yaml: the model card and the resolved job config
                         r1m_manifest.json: size and CRC32 of every file but the two YAML files
-                        (checked on their own), verified before a load
-                        (integrity.py); resume falls back to the newest intact checkpoint
+                        (checked on their own), verified before a load (integrity.py);
+                        resume falls back to the newest intact checkpoint
   <root>/latest         the name of the newest complete step directory
 
 Atomicity: every rank writes into `<root>/.tmp-step_000003`; after all ranks are done, rank 0 writes
@@ -145,7 +145,7 @@ def save(
         state["replicas"] = trainer.replicas.state_dict()
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
     dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
-    written = integrity.gather_digests(tmp)
+    written = integrity.gather_digests(tmp, checksum=trainer.cfg.checkpoint.verify == "full")
     if on_written is not None:
         on_written(tmp)
     dist.barrier()

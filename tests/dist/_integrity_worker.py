@@ -7,12 +7,14 @@ Saves steps 1-3 of micro_moe, then damages them one after another and resumes af
   truncate  step 2's rank-0 shard cut short as well          -> resumes step 1
   deleted   step 3's directory removed (`latest` dangles)    -> resumes step 1
   none      step 1's rank-1 shard truncated too              -> CorruptCheckpoint (one line)
+then saves step 4 with checkpoint.verify=size (a manifest of sizes only).
 Results go to OUT_DIR/integrity.pt (rank 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -43,7 +45,7 @@ def _truncate(path: Path) -> None:
 
 def main(out: Path) -> None:
     from r1_megatron.checkpoint import dist as ckpt
-    from r1_megatron.checkpoint.integrity import CorruptCheckpoint
+    from r1_megatron.checkpoint.integrity import MANIFEST, CorruptCheckpoint
 
     cfg = job_config()
     start(cfg)
@@ -76,6 +78,9 @@ def main(out: Path) -> None:
     except CorruptCheckpoint as e:
         results["none"] = str(e)
     results["latest"] = (root / "latest").read_text().strip()
+    trainer.cfg, trainer.step = size, 4  # a save under checkpoint.verify=size records sizes only
+    saved = ckpt.save(trainer, root, extra={"data_position": 4})
+    results["size_manifest"] = json.loads((saved / MANIFEST).read_text())["files"]
     save_rank0(results, out / "integrity.pt")
     torch.distributed.barrier()
 

@@ -4,7 +4,7 @@ See tests/dist/_integrity_worker.py for the sequence: a bit flip in one rank's s
 checkpoint sends resume to the previous one (with `checkpoint.verify: size` it is not seen), a
 truncation of that one sends it one further back, a deleted `latest` directory likewise, and when
 every checkpoint is damaged resume fails with one line naming the newest damage. Each
-fallback is logged loudly on every rank.
+fallback is logged loudly on every rank. A save under `checkpoint.verify: size` records sizes only.
 """
 
 import pytest
@@ -23,6 +23,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     assert "\n" not in r["none"] and "no intact checkpoint to resume from" in r["none"]
     assert "latest names step_000003, which is not a complete checkpoint" in r["none"], r["none"]
     assert r["latest"] == "step_000003"  # resume reads; it never rewrites the pointer
+    sizes = r["size_manifest"]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt"} <= set(sizes)
+    assert all(set(entry) == {"size"} for entry in sizes.values())
     for rank in ranks:
         assert rank.log.count("RESUMING FROM AN OLDER CHECKPOINT") == 3, rank.log[-3000:]
         assert f"checkpoint {shard.parent} is damaged, skipped: corrupt checkpoint: {shard}" in rank.log
