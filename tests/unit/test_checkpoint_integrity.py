@@ -6,7 +6,8 @@ binascii, not the code under test). A shard that is truncated, deleted or has on
 `r1m score` and `r1m convert` (real subprocesses) exit non-zero with a single stderr line that names
 the file; `--verify size` skips the checksums (a bit flip then goes through, a truncation does not);
 a truncated safetensors file without any manifest (a download) is named from its own header; the
-weights-only load behind `checkpoint.load` raises the same one-line error.
+weights-only load behind `checkpoint.load` raises the same one-line error, and `r1m sft` with a
+damaged `checkpoint.load` exits 2 with that one line (r1m prints checkpoint errors as config errors).
 """
 
 import binascii
@@ -29,6 +30,7 @@ from r1_megatron.model.random_hf import make_hf_checkpoint
 from r1_megatron.parallel.device import single_rank_world
 
 CARD = load_card("micro_moe")
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="CPU-path test; CUDA runs the gpu-marked tests"
@@ -65,7 +67,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     # megatron's import-time warnings (no TE / apex on CPU) are not the error under test
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "r1_megatron.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env, cwd=REPO)
 
 
 def _entry(entry: str, ckpt: Path, tmp: Path, inp: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -132,3 +134,14 @@ def test_initial_weights_load_names_the_damaged_file(dirs, tmp_path):
         dist_ckpt.load_model_weights(model, ckpt, "full")
     assert str(shard) in str(err.value) and "\n" not in str(err.value)
     dist_ckpt.load_model_weights(model, ckpt, "off")  # the flipped bit is in the data: it loads unchecked
+
+
+def test_checkpoint_load_in_r1m_sft_is_one_line_exit_2(dirs, tmp_path):
+    """The same through a real job: `r1m sft` with checkpoint.load naming the damaged directory."""
+    ckpt = shutil.copytree(dirs["mcore"], tmp_path / "ckpt")
+    shard = _shard(ckpt)
+    _damage(shard, "truncate")
+    run = _run("sft", "configs/micro_moe_sft.yaml", f"checkpoint.load={ckpt}", f"logging.run_dir={tmp_path / 'run'}")
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert lines[0].startswith("r1m sft: checkpoint error: corrupt checkpoint:") and str(shard) in lines[0]
