@@ -67,7 +67,10 @@ def _merge_card(from_hf: ModelConfig, card_name: str | None) -> ModelConfig:
 
 
 def load_hf_model(
-    hf_dir: str | Path, cfg: ModelConfig | None = None, device: torch.device | None = None, verify: str = "full"
+    hf_dir: str | Path,
+    cfg: ModelConfig | None = None,
+    device: torch.device | None = None,
+    verify: str = "full",
 ):
     """Build a single-rank megatron model and fill it from an HF directory. Returns (model, cfg)."""
     from r1_megatron.model.provider import build_model

@@ -88,7 +88,8 @@ def import_shard(model: torch.nn.Module, ckpt: HFCheckpoint, cfg: ModelConfig) -
         if tuple(value.shape) != tuple(target.shape):
             shapes = " + ".join(f"'{n}' {tuple(p.shape)}" for n, p in zip(names, parts))
             raise hf.ConversionError(
-                f"shape mismatch: {shapes} (this rank's slice) but megatron '{gname}' is {tuple(target.shape)}"
+                f"shape mismatch: {shapes} (this rank's slice) "
+                f"but megatron '{gname}' is {tuple(target.shape)}"
             )
         with torch.no_grad():
             target.copy_(value.to(target.dtype))

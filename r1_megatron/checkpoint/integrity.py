@@ -91,7 +91,8 @@ def _size_error(path: Path, expected: dict) -> str | None:
         return f"corrupt checkpoint: {path}: missing (listed in {MANIFEST})"
     size = path.stat().st_size
     if size != expected["size"]:
-        return f"corrupt checkpoint: {path}: {size} bytes, the manifest says {expected['size']} (truncated or overwritten)"
+        return (f"corrupt checkpoint: {path}: {size} bytes, the manifest says {expected['size']} "
+                "(truncated or overwritten)")
     return None
 
 
@@ -100,7 +101,8 @@ def _hash_error(path: Path, expected: dict) -> str | None:
         return None  # saved with checkpoint.verify=size: no checksum to compare
     got = digest(path)["crc32"]
     if got != expected["crc32"]:
-        return f"corrupt checkpoint: {path}: crc32 {got} differs from the manifest's {expected['crc32']} (altered file)"
+        return (f"corrupt checkpoint: {path}: crc32 {got} differs from the manifest's {expected['crc32']} "
+                "(altered file)")
     return None
 
 
@@ -131,6 +133,8 @@ def verify(directory: str | Path, mode: str = "full", *, collective: bool = True
                 error = next((e for n in mine if (e := _hash_error(Path(directory) / n, files[n]))), None)
     except CorruptCheckpoint as e:
         error = str(e)
+    except OSError as e:  # unreadable here: still report it collectively, so no rank waits alone
+        error = f"corrupt checkpoint: {e.filename or directory}: {e.strerror or e}"
     if world > 1:
         import torch.distributed as dist
 

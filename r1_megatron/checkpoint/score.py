@@ -7,7 +7,9 @@ trainer's pipeline-aware forward (rl/train_step.py forward_logprobs); rank 0 wri
 
 Each input line is a JSON object with "tokens": [int, ...] (at least 2). The output line is the input
 object plus "logprobs": log p(tokens[t] | tokens[:t]) for t = 1..n-1, computed in fp32 by the
-megatron model (main model only, no MTP). No tokenizer is needed.
+megatron model (main model only, no MTP). No tokenizer is needed. An HF directory may be the FP8
+blockwise DeepSeek format (dequantized on load); files are checked against the directory's
+r1m_manifest.json first (--verify full|size|off).
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def token_logprobs(model: torch.nn.Module, tokens: list[int], device: torch.devi
     return logp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
 
 
-def score_file(ckpt: str | Path, input_path: str | Path, output_path: str | Path, verify: str = "full") -> int:
+def score_file(
+    ckpt: str | Path, input_path: str | Path, output_path: str | Path, verify: str = "full"
+) -> int:
     """Score every line; returns the number of lines written."""
     from r1_megatron.checkpoint.convert import load_any
 
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--tp", "--pp", "--ep"):
         parser.add_argument(flag, type=int, default=1, help=f"megatron {flag[2:]} size (under torchrun)")
     parser.add_argument("--verify", choices=VERIFY_MODES, default="full",
-                        help="check the checkpoint's files against their manifest: full (checksums), size, off")
+                        help="check the files against their manifest: full (checksums), size, off")
     args = parser.parse_args(argv)
     layout = (args.tp, args.pp, args.ep)
     try:

@@ -63,11 +63,11 @@ def test_hf_to_mcore_sharded_reads_only_its_shard(tmp_path):
     for f in src.glob("*.safetensors"):
         original.update(load_file(f))
     # sharded with an index, as published checkpoints are
-    hf_io.save_hf(src.with_name("hf_index"), sorted(original.items()), json.loads((src / "config.json").read_text()),
-                  max_shard_bytes=100_000)
+    config = json.loads((src / "config.json").read_text())
+    hf_io.save_hf(src.with_name("hf_index"), sorted(original.items()), config, max_shard_bytes=100_000)
     src = src.with_name("hf_index")
-    argv = ["-m", "r1_megatron.cli", "convert", "hf-to-mcore", "--hf", str(src), "--out", str(tmp_path / "mc"),
-            "--tp", "2", "--pp", "2", "--ep", "2"]
+    argv = ["-m", "r1_megatron.cli", "convert", "hf-to-mcore", "--hf", str(src),
+            "--out", str(tmp_path / "mc"), "--tp", "2", "--pp", "2", "--ep", "2"]
     ranks = launch(argv, 4, tmp_path / "logs_import", timeout=400)
     check_ok(ranks)
     back = _convert(tmp_path / "mc", tmp_path / "back")
@@ -78,8 +78,8 @@ def test_hf_to_mcore_sharded_reads_only_its_shard(tmp_path):
     # (layer 1 and the MTP layer 2); the EP rank is rank % 2, holding experts 4 * (rank % 2) + 0..3.
     total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     for r in ranks:
-        m = re.search(r"rank (\d): read \d+ tensors, ([\d.]+) MiB of ([\d.]+) MiB; layers (\[.*?\]); experts (\[.*?\])",
-                      r.log)
+        m = re.search(r"rank (\d): read \d+ tensors, ([\d.]+) MiB of ([\d.]+) MiB; "
+                      r"layers (\[.*?\]); experts (\[.*?\])", r.log)
         assert m, r.log[-2000:]
         rank, mib, layers, experts = int(m[1]), float(m[2]), json.loads(m[4]), json.loads(m[5])
         assert layers == ([0] if rank < 2 else [1, 2]), (rank, layers)

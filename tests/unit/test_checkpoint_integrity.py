@@ -72,8 +72,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def _entry(entry: str, ckpt: Path, tmp: Path, inp: Path, *extra: str) -> subprocess.CompletedProcess:
     if entry == "score":
-        return _run("score", "--ckpt", str(ckpt), "--input", str(inp), "--output", str(tmp / "out.jsonl"), *extra)
-    direction, flag = ("mcore-to-hf", "--ckpt") if (ckpt / "metadata.json").is_file() else ("hf-to-mcore", "--hf")
+        return _run("score", "--ckpt", str(ckpt), "--input", str(inp), "--output", str(tmp / "o"), *extra)
+    mcore = (ckpt / "metadata.json").is_file()
+    direction, flag = ("mcore-to-hf", "--ckpt") if mcore else ("hf-to-mcore", "--hf")
     return _run("convert", direction, flag, str(ckpt), "--out", str(tmp / "converted"), *extra)
 
 
@@ -100,7 +101,8 @@ def test_damaged_shard_is_one_line_naming_the_file(dirs, tmp_path, kind, how, en
     assert run.returncode != 0
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "corrupt checkpoint" in lines[0] and str(shard) in lines[0], run.stderr
-    expected = {"truncate": "bytes, the manifest says", "delete": "missing", "flip": "differs from the manifest"}
+    expected = {"truncate": "bytes, the manifest says", "delete": "missing",
+                "flip": "differs from the manifest"}
     assert expected[how] in lines[0]
 
 
@@ -141,7 +143,8 @@ def test_checkpoint_load_in_r1m_sft_is_one_line_exit_2(dirs, tmp_path):
     ckpt = shutil.copytree(dirs["mcore"], tmp_path / "ckpt")
     shard = _shard(ckpt)
     _damage(shard, "truncate")
-    run = _run("sft", "configs/micro_moe_sft.yaml", f"checkpoint.load={ckpt}", f"logging.run_dir={tmp_path / 'run'}")
+    run = _run("sft", "configs/micro_moe_sft.yaml", f"checkpoint.load={ckpt}",
+               f"logging.run_dir={tmp_path / 'run'}")
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1, run.stderr
     assert lines[0].startswith("r1m sft: checkpoint error: corrupt checkpoint:") and str(shard) in lines[0]

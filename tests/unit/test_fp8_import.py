@@ -52,7 +52,8 @@ def original(tmp_path_factory, world) -> Path:
 
 def _quantized(name: str, w: torch.Tensor) -> bool:
     # As published: the linear weights inside the layers; not norms, router, embeddings or eh_proj.
-    return w.dim() == 2 and name.startswith("model.layers.") and name.endswith("_proj.weight") and "eh_proj" not in name
+    linear = name.startswith("model.layers.") and name.endswith("_proj.weight") and "eh_proj" not in name
+    return w.dim() == 2 and linear
 
 
 def _quantize(w: torch.Tensor, block: tuple[int, int]):
@@ -84,9 +85,11 @@ def _fp8_pair(src: Path, out: Path, block: tuple[int, int]) -> tuple[Path, Path]
             fp8[name], fp8[name + "_scale_inv"], ref[name] = q, scale, deq
         else:
             fp8[name] = ref[name] = w
-    quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block), "activation_scheme": "dynamic"}
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block),
+             "activation_scheme": "dynamic"}
     # small shards: a weight and its scale may land in different files, as in the published index
-    fp8_dir = hf_io.save_hf(out / "fp8", fp8.items(), {**config, "quantization_config": quant}, max_shard_bytes=40_000)
+    fp8_config = {**config, "quantization_config": quant}
+    fp8_dir = hf_io.save_hf(out / "fp8", fp8.items(), fp8_config, max_shard_bytes=40_000)
     ref_dir = hf_io.save_hf(out / "ref", ref.items(), config)
     return fp8_dir, ref_dir
 
@@ -134,7 +137,8 @@ def test_score_on_fp8_dir_matches_the_reference(pair, tmp_path):
                                   for i in range(3)))
     out = {}
     for tag, d in (("fp8", fp8_dir), ("ref", ref_dir)):
-        assert r1m(["score", "--ckpt", str(d), "--input", str(requests), "--output", str(tmp_path / tag)]) == 0
+        argv = ["score", "--ckpt", str(d), "--input", str(requests), "--output", str(tmp_path / tag)]
+        assert r1m(argv) == 0
         out[tag] = [json.loads(line)["logprobs"] for line in (tmp_path / tag).read_text().splitlines()]
     assert out["fp8"] == out["ref"]
 
