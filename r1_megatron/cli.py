@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:  # likewise one line naming the file (a corrupt shard, a bad layout)
         print(f"r1m {name}: checkpoint error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not getattr(e, "one_line", False):  # errors whose message says everything (NonFiniteError)
+            raise
+        print(f"r1m {name}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
