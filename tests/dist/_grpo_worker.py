@@ -1,0 +1,145 @@
+"""Ranks of tests/dist/test_grpo_layouts.py: `python tests/dist/_grpo_worker.py MODE OUT [key=value ...]`.
+
+Runs under tests/dist/_launch.py or torchrun, with the real GRPO session (rl/session.py): colocated
+vLLM-CPU engines on every rank, refit with canary, reward pool on each engine's first rank.
+
+Modes:
+  init OUT ...     world 1: save the trainer's initial weights as a checkpoint OUT/init (any layout loads it).
+  step OUT ...     one GRPO step through rl/loop.py from OUT/init; rank 0 writes OUT/result.pt: the
+                   step's samples (group, index, prompt, response, reward), the step's metrics, and the
+                   weights after the step (HF names, exported from this layout).
+  corrupt OUT RANK ...  every refit on global rank RANK receives a corrupted stream (each tensor x 1.5,
+                   so that rank's engine shard is wrong); each rank writes OUT/error<rank>.txt with the
+                   error its refit raised ("" if none).
+  die OUT RANK ... rank RANK kills itself (SIGKILL) at its engine's first decoding step; the others
+                   must end with an error on their own.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from r1_megatron.config.loader import load_config  # noqa: E402
+
+# One small GRPO step on tiny_moe (the smallest card vLLM-CPU loads): 4 prompts x 2 samples x 8 tokens.
+BASE = [
+    "logging.tensorboard=false", "logging.progress=false", "rl.steps=1", "rl.prompts_per_step=4",
+    "rl.group_size=2", "rl.kl_coef=0.0", "rl.eval_every=0", "rollout.max_new_tokens=8",
+    "rollout.max_model_len=64", "data.seq_length=64", "reward.num_workers=1", "rollout.bucket_mb=4",
+]
+
+
+def job(out: Path, overrides: list[str]):
+    cfg = load_config("configs/demo_cpu.yaml", [*BASE, f"logging.run_dir={out / 'run'}", *overrides])
+    return cfg
+
+
+def digit_pool(cfg):
+    """A reward that varies on an untrained model's samples (the share of digits in the response),
+    so the step has non-zero advantages; on each engine's first rank, where the session scores."""
+    from r1_megatron.reward.pool import RewardPool
+    from tests.e2e._rewards import digit_share
+
+    if int(os.environ.get("RANK", "0")) % cfg.rollout.tp:
+        return None
+    return RewardPool(cfg.reward, scorer=digit_share, num_workers=1)
+
+
+def init(out: Path, overrides: list[str]) -> None:
+    from r1_megatron.checkpoint import dist as dist_ckpt
+    from r1_megatron.parallel.groups import init_process_groups
+    from r1_megatron.rl.train_step import Trainer
+
+    cfg = job(out, overrides)
+    layout, device = init_process_groups(cfg)
+    dist_ckpt.save(Trainer(cfg, layout, device), out / "init")
+
+
+def step(out: Path, overrides: list[str]) -> None:
+    import torch.distributed as dist
+
+    from r1_megatron.rl import loop, session
+    from r1_megatron.rollout.weight_export import export_weights
+
+    cfg = job(out, [f"checkpoint.load={out.parent / 'init'}", *overrides])
+
+    class Recorded(session.RunState):
+        def rollout(self):
+            batch, stats = super().rollout()
+            self.batch = batch
+            return batch, stats
+
+        def save(self) -> None:  # the comparison reads the weights below, not a checkpoint
+            pass
+
+    run = Recorded(cfg, pool=digit_pool(cfg))
+    try:
+        metrics = loop.train(cfg, run=run)
+        weights = {n: t.clone() for n, t in export_weights(run.trainer.unwrapped, cfg.model, dst=0)}
+        if dist.get_rank() == 0:
+            samples = [(s.group_id, s.sample_index, s.prompt_ids, s.response_ids, s.reward)
+                       for s in run.batch.samples]
+            torch.save({"samples": samples, "metrics": metrics, "weights": weights}, out / "result.pt")
+    finally:
+        run.close()
+
+
+def corrupt(out: Path, rank: int, overrides: list[str]) -> None:
+    import torch.distributed as dist
+
+    from r1_megatron.rl import session
+
+    real = session.weight_stream
+
+    def corrupted(trainer, bucket_mb):
+        for name, tensor in real(trainer, bucket_mb):
+            yield name, tensor * 1.5
+
+    if int(os.environ["RANK"]) == rank:
+        session.weight_stream = corrupted
+    run = session.RunState(job(out, overrides))
+    try:
+        error = ""
+        try:
+            run.refit()
+        except Exception as e:  # noqa: BLE001 (the test reads what each rank raised)
+            error = f"{type(e).__name__}: {e}"
+        (out / f"error{dist.get_rank()}.txt").write_text(error)
+    finally:
+        run.close()
+
+
+def die(out: Path, rank: int, overrides: list[str]) -> None:
+    from r1_megatron.rl import session
+
+    run = session.RunState(job(out, overrides))
+    run.refit()
+    if int(os.environ["RANK"]) == rank:
+        engine = run.engine.llm.llm_engine
+        real_step = engine.step
+
+        def step_then_die():
+            real_step()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        engine.step = step_then_die
+    run.rollout()
+
+
+if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    mode, out_dir, *rest = sys.argv[1:]
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    if mode in ("corrupt", "die"):
+        globals()[mode](out_path, int(rest[0]), rest[1:])
+    else:
+        globals()[mode](out_path, rest)
