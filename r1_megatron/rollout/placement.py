@@ -47,7 +47,8 @@ class EngineSlot:
         return list(range(self.index, n, self.count))
 
     def describe(self) -> str:
-        return f"engine {self.index} (ranks {self.ranks[0]}-{self.ranks[-1]})"
+        ranks = f"rank {self.rank}" if len(self.ranks) == 1 else f"ranks {self.ranks[0]}-{self.ranks[-1]}"
+        return f"engine {self.index} ({ranks})"
 
 
 def colocated_slot(tp: int, rank: int, world: int) -> EngineSlot:
@@ -108,6 +109,6 @@ def agree(slot: EngineSlot, error: BaseException | None, what: str) -> None:
     dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
     failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
     if failed:
-        where = "; ".join(f"{colocated_slot(tp, rank, len(errors)).describe()}, rank {rank}: {msg}"
+        where = "; ".join(f"{colocated_slot(tp, rank, len(errors)).describe()} on rank {rank}: {msg}"
                           for rank, msg in failed)
         raise EngineFailure(f"{what} failed on {len(failed)} of {len(errors)} ranks: {where}") from error

@@ -5,9 +5,11 @@ vLLM-CPU engines on every rank, refit with canary, reward pool on each engine's 
 
 Modes:
   init OUT ...     world 1: save the trainer's initial weights as a checkpoint OUT/init (any layout loads it).
-  step OUT ...     one GRPO step through rl/loop.py from OUT/init; rank 0 writes OUT/result.pt: the
-                   step's samples (group, index, prompt, response, reward), the step's metrics, and the
-                   weights after the step (HF names, exported from this layout).
+  step OUT TPS ... for each rollout.tp in TPS ("1,2"): one GRPO step through rl/loop.py from
+                   OUT/../init, with a fresh session (trainer and engines); rank 0 writes
+                   OUT/rtp<tp>.pt: the step's samples (group, index, prompt, response, reward), its
+                   metrics, and the weights after the step (HF names, exported from this layout).
+                   Several in one launch save the start-up of the ranks (imports, process groups).
   corrupt OUT RANK ...  every refit on global rank RANK receives a corrupted stream (each tensor x 1.5,
                    so that rank's engine shard is wrong); each rank writes OUT/error<rank>.txt with the
                    error its refit raised ("" if none).
@@ -63,13 +65,20 @@ def init(out: Path, overrides: list[str]) -> None:
     dist_ckpt.save(Trainer(cfg, layout, device), out / "init")
 
 
-def step(out: Path, overrides: list[str]) -> None:
+def step(out: Path, tps: str, overrides: list[str]) -> None:
+    for tp in tps.split(","):
+        one_step(out, [f"checkpoint.load={out.parent / 'init'}", *overrides, f"rollout.tp={tp}"], out / f"rtp{tp}.pt")
+
+
+def one_step(out: Path, overrides: list[str], result: Path) -> None:
+    import gc
+
     import torch.distributed as dist
 
     from r1_megatron.rl import loop, session
     from r1_megatron.rollout.weight_export import export_weights
 
-    cfg = job(out, [f"checkpoint.load={out.parent / 'init'}", *overrides])
+    cfg = job(out, overrides)
 
     class Recorded(session.RunState):
         def rollout(self):
@@ -87,9 +96,11 @@ def step(out: Path, overrides: list[str]) -> None:
         if dist.get_rank() == 0:
             samples = [(s.group_id, s.sample_index, s.prompt_ids, s.response_ids, s.reward)
                        for s in run.batch.samples]
-            torch.save({"samples": samples, "metrics": metrics, "weights": weights}, out / "result.pt")
+            torch.save({"samples": samples, "metrics": metrics, "weights": weights}, result)
     finally:
         run.close()
+        del run
+        gc.collect()
 
 
 def corrupt(out: Path, rank: int, overrides: list[str]) -> None:
@@ -139,7 +150,9 @@ if __name__ == "__main__":
     mode, out_dir, *rest = sys.argv[1:]
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    if mode in ("corrupt", "die"):
-        globals()[mode](out_path, int(rest[0]), rest[1:])
+    if mode == "init":
+        init(out_path, rest)
+    elif mode == "step":
+        step(out_path, rest[0], rest[1:])
     else:
-        globals()[mode](out_path, rest)
+        globals()[mode](out_path, int(rest[0]), rest[1:])
