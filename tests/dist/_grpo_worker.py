@@ -12,7 +12,8 @@ Modes:
                    Several in one launch save the start-up of the ranks (imports, process groups).
   corrupt OUT RANK ...  every refit on global rank RANK receives a corrupted stream (each tensor x 1.5,
                    so that rank's engine shard is wrong); each rank writes OUT/error<rank>.txt with the
-                   error its refit raised ("" if none).
+                   error its refit raised ("" if none). Then a fault inside vLLM (a forward hook that
+                   raises) and one more call: OUT/dead<rank>.txt holds the two errors raised.
   die OUT RANK ... rank RANK kills itself (SIGKILL) at its engine's first decoding step; the others
                    must end with an error on their own.
 """
@@ -124,8 +125,26 @@ def corrupt(out: Path, rank: int, overrides: list[str]) -> None:
         except Exception as e:  # noqa: BLE001 (the test reads what each rank raised)
             error = f"{type(e).__name__}: {e}"
         (out / f"error{dist.get_rank()}.txt").write_text(error)
+        (out / f"dead{dist.get_rank()}.txt").write_text("\n".join(fail_twice(run.engine)))
     finally:
         run.close()
+
+
+def fail_twice(engine) -> list[str]:
+    """A fault inside vLLM on every rank of the engine, then one more call: the errors each raised."""
+    from r1_megatron.rollout.engine import RolloutError, SamplingParams
+
+    def boom(module, args, output):
+        raise RuntimeError("injected fault in layer 1")
+
+    engine.llm.apply_model(lambda model: model.model.layers[1].register_forward_hook(boom))
+    errors = []
+    for _ in range(2):
+        try:
+            engine.generate([[5, 6, 7]], 1, SamplingParams(temperature=0.0, max_tokens=2))
+        except RolloutError as e:
+            errors.append(str(e))
+    return errors
 
 
 def die(out: Path, rank: int, overrides: list[str]) -> None:

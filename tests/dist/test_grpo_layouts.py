@@ -12,8 +12,8 @@ Trainer layouts (tp2) and (ep2, dp2) at world 2, (pp2, ep2) and (tp2, pp2) at wo
 rollout.tp 1 (an engine per rank) and 2 (an engine per rank pair, vLLM TP over gloo).
 
 Also: a corrupted refit on one rank fails the canary of that rank's engine, and every rank raises
-the same error naming the engine and rank; a rank killed mid-rollout makes the others exit with an
-error (no hang).
+the same error naming the engine and rank; an engine that died is not rebuilt (vLLM's group setup is
+collective) but fails fast; a rank killed mid-rollout makes the others exit with an error (no hang).
 """
 
 from __future__ import annotations
@@ -106,6 +106,10 @@ def test_corrupted_shard_fails_the_canary_on_every_rank(tmp_path, rollout_tp, ba
     healthy = [r for r in range(2) if r // rollout_tp != engine]
     for r in healthy:  # a healthy engine's rank is named nowhere as failing
         assert f"on rank {r}:" not in errors[0], errors[0]
+    for r in range(2):  # a dead engine is not rebuilt on one rank alone (vLLM's setup is collective)
+        first, second = (tmp_path / f"dead{r}.txt").read_text().split("\n")
+        assert "during generate: RuntimeError: injected fault in layer 1" in first, first
+        assert "cannot be rebuilt on one rank alone" in second, second
 
 
 @pytest.mark.timeout(900)
