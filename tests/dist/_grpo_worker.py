@@ -82,9 +82,12 @@ def one_step(out: Path, overrides: list[str], result: Path) -> None:
     cfg = job(out, overrides)
 
     class Recorded(session.RunState):
+        steps: list = []  # each step's samples: (group, index, prompt, response, reward)
+
         def rollout(self):
             batch, stats = super().rollout()
-            self.batch = batch
+            self.steps.append([(s.group_id, s.sample_index, s.prompt_ids, s.response_ids, s.reward)
+                               for s in batch.samples])
             return batch, stats
 
         def save(self) -> None:  # the comparison reads the weights below, not a checkpoint
@@ -95,9 +98,7 @@ def one_step(out: Path, overrides: list[str], result: Path) -> None:
         metrics = loop.train(cfg, run=run)
         weights = {n: t.clone() for n, t in export_weights(run.trainer.unwrapped, cfg.model, dst=0)}
         if dist.get_rank() == 0:
-            samples = [(s.group_id, s.sample_index, s.prompt_ids, s.response_ids, s.reward)
-                       for s in run.batch.samples]
-            torch.save({"samples": samples, "metrics": metrics, "weights": weights}, result)
+            torch.save({"samples": run.steps[-1], "steps": run.steps, "metrics": metrics, "weights": weights}, result)
     finally:
         run.close()
         del run
