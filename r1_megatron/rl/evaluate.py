@@ -31,7 +31,8 @@ def heldout_correct(engine, pool, tokenizer, cfg: JobConfig, n: int | None = Non
     picked = share(len(items)) if share is not None else list(range(len(items)))
     items = [items[i] for i in picked]
     sampling = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed + 7)
-    outs = engine.generate([it["prompt_ids"] for it in items], n=cfg.rl.eval_samples, sampling=sampling, keys=picked)
+    prompts = [it["prompt_ids"] for it in items]
+    outs = engine.generate(prompts, n=cfg.rl.eval_samples, sampling=sampling, keys=picked)
     if pool is None:
         return []
     pairs = [(tokenizer.decode(s.token_ids, skip_special_tokens=True), ground_truth(it))

@@ -101,7 +101,7 @@ class RunState:
     pool, prompt stream, refitter. Methods are the loop's verbs (refit, rollout, prepare, ...)."""
 
     def __init__(self, cfg: JobConfig, engine=None, pool=None):
-        """engine/pool: a prebuilt engine and reward pool (world size 1 only); by default the engine
+        """engine/pool: a prebuilt engine (one per rank, tp 1) and reward pool; by default the engine
         comes from rollout/placement.py, built before the trainer takes any memory."""
         from r1_megatron.data.tokenizer import load_tokenizer
         from r1_megatron.parallel.groups import init_process_groups
@@ -116,7 +116,7 @@ class RunState:
         if engine is None:
             self.engine, self.slot = build_rollout(cfg, self.device)
         else:
-            self.engine, self.slot = engine, colocated_slot(1, 0, dist.get_world_size())
+            self.engine, self.slot = engine, colocated_slot(1, dist.get_rank(), dist.get_world_size())
         self.tokenizer = load_tokenizer()
         self.trainer = Trainer(cfg, self.layout, self.device)
         if cfg.rl.share_prompts and not supports_shared_prefix(self.trainer.unwrapped):
@@ -181,9 +181,9 @@ class RunState:
             mine = self.slot.share(need)
             local, error = [], None
             try:
-                local = grpo.generate_and_score(
-                    self.engine, self.pool if self.slot.leader else None, self.tokenizer,
-                    [items[i] for i in mine], [seen + i for i in mine], self.cfg, keys=[first + i for i in mine])
+                pool = self.pool if self.slot.leader else None
+                local = grpo.generate_and_score(self.engine, pool, self.tokenizer, [items[i] for i in mine],
+                                                [seen + i for i in mine], self.cfg, keys=[first + i for i in mine])
             except Exception as e:  # noqa: BLE001 (every rank must learn of it: see agree)
                 error = e
             agree(self.slot, error, "rollout")
@@ -247,7 +247,7 @@ class RunState:
         correct = heldout_correct(self.engine, self.pool if self.slot.leader else None, self.tokenizer,
                                    self.cfg, n, share=self.slot.share)
         self.engine.release()
-        total = torch.tensor([sum(correct), len(correct)], dtype=torch.float64, device=self.device)  # NCCL: on device
+        total = torch.tensor([sum(correct), len(correct)], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         return float(total[0] / total[1].clamp(min=1))

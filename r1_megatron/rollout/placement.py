@@ -57,7 +57,8 @@ def colocated_slot(tp: int, rank: int, world: int) -> EngineSlot:
         raise ConfigError(f"rollout.tp({tp}) must be >= 1 and divide the world size ({world}) with "
                           "rollout.placement 'colocated' (one engine per rollout.tp consecutive ranks)")
     index = rank // tp
-    return EngineSlot(rank=rank, index=index, count=world // tp, ranks=tuple(range(index * tp, index * tp + tp)))
+    ranks = tuple(range(index * tp, index * tp + tp))
+    return EngineSlot(rank=rank, index=index, count=world // tp, ranks=ranks)
 
 
 def engine_config_dir(cfg: JobConfig) -> Path:

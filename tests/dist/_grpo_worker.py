@@ -68,7 +68,8 @@ def init(out: Path, overrides: list[str]) -> None:
 
 def step(out: Path, tps: str, overrides: list[str]) -> None:
     for tp in tps.split(","):
-        one_step(out, [f"checkpoint.load={out.parent / 'init'}", *overrides, f"rollout.tp={tp}"], out / f"rtp{tp}.pt")
+        start = f"checkpoint.load={out.parent / 'init'}"
+        one_step(out, [start, *overrides, f"rollout.tp={tp}"], out / f"rtp{tp}.pt")
 
 
 def one_step(out: Path, overrides: list[str], result: Path) -> None:
@@ -98,7 +99,8 @@ def one_step(out: Path, overrides: list[str], result: Path) -> None:
         metrics = loop.train(cfg, run=run)
         weights = {n: t.clone() for n, t in export_weights(run.trainer.unwrapped, cfg.model, dst=0)}
         if dist.get_rank() == 0:
-            torch.save({"samples": run.steps[-1], "steps": run.steps, "metrics": metrics, "weights": weights}, result)
+            record = {"samples": run.steps[-1], "steps": run.steps, "metrics": metrics, "weights": weights}
+            torch.save(record, result)
     finally:
         run.close()
         del run
