@@ -11,7 +11,8 @@ from r1_megatron.rollout.placement import agree, colocated_slot
 def test_engines_are_consecutive_rank_groups_that_split_the_prompts(world, tp):
     slots = [colocated_slot(tp, r, world) for r in range(world)]
     assert [s.index for s in slots] == [r // tp for r in range(world)]
-    assert all(s.count == world // tp and s.ranks == tuple(range(s.index * tp, s.index * tp + tp)) for s in slots)
+    for s in slots:
+        assert s.count == world // tp and s.ranks == tuple(range(s.index * tp, s.index * tp + tp))
     assert [s.rank for s in slots if s.leader] == list(range(0, world, tp))
     for n in (0, 1, 5, 16):
         leaders = [s.share(n) for s in slots if s.leader]
