@@ -158,6 +158,13 @@ class RolloutConfig:
     seed: int = 0  # sampling seed
     redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
+    # Where the engines run: on the trainer's ranks, or in processes of their own (rollout/separate.py).
+    placement: Literal["colocated", "separate"] = "colocated"
+    engines: int = 1  # separate placement: engine processes (each on rollout.tp devices of its own on GPU)
+    timeout_s: float = 600.0  # separate placement: longest wait on an engine (start, refit, silence mid-rollout)
+    # YAML key `rollout.async`. one_step: generation of step k+1 overlaps training of step k (needs separate
+    # placement and rl.tis; the loss is the decoupled objective, rl/loop.py). off: exactly on-policy.
+    async_: Literal["off", "one_step"] = "off"
 
 
 @dataclass

@@ -64,6 +64,14 @@ def checkpoint_weight_names(model_dir: str | Path) -> set[str]:
     return names
 
 
+def request_seeds(seed: int | None, call: int, count: int) -> list[int | None]:
+    """One seed per prompt of a generate call: the same (seed, call, prompt index) always samples the
+    same group, while repeated prompts and repeated calls still get different samples."""
+    if seed is None:
+        return [None] * count
+    return [random.Random(f"{seed}:{call}:{i}").randrange(2**31) for i in range(count)]
+
+
 def _eos_ids(model_dir: Path) -> list[int]:
     """EOS ids from generation_config.json, else config.json ([] when neither names one)."""
     for fname in ("generation_config.json", "config.json"):
@@ -327,12 +335,8 @@ class VLLMEngine(RolloutEngine):
                 )
 
     def _request_seeds(self, seed: int | None, count: int) -> list[int | None]:
-        """One seed per prompt: the same (seed, call, prompt) always samples the same group, while
-        repeated prompts and repeated calls still get different samples."""
         self._calls += 1
-        if seed is None:
-            return [None] * count
-        return [random.Random(f"{seed}:{self._calls}:{i}").randrange(2**31) for i in range(count)]
+        return request_seeds(seed, self._calls, count)
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[GenSample]]:
         out: list[list[GenSample]] = [[] for _ in prompts]
