@@ -41,6 +41,7 @@ class OnPolicy:
 
     def __init__(self, run: Any, offload: Any = None):
         self.run, self.offload = run, offload
+        self.data_position = run.prompts.position
 
     def next(self, step: int, timer: Any) -> tuple[RolloutBatch, dict, dict]:
         """(batch, rollout stats, refit metrics) for GRPO step `step`."""

@@ -8,18 +8,31 @@
 The MTP head is not trained during RL: its loss on the policy's own samples would be an SFT term.
 Departures from the paper are config switches (SPEC §1): Dr. GRPO / leave-one-out baselines,
 clip-higher, dynamic sampling, overlong shaping, TIS, KL in the reward instead of the loss.
+
+One step off policy (rollout.async: one_step, separate engines; rl/async_rollout.py): the engines
+generate batch k+1 with the weights after step k-1 while the trainer trains on batch k, so each
+trained sample (after the first step) comes from weights one step older than the trainer's. The loss
+is then the decoupled objective (Hilton et al. 2021, "Batch size-invariance for policy optimization"):
+the clipped ratio is taken against the proximal policy pi_old, which the trainer recomputes at its
+current weights (the old-logprob pass, or the training forward itself when fused), and each token
+is weighted by the truncated importance ratio of the proximal to the behaviour policy,
+
+  L = sum_t w_t * min(pi_old/pi_rollout, rl.tis) * max(-A r_t, -A clip(r_t, 1-eps_low, 1+eps_high)),
+  r_t = pi_theta/pi_old,
+
+with pi_rollout the engine's sampling logprobs (the same TIS term that corrects the vLLM/trainer
+mismatch on policy, so rl.tis is required). The log reports async/staleness_{mean,min,max}.
 """
 
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 from r1_megatron.config import JobConfig, load_config, save_resolved
 from r1_megatron.offload import Offloader, model_tensors, optimizer_tensors
 from r1_megatron.model.provider import mtp_disabled
-from r1_megatron.rl import grpo, session
+from r1_megatron.rl import async_rollout, grpo, session
 from r1_megatron.rl.losses import finalize_metrics
 from r1_megatron.rl.metrics import MetricsLogger
 
@@ -31,12 +44,10 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
     train_metrics: dict = {}
     offload = Offloader([*model_tensors(trainer.model[0]), *optimizer_tensors(trainer.optimizer)], cfg.offload.pin_memory)
     log, metrics = MetricsLogger(cfg.logging, run.run_dir), {}
+    batches = async_rollout.make(run, cfg, offload if cfg.offload.enabled else None)  # refit + rollout
     for step in run.progress(range(trainer.step, rl.steps)):
         timer = grpo.PhaseTimer()
-        with timer("refit"):
-            refit = run.refit()
-        with timer("rollout"), offload.offloaded_during("rollout") if cfg.offload.enabled else nullcontext():
-            batch, kept = run.rollout()
+        batch, kept, refit = batches.next(step, timer)
         with timer("logprobs"):
             parts, adv_metrics = run.prepare(batch)  # ref (and old) logprobs, advantages, packing
         with timer("train"):
@@ -44,14 +55,17 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
                 for mbs, norm in parts:  # rl.num_minibatches optimizer steps
                     with mtp_disabled(trainer.unwrapped):  # MTP's LM loss on own samples would be SFT
                         train_metrics = finalize_metrics(trainer.train_step(mbs, grpo.grpo_loss(rl, norm)))
-        metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics()}
+        metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics(),
+                   **async_rollout.staleness_metrics(batch, step)}
         if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:
+            batches.wait()  # the engines finish the next batch before the eval uses them
             metrics["eval/accuracy"] = run.evaluate()
         log.log(step + 1, metrics)
         run.show(metrics)
         if cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0:
-            run.save()
-    run.save()
+            run.save(batches.data_position)
+    batches.close()
+    run.save(batches.data_position)
     log.close()
     return metrics
 

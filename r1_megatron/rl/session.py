@@ -23,11 +23,17 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def hosts_engine(device: torch.device) -> bool:
-    """Whether this rank runs a rollout engine (see grpo.engine_ranks)."""
-    from r1_megatron.rl.grpo import engine_ranks
+def engine_ranks(cfg: JobConfig, device: torch.device) -> list[int]:
+    """Ranks that drive a rollout engine: grpo.engine_ranks when colocated; rank 0 alone with separate
+    placement (it owns the engine processes, rollout/separate.py)."""
+    from r1_megatron.rl import grpo
 
-    return (dist.get_rank() if dist.is_initialized() else 0) in engine_ranks(device)
+    return [0] if cfg.rollout.placement == "separate" else grpo.engine_ranks(device)
+
+
+def hosts_engine(cfg: JobConfig, device: torch.device) -> bool:
+    """Whether this rank runs a rollout engine (see engine_ranks)."""
+    return (dist.get_rank() if dist.is_initialized() else 0) in engine_ranks(cfg, device)
 
 
 def load_initial_weights(trainer: Trainer, source: str) -> None:
@@ -98,9 +104,10 @@ def export_hf(trainer: Trainer, out_dir: str | Path, tokenizer_dir: str | Path |
 
 
 def weight_stream(trainer: Trainer, bucket_mb: int):
-    """The refit stream: every rank takes part in the gather. On CPU only rank 0 (the engine's) receives;
-    on GPU every rank's colocated vLLM shard does."""
-    dst = None if trainer.device.type == "cuda" else 0
+    """The refit stream: every rank takes part in the gather. On CPU, and with separate engines, only
+    rank 0 (the engines') receives; on GPU colocated every rank's vLLM shard does."""
+    colocated = trainer.cfg.rollout.placement == "colocated"
+    dst = None if trainer.device.type == "cuda" and colocated else 0
     return export_weights(trainer.unwrapped, trainer.cfg.model, bucket_mb * 2**20, dst=dst)
 
 
@@ -137,11 +144,15 @@ class RunState:
             export_hf(self.trainer, init_dir, self._tokenizer_dir())  # collective; rank 0 writes
             if dist.is_initialized():
                 dist.barrier()
-            if hosts_engine(self.device):
+            if hosts_engine(cfg, self.device) and cfg.rollout.placement == "separate":
+                from r1_megatron.rollout.separate import SeparateEngine
+
+                self.engine = SeparateEngine(init_dir, cfg.rollout)
+            elif hosts_engine(cfg, self.device):
                 from r1_megatron.rollout.vllm_engine import VLLMEngine
 
                 self.engine = VLLMEngine(init_dir, cfg.rollout)
-        if hosts_engine(self.device) and self.pool is None:
+        if hosts_engine(cfg, self.device) and self.pool is None:
             from r1_megatron.reward.pool import RewardPool
 
             self.pool = RewardPool(cfg.reward)
@@ -169,14 +180,15 @@ class RunState:
                 "refit/seconds": report["seconds"], "refit/canary_max_err": report["canary_max_err"],
                 **{f"refit/{part}_s": s for part, s in report["split"].items()}}
 
-    def rollout(self):
-        """Generate and score one batch (each engine rank its share), with dynamic sampling."""
+    def rollout(self, gather=None):
+        """Generate and score one batch (each engine rank its share), with dynamic sampling. gather
+        (default grpo.gather_samples, a collective) joins the ranks' samples of each round."""
         from r1_megatron.rl import grpo
         from r1_megatron.rl.advantages import all_equal_groups
         from r1_megatron.rl.types import RolloutBatch
 
         rl = self.cfg.rl
-        ranks = grpo.engine_ranks(self.device)
+        ranks, gather = engine_ranks(self.cfg, self.device), gather or grpo.gather_samples
         me = dist.get_rank() if dist.is_initialized() else 0
         kept: list = []
         rounds = all_equal = seen = 0
@@ -186,7 +198,7 @@ class RunState:
             mine = list(range(ranks.index(me), need, len(ranks))) if me in ranks else []
             local = grpo.generate_and_score(self.engine, self.pool, self.tokenizer, [items[i] for i in mine],
                                             [seen + i for i in mine], self.cfg) if mine else []
-            batch = RolloutBatch(grpo.gather_samples(local))
+            batch = RolloutBatch(gather(local))
             seen, rounds = seen + need, rounds + 1
             flat = all_equal_groups(batch.rewards()[batch.group_index()])
             all_equal += int(flat.sum())
@@ -245,7 +257,8 @@ class RunState:
         self.refit()
 
         # Every engine rank runs the same eval (a vLLM TP group must generate together); rank 0's counts.
-        acc = heldout_accuracy(self.engine, self.pool, self.tokenizer, self.cfg, n) if hosts_engine(self.device) else 0.0
+        acc = heldout_accuracy(self.engine, self.pool, self.tokenizer, self.cfg, n) \
+            if hosts_engine(self.cfg, self.device) else 0.0
         if self.engine is not None:
             self.engine.release()
         box = [acc]
@@ -253,8 +266,11 @@ class RunState:
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def save(self) -> None:
-        dist_ckpt.save(self.trainer, self.ckpt_root, extra={"data_position": self.prompts.position})
+    def save(self, position: int | None = None) -> None:
+        """position: where a resumed run continues the prompt stream (default: after the last prompt
+        drawn; one-step-off rollout passes the end of the last trained batch)."""
+        position = self.prompts.position if position is None else position
+        dist_ckpt.save(self.trainer, self.ckpt_root, extra={"data_position": position})
 
     def progress(self, steps):
         if not (is_rank0() and self.cfg.logging.progress):

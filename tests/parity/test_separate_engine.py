@@ -12,7 +12,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import threading
 import time
