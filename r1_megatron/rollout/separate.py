@@ -12,9 +12,9 @@ formula; vLLM gives sample j of a prompt seed + j), so a prompt samples the same
 and the samples equal the in-process engine's at world size 1.
 
 Weights:
-- CPU: one shared-memory buffer laid out like the engines' checkpoint (names, shapes, dtypes from its
-  safetensors headers), created once and reused by every refit: the trainer copies the stream into it
-  and sends each engine a short ("load", version); the engine loads from views of the same buffer
+- CPU: one shared-memory buffer, laid out by the first refit's stream (names, shapes, dtypes) and
+  reused by every later refit: the trainer copies the stream into it and sends each engine a short
+  ("load", version); the engine loads from views of the same buffer
   through VLLMEngine.update_weights (the fast in-place refit, else reload_weights plus the CPU MoE
   re-pack). Measured 1.8 ms for 20 MiB (notes/platform.md), against 60-90 ms for pickled tensors.
 - GPU: vLLM's weight-transfer API (`weight_transfer_config` backend nccl): rank 0 broadcasts each
@@ -47,7 +47,7 @@ import torch
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
 from r1_megatron.rollout.separate_worker import Layout, buffer_views, serve
-from r1_megatron.rollout.vllm_engine import checkpoint_weight_names, request_seeds
+from r1_megatron.rollout.vllm_engine import request_seeds
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +63,15 @@ class EngineDown(RuntimeError):
         super().__init__(f"rollout engine {index} {reason}")
 
 
-def checkpoint_layout(model_dir: str | Path) -> tuple[Layout, int]:
-    """Each checkpoint tensor's (byte offset, shape, dtype) in a flat buffer, and the buffer's size."""
-    from safetensors import safe_open
-    from safetensors.torch import _getdtype
-
+def stream_layout(pairs: list[tuple[str, torch.Tensor]]) -> tuple[Layout, int]:
+    """Each tensor's (byte offset, shape, dtype) in a flat buffer, in stream order, and the buffer's size."""
     layout: Layout = {}
     offset = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                meta = handle.get_slice(name)
-                shape, dtype = tuple(meta.get_shape()), _getdtype(meta.get_dtype())
-                layout[name] = (offset, shape, dtype)
-                nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                offset += -(-nbytes // _ALIGN) * _ALIGN
+    for name, tensor in pairs:
+        if name in layout:
+            raise ValueError(f"refit stream: {name!r} appears twice")
+        layout[name] = (offset, tuple(tensor.shape), tensor.dtype)
+        offset += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
     return layout, max(offset, 1)
 
 
@@ -102,17 +96,11 @@ class SeparateEngine(RolloutEngine):
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         if cfg.engines < 1:
             raise ValueError(f"rollout.engines must be >= 1, got {cfg.engines}")
-        self.weight_names = checkpoint_weight_names(self.model_dir)
         self.threads, self.weights_version, self.restarts = threads, 0, 0
         self._calls = 0
-        self._shm: SharedMemory | None = None
+        self._shm: SharedMemory | None = None  # CPU: made by the first refit, whose tensors fix its layout
         self._views: dict[str, torch.Tensor] = {}
         self._layout: Layout = {}
-        if self.device == "cpu":
-            self._layout, size = checkpoint_layout(self.model_dir)
-            # A name of our own: vLLM's fixed per-group names collide across jobs and reruns (errno 17).
-            self._shm = SharedMemory(name=f"r1m-{os.getpid()}-{uuid.uuid4().hex[:8]}", create=True, size=size)
-            self._views = buffer_views(torch.frombuffer(self._shm.buf, dtype=torch.uint8), self._layout)
         self._ctx = mp.get_context("spawn")
         self._procs: list[_Proc | None] = [None] * cfg.engines
         try:
@@ -132,8 +120,7 @@ class SeparateEngine(RolloutEngine):
         if self.device == "cuda":
             first = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the trainer's devices on this node
             env["CUDA_VISIBLE_DEVICES"] = engine_devices(e, self.cfg.tp, first)
-        spec = {"model_dir": str(self.model_dir), "cfg": self.cfg, "env": env, "threads": self.threads,
-                "shm_name": self._shm.name if self._shm else "", "layout": self._layout}
+        spec = {"model_dir": str(self.model_dir), "cfg": self.cfg, "env": env, "threads": self.threads}
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(target=serve, args=(child, spec), name=f"r1m-rollout-{e}", daemon=False)
         process.start()
@@ -200,6 +187,7 @@ class SeparateEngine(RolloutEngine):
         self._await_ready(e, retry=False)
         if self.weights_version:
             try:
+                self._request(e, self._attach_message(), phase)
                 self._request(e, ("load", self.weights_version), phase)
             except EngineDown as again:
                 raise RolloutError(phase, f"{self._name(e)}: {again}, while restarting after: {down}") from again
@@ -332,21 +320,34 @@ class SeparateEngine(RolloutEngine):
             self.refit_split = self._transfer.send(weights, version)
             self.weights_version = version
             return
-        start, seen = time.perf_counter(), set()
+        start, seen, first = time.perf_counter(), set(), self._shm is None
+        if first:  # the first refit's tensors fix the buffer: copy them once to size it (an exporter
+            # may reuse its buffers from one tensor to the next, so a reference is not enough)
+            weights = [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in weights]
+            self._layout, size = stream_layout(weights)
+            # A name of our own: vLLM's fixed per-group names collide across jobs and reruns (errno 17).
+            self._shm = SharedMemory(name=f"r1m-{os.getpid()}-{uuid.uuid4().hex[:8]}", create=True, size=size)
+            self._views = buffer_views(torch.frombuffer(self._shm.buf, dtype=torch.uint8), self._layout)
         for name, tensor in weights:
             view = self._views.get(name)
             if view is None:
-                raise KeyError(f"unknown weight {name!r}: {self.model_dir} has no tensor of that name")
+                raise KeyError(f"refit: {name!r} was not in the first refit's stream (the engines' layout)")
             if view.shape != tensor.shape:
                 raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the engines hold {tuple(view.shape)}")
             view.copy_(tensor)
             seen.add(name)
-        if missing := self.weight_names - seen:
-            raise RuntimeError(f"{len(missing)} checkpoint tensors not in the stream, e.g. {sorted(missing)[:3]}")
+        if missing := self._views.keys() - seen:
+            raise RuntimeError(f"{len(missing)} tensors of the engines' layout not in the stream, e.g. "
+                               f"{sorted(missing)[:3]}")
         copied = time.perf_counter() - start
         self.weights_version = version  # what a restarted engine reloads from the buffer
+        if first:
+            self._all(self._attach_message(), "update_weights")
         splits = self._all(("load", version), "update_weights")
         self.refit_split = {"shm_copy": copied, **splits[0]}
+
+    def _attach_message(self) -> tuple:
+        return ("attach", self._shm.name, self._layout)
 
     def release(self) -> None:
         """Nothing to free: the engines never hold the trainer's memory."""

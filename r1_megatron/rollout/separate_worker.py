@@ -7,7 +7,8 @@ CUDA_VISIBLE_DEVICES) and answers short messages on a pipe:
   ("generate", tag, prompts, n, sampling, seeds) -> ("group", tag, i, samples) per finished prompt,
                                                     then ("done", tag)
   ("logprobs", token_ids)                        -> ("ok", [tensor, ...])
-  ("load", version)                              -> ("ok", refit_split)   CPU: weights from shared memory
+  ("attach", shm_name, layout)                   -> ("ok", None)          CPU: the refit buffer (once)
+  ("load", version)                              -> ("ok", refit_split)   CPU: weights from that buffer
   ("rpc", method, kwargs)                        -> ("ok", result)        GPU: vLLM weight-transfer calls
   ("loaded", version)                            -> ("ok", None)          GPU: after a transfer
   ("ping",)                                      -> ("ok", pid)
@@ -84,8 +85,8 @@ def serve(conn: Connection, spec: dict[str, Any]) -> None:
     except Exception as e:  # noqa: BLE001 (reported to the trainer, which names the engine)
         conn.send(("error", "startup", f"{type(e).__name__}: {e}"))
         return
-    shm = SharedMemory(name=spec["shm_name"]) if spec["shm_name"] else None
-    views = buffer_views(torch.frombuffer(shm.buf, dtype=torch.uint8), spec["layout"]) if shm else {}
+    views: dict[str, torch.Tensor] = {}
+    shm: list[SharedMemory] = []  # the refit buffer, once attached
     conn.send(("ready", os.getpid()))
     try:
         while True:
@@ -96,17 +97,22 @@ def serve(conn: Connection, spec: dict[str, Any]) -> None:
             if msg[0] == "close":
                 break
             try:
-                _answer(conn, engine, views, msg)
+                if msg[0] == "attach":
+                    shm.append(SharedMemory(name=msg[1]))
+                    views.update(buffer_views(torch.frombuffer(shm[0].buf, dtype=torch.uint8), msg[2]))
+                    conn.send(("ok", None))
+                else:
+                    _answer(conn, engine, views, msg)
             except Exception as e:  # noqa: BLE001
                 conn.send(("error", msg[0], f"{type(e).__name__}: {e}"))
     finally:
         engine.close()
         views.clear()
-        if shm is not None:
+        if shm:
             import gc
 
             gc.collect()  # the views export shm.buf; they must be gone before close
-            shm.close()
+            shm[0].close()
 
 
 def _answer(conn: Connection, engine: Any, views: dict[str, torch.Tensor], msg: tuple) -> None:

@@ -121,3 +121,28 @@ def test_engine_that_cannot_restart_fails_with_its_name(dirs, tmp_path):
         assert time.monotonic() - start < 2 * CFG.timeout_s
     finally:
         sep.close()
+
+
+@pytest.mark.gpu
+def test_gpu_refit_through_vllm_weight_transfer(dirs, tmp_path):
+    """GPU: one engine on device 1 (the trainer holds device 0); a refit through vLLM's NCCL weight
+    transfer gives the greedy tokens of an engine built from the new weights."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices: one for the trainer, one for the engine")
+    model_dir, new_weights = dirs
+    shutil.copytree(model_dir.parent / "b", tmp_path / "b")
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, stop_on_eos=False)
+    cfg = RolloutConfig(placement="separate", engines=1, timeout_s=600.0, gpu_memory_utilization=0.3)
+    want = SeparateEngine(tmp_path / "b", cfg)
+    try:
+        expected = want.generate(PROMPTS, 1, greedy)
+    finally:
+        want.close()
+    sep = SeparateEngine(model_dir, cfg)
+    try:
+        sep.update_weights((k, v.cuda()) for k, v in new_weights.items())
+        assert sep.weights_version == 1
+        assert [[s.token_ids for s in g] for g in sep.generate(PROMPTS, 1, greedy)] == \
+            [[s.token_ids for s in g] for g in expected]
+    finally:
+        sep.close()
