@@ -210,8 +210,8 @@ class SeparateEngine(RolloutEngine):
                 self._send(e, msg)
             except EngineDown:
                 pass  # found by the wait below
-        out = []
-        for e in range(len(self._procs)):
+        out, errors = [], []
+        for e in range(len(self._procs)):  # every answer is read before raising: none is left in a pipe
             deadline = time.monotonic() + self.cfg.timeout_s
             try:
                 while (answer := self._recv(e, deadline, phase))[0] not in ("ok", "error"):
@@ -219,13 +219,14 @@ class SeparateEngine(RolloutEngine):
             except EngineDown as down:
                 self._restart(e, down, phase)
                 try:
-                    out.append(self._request(e, msg, phase))
+                    answer = ("ok", self._request(e, msg, phase))
                 except EngineDown as again:
                     raise RolloutError(phase, f"{self._name(e)}: {again}, again after a restart") from again
-                continue
             if answer[0] == "error":
-                raise RolloutError(phase, f"{self._name(e)}: {answer[-1]}")
+                errors.append(f"{self._name(e)}: {answer[-1]}")
             out.append(answer[1])
+        if errors:
+            raise RolloutError(phase, "; ".join(errors))
         return out
 
     def health(self) -> list[int]:

@@ -17,18 +17,25 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _rewards import digit_share  # noqa: E402 (importable by the reward pool's workers as _rewards)
+
 
 def main(out: str, mode: str, overrides: list[str]) -> None:
     import torch
 
     from r1_megatron.checkpoint import dist as dist_ckpt
     from r1_megatron.config import load_config
+    from r1_megatron.reward.pool import RewardPool
     from r1_megatron.rl import loop, session
     from r1_megatron.rl.metrics import read_metrics
     from r1_megatron.rollout.engine import RolloutError
 
     cfg = load_config("configs/demo_cpu.yaml", overrides)
-    run = session.RunState(cfg)
+    # The digit-share reward (as test_grpo_learns): from a random init it varies within groups, so
+    # the advantages and the loss are not zero.
+    run = session.RunState(cfg, pool=RewardPool(cfg.reward, scorer=digit_share, num_workers=1))
     batches: list = []
     rollout = run.rollout
 
