@@ -72,15 +72,23 @@ class OneStepOff:
 
     def _generate(self, version: int) -> tuple:
         """Runs on the host rank (in the background thread after the first step): rounds of generation
-        and scoring without collectives."""
-        batch, kept = self.run.rollout(gather=_sorted)
+        and scoring without collectives. A failure is returned, to be raised on every rank."""
+        try:
+            batch, kept = self.run.rollout(gather=_sorted)
+        except Exception as e:  # noqa: BLE001 (see _share)
+            return None, f"{type(e).__name__}: {e}", e
         return _stamp(batch, version).samples, kept, self.run.prompts.position
 
     def _share(self, local: tuple | None) -> tuple[RolloutBatch, dict]:
-        """Every rank gets the host's batch; the prompt stream advances alike on every rank."""
-        box = [local]
+        """Every rank gets the host's batch, or its failure (so no rank waits for a batch that never
+        comes); the prompt stream advances alike on every rank."""
+        box = [local if local is None or local[0] is not None else local[:2]]
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)
+        if box[0][0] is None:
+            if local is not None:
+                raise local[2]
+            raise RuntimeError(f"rollout on rank 0 failed: {box[0][1]}")
         samples, kept, position = box[0]
         self.run.prompts.position = position
         return RolloutBatch(samples), kept
