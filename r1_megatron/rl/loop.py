@@ -54,7 +54,8 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
             for _epoch in range(rl.ppo_epochs):
                 for mbs, norm in parts:  # rl.num_minibatches optimizer steps
                     with mtp_disabled(trainer.unwrapped):  # MTP's LM loss on own samples would be SFT
-                        train_metrics = finalize_metrics(trainer.train_step(mbs, grpo.grpo_loss(rl, norm)))
+                        sums = trainer.train_step(mbs, grpo.grpo_loss(rl, norm), entropy=True)
+                    train_metrics = finalize_metrics(sums)
         metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics(),
                    **async_rollout.staleness_metrics(batch, step)}
         if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:

@@ -8,65 +8,22 @@ survives broken packages."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from _fake_slurm import BIN, REPO, free_port
+from _fake_slurm import fake_slurm as _fake_slurm
+from _fake_slurm import lines as _lines
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = [REPO / "launch/torchrun.sh", *sorted((REPO / "launch/slurm").iterdir())]
-BIN = Path(sys.executable).parent
-
-RECORDER = """#!/usr/bin/env bash
-# Records its argv (one per line) and environment, then runs what follows its --options (srun only).
-name=$(basename "$0")
-printf '%s\\n' "$@" > "$FAKE_LOG/$name.argv"
-env > "$FAKE_LOG/$name.env"
-if [[ "$name" == scontrol ]]; then
-  if [[ "$1" == show ]]; then printf 'node01\\nnode02\\nnode03\\nnode04\\n'; fi
-  exit 0
-fi
-if [[ "$name" == srun ]]; then
-  sleep "${FAKE_SRUN_SLEEP:-0}"
-  while [[ "$1" == --* ]]; do shift; done
-  exec "$@"
-fi
-"""
-
+SCRIPTS = [REPO / f"launch/{name}.sh" for name in ("torchrun", "gpu_check")]
+SCRIPTS += sorted((REPO / "launch/slurm").iterdir())
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
-
-
-def _fake_slurm(tmp_path: Path, **env: str) -> dict:
-    fake_bin, log = tmp_path / "bin", tmp_path / "log"
-    fake_bin.mkdir(parents=True)
-    log.mkdir()
-    for name in ("srun", "scontrol", "torchrun"):
-        (fake_bin / name).write_text(RECORDER)
-        (fake_bin / name).chmod(0o755)
-    return {
-        "PATH": f"{fake_bin}:/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "FAKE_LOG": str(log),
-        "SLURM_SUBMIT_DIR": str(REPO),
-        "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NUM_NODES": "4",
-        "SLURM_JOB_NODELIST": "node[01-04]",
-        "CONFIG": "configs/dsv3_671b_grpo_256xh100.yaml",
-        "SHARED": str(tmp_path / "shared"),
-        "IMAGE": "nvcr.io/nvidia/pytorch:25.01-py3",
-        **env,
-    }
-
-
-def _lines(path: Path) -> list[str]:
-    return path.read_text().splitlines()
 
 
 def test_grpo_sbatch_builds_the_torchrun_command(tmp_path):
@@ -87,10 +44,12 @@ def test_grpo_sbatch_builds_the_torchrun_command(tmp_path):
     assert _lines(log / "srun.argv") == [
         "--ntasks-per-node=1",
         "--nodes=4",
+        "--cpus-per-task=96",
         "--kill-on-bad-exit=1",
-        "--container-image=nvcr.io/nvidia/pytorch:25.01-py3",
+        "--container-image=/images/r1-megatron.sqsh",
         f"--container-mounts={REPO}:{REPO},{shared}:{shared}",
         f"--container-workdir={REPO}",
+        "--no-container-mount-home",
         f"--output={logs}/node-%N.out",
         f"--error={logs}/node-%N.err",
         "bash",
@@ -135,14 +94,12 @@ def test_dry_run_and_other_commands(tmp_path):
     argv = _lines(tmp_path / "log/torchrun.argv")
     assert "--nproc-per-node=4" in argv and "--rdzv-endpoint=node01:31000" in argv
     assert argv[argv.index("r1_megatron.cli") + 1] == "validate"
-    for script, cmd in (("sft.sbatch", "sft"), ("convert.sbatch", "convert")):
-        env = _fake_slurm(tmp_path / cmd)
-        subprocess.run(
-            ["bash", f"launch/slurm/{script}", "x=1"], cwd=REPO, env=env, check=True, capture_output=True
-        )
-        argv = _lines(tmp_path / cmd / "log/torchrun.argv")
-        assert argv[argv.index("r1_megatron.cli") + 1 :][:2] == [cmd, "configs/dsv3_671b_grpo_256xh100.yaml"]
-        assert argv[-1] == "x=1"
+    env = _fake_slurm(tmp_path / "sft")
+    sft = ["bash", "launch/slurm/sft.sbatch", "x=1"]
+    subprocess.run(sft, cwd=REPO, env=env, check=True, capture_output=True)
+    argv = _lines(tmp_path / "sft/log/torchrun.argv")
+    assert argv[argv.index("r1_megatron.cli") + 1 :][:2] == ["sft", "configs/dsv3_671b_grpo_256xh100.yaml"]
+    assert argv[-1] == "x=1"
 
 
 def test_usr1_requeues(tmp_path):
@@ -159,19 +116,13 @@ def test_usr1_requeues(tmp_path):
     assert _lines(tmp_path / "log/scontrol.argv") == ["requeue", "4242"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_dry(*overrides: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "CONFIG": "configs/micro_moe_sft.yaml",
         "NPROC_PER_NODE": "4",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "DRY_RUN": "1",
         "OMP_NUM_THREADS": "1",
     }
@@ -203,7 +154,7 @@ def test_dry_run_bad_layout_fails_every_rank():
 
 def test_one_failing_rank_fails_all(tmp_path):
     """Rank 1 alone gets a bad override; the all-reduce of error flags makes rank 0 fail too."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank, extra in ((0, []), (1, ["parallel.tp=3"])):
         env = {
@@ -233,7 +184,7 @@ def test_missing_rank_times_out():
         "RANK": "0",
         "WORLD_SIZE": "2",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "R1M_VALIDATE_TIMEOUT": "3",
     }
     cmd = [sys.executable, "-m", "r1_megatron.cli", "validate", "configs/micro_moe_sft.yaml"]
