@@ -99,3 +99,5 @@ def test_async_key_round_trips():
     data = to_dict(cfg)
     assert data["rollout"]["async"] == "one_step" and "async_" not in data["rollout"]
     assert from_dict(JobConfig, data) == cfg
+    # YAML reads a bare `off` as False; the switch takes it as "off".
+    assert load_config("configs/demo_cpu.yaml", ["rollout.async=off"]).rollout.async_ == "off"
