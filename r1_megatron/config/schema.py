@@ -205,6 +205,7 @@ class CheckpointConfig:
     save_every: int = 0  # steps between saves (0: only at the end)
     load: str = ""  # checkpoint or HF directory to start from
     resume: bool = True  # resume from dir/latest when present
+    allow_fresh_optimizer: bool = False  # resume even from a checkpoint without optimizer state (Adam restarts)
 
 
 @dataclass
@@ -220,6 +221,7 @@ class OffloadConfig:
 class DataConfig:
     """Prompts and sequences."""
 
+    tokenizer: str = ""  # HF tokenizer directory ("": the shipped 512-id test tokenizer of the tiny cards)
     task: str = "arithmetic"  # built-in task (arithmetic | countdown), or "" to read train_file
     template: Literal["r1_zero", "compact", "plain"] = "compact"  # prompt template (all end "Assistant: <think>")
     chat: bool = False  # wrap prompts in the tokenizer's chat template (same for SFT and RL)

@@ -116,7 +116,7 @@ class RunState:
     pool, prompt stream, refitter. Methods are the loop's verbs (refit, rollout, prepare, ...)."""
 
     def __init__(self, cfg: JobConfig, engine=None, pool=None):
-        from r1_megatron.data.tokenizer import load_tokenizer
+        from r1_megatron.data.tokenizer import job_tokenizer
         from r1_megatron.parallel.groups import init_process_groups
         from r1_megatron.rl.grpo import PromptStream
         from r1_megatron.rollout.refit import Refitter, canary_sequences
@@ -125,7 +125,7 @@ class RunState:
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.layout, self.device = init_process_groups(cfg)
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = job_tokenizer(cfg)
         self.trainer = Trainer(cfg, self.layout, self.device)
         if cfg.rl.share_prompts and not supports_shared_prefix(self.trainer.unwrapped):
             raise ValueError(
@@ -160,11 +160,10 @@ class RunState:
             if self.engine is not None else None
         self._bar = None
 
-    @staticmethod
-    def _tokenizer_dir():
-        from r1_megatron.data.tokenizer import ASSET_DIR
+    def _tokenizer_dir(self) -> Path:
+        from r1_megatron.data.tokenizer import tokenizer_dir
 
-        return ASSET_DIR
+        return tokenizer_dir(self.cfg)
 
     # -- the loop's verbs ---------------------------------------------------------------------
     def refit(self) -> dict:
