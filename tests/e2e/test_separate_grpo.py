@@ -51,7 +51,7 @@ def test_separate_engines_give_the_in_process_step(tmp_path):
     assert _tokens(sep["steps"][0]) == _tokens(local["steps"][0])
     assert len({s["reward"] for s in sep["steps"][0]}) > 1  # rewards differ, so advantages and loss are not 0
     (a,), (b,) = local["metrics"], sep["metrics"]
-    assert a["loss"] != 0.0
+    assert a["grad_norm"] > 0.1  # (the on-policy loss itself is ~0: the advantages have mean 0)
     for key in ("loss", "pg_loss", "grad_norm", "reward/mean", "mismatch_abs"):
         assert b[key] == pytest.approx(a[key], abs=1e-5), key
     assert b["refit/canary_max_err"] <= 1e-3
