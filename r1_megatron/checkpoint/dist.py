@@ -47,6 +47,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from r1_megatron.checkpoint.mcore_io import CARD_FILE, read_card
 from r1_megatron.config.schema import JobConfig, ModelConfig, ParallelConfig
 from r1_megatron.parallel.device import seed_all
+from r1_megatron.rl.nonfinite import first_nonfinite_weight
 from r1_megatron.rl.train_step import Trainer
 
 LATEST = "latest"
@@ -217,6 +218,7 @@ def save(
     root = Path(root)
     name = step_dir_name(trainer.step)
     tmp, final = root / f".tmp-{name}", root / name
+    _refuse_nonfinite(trainer, root, name)
     rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -248,6 +250,16 @@ def save(
         _write_atomic(root / LATEST, name)
     dist.barrier()
     return final
+
+
+def _refuse_nonfinite(trainer: Trainer, root: Path, name: str) -> None:
+    """Never write weights that hold a NaN/Inf (collective: every rank refuses alike)."""
+    bad = first_nonfinite_weight(trainer.unwrapped)
+    if bad is not None:
+        pointer = root / LATEST
+        previous = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
+        raise CheckpointError(f"{root / name}: refusing to save non-finite weights (first: {bad[1]} on "
+                              f"rank {bad[0]}); {pointer} still names {previous}")
 
 
 def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> dict:

@@ -4,7 +4,6 @@ Kept apart from loop.py so the loop itself reads as prose."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -58,11 +57,11 @@ def load_initial_weights(trainer: Trainer, source: str) -> None:
 
 class Reference:
     """The frozen policy at the start of RL. It lives on the host between its forwards (SPEC §7):
-    its storages are offloaded except inside `logprobs`."""
+    its storages are offloaded except inside `logprobs`. Forward-only: the model chunk in the
+    training dtype with no DDP grad buffers, optimizer or schedule; the same forward_logprobs path."""
 
     def __init__(self, cfg: JobConfig, layout, device: torch.device):
-        frozen = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.0))
-        self.trainer = Trainer(frozen, layout, device)
+        self.trainer = Trainer(cfg, layout, device, for_training=False)
         load_initial_weights(self.trainer, cfg.checkpoint.load)
         self._offload = Offloader(model_tensors(self.trainer.model[0]), pin_memory=cfg.offload.pin_memory)
         if cfg.offload.reference_on_host:
