@@ -65,7 +65,7 @@ def our_config(run_dir: Path, hf_dir: Path, steps: int, *, prompts: int = 8, gro
 class BenchRun(session.RunState):
     """Our RunState without the end-of-train checkpoint: the bench times steps, not saves."""
 
-    def save(self) -> None:
+    def save(self, position: int | None = None) -> None:
         return None
 
 

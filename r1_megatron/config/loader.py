@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import os
 import types
 import typing
@@ -50,6 +51,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
+        # YAML 1.1 reads a bare off/on (also no/yes) as a bool: give a switch its word back.
+        if isinstance(value, bool) and ("on" if value else "off") in get_args(tp):
+            value = "on" if value else "off"
         if value not in get_args(tp):
             raise ConfigError(f"{path}: {value!r} is not one of {list(get_args(tp))}")
         return value
@@ -97,8 +101,9 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
         full = f"{path}.{key}" if path else str(key)
         if full in MOVED:
             raise ConfigError(f"unknown key '{full}': it is '{MOVED[full]}' (it applies to SFT and distillation too)")
+        key = _field_name(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), list(_yaml_keys(dict.fromkeys(names))), n=1, cutoff=0.5)
             hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{full}'{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
@@ -189,14 +194,28 @@ def load_card(name: str, overrides: list[str] | None = None) -> ModelConfig:
     return load_config(None, [f"model.card={name}", *(overrides or [])]).model
 
 
+def _field_name(key: Any) -> Any:
+    """A YAML key that is a Python keyword (rollout.async) lives in the field of that name plus '_'."""
+    return f"{key}_" if isinstance(key, str) and keyword.iskeyword(key) else key
+
+
+def _yaml_keys(data: Any) -> Any:
+    """dataclasses.asdict output with keyword fields under their YAML key (async_ -> async)."""
+    if not isinstance(data, dict):
+        return data
+    return {(k[:-1] if isinstance(k, str) and keyword.iskeyword(k[:-1]) else k): _yaml_keys(v)
+            for k, v in data.items()}
+
+
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    return _yaml_keys(dataclasses.asdict(cfg))
 
 
 # What a resumed run may change (keys, or sections ending in "."): how long it runs, how it reports,
 # and how it is laid out on the machines (any layout resumes any other's checkpoint), not what it computes.
 RESUMABLE = ("rl.steps", "rl.eval_every", "checkpoint.", "logging.", "parallel.", "offload.", "rollout.tp",
-             "rollout.gpu_memory_utilization", "rollout.bucket_mb", "rollout.enforce_eager")
+             "rollout.gpu_memory_utilization", "rollout.bucket_mb", "rollout.enforce_eager", "rollout.placement",
+             "rollout.engines", "rollout.timeout_s")
 
 
 def _resumable(key: str) -> bool:

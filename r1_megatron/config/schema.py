@@ -164,7 +164,9 @@ class RolloutConfig:
     """The rollout engine (vLLM)."""
 
     engine: Literal["vllm"] = "vllm"  # rollout backend
-    placement: Literal["colocated"] = "colocated"  # every trainer rank is also a vLLM rank (external launcher)
+    # colocated: every trainer rank is also a vLLM rank (external launcher); separate: engines in processes
+    # of their own (rollout/separate.py).
+    placement: Literal["colocated", "separate"] = "colocated"
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 64  # max response length
@@ -177,6 +179,11 @@ class RolloutConfig:
     redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
     startup_timeout_s: float = 600.0  # multi-rank: how long an engine waits for the other ranks to start theirs
+    engines: int = 1  # separate placement: engine processes (each on rollout.tp devices of its own on GPU)
+    timeout_s: float = 600.0  # separate placement: longest wait on an engine (start, refit, silence mid-rollout)
+    # YAML key `rollout.async`. one_step: generation of step k+1 overlaps training of step k (needs separate
+    # placement and rl.tis; the loss is the decoupled objective, rl/loop.py). off: exactly on-policy.
+    async_: Literal["off", "one_step"] = "off"
 
 
 @dataclass

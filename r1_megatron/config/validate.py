@@ -112,6 +112,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p({cfg.rollout.top_p}) must lie in (0, 1]")
+    validate_rollout(cfg)
     if cfg.rollout.redundant_experts:
         # vLLM 0.32 takes redundant slots only with enable_eplb, whose rebalancing (every
         # eplb_config.step_interval engine steps, no off switch) moves experts between slots while its
@@ -127,3 +128,18 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     for name, w in cfg.reward.weights.items():
         if w != w:
             raise ConfigError(f"reward.weights.{name} is NaN")
+
+
+def validate_rollout(cfg: JobConfig) -> None:
+    """Engine placement and one-step-off-policy rollout (rollout/separate.py, rl/async_rollout.py)."""
+    ro = cfg.rollout
+    if ro.engines < 1:
+        raise ConfigError(f"rollout.engines({ro.engines}) must be >= 1")
+    if ro.timeout_s <= 0:
+        raise ConfigError(f"rollout.timeout_s({ro.timeout_s}) must be > 0")
+    if ro.async_ != "off" and ro.placement != "separate":
+        raise ConfigError(f"rollout.async={ro.async_} needs rollout.placement=separate (got {ro.placement}): "
+                          "colocated engines share the trainer's devices, so generation cannot overlap training")
+    if ro.async_ != "off" and cfg.rl.tis is None:
+        raise ConfigError(f"rollout.async={ro.async_} needs a TIS cap rl.tis (e.g. rl.tis=2.0): off-policy "
+                          "samples are reweighted by min(pi_old / pi_rollout, rl.tis)")

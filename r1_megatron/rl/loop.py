@@ -10,6 +10,20 @@
 The MTP head is not trained during RL: its loss on the policy's own samples would be an SFT term.
 Departures from the paper are config switches (SPEC §1): Dr. GRPO / leave-one-out baselines,
 clip-higher, dynamic sampling, overlong shaping, TIS, KL in the reward instead of the loss.
+
+One step off policy (rollout.async: one_step, separate engines; rl/async_rollout.py): the engines
+generate batch k+1 with the weights after step k-1 while the trainer trains on batch k, so each
+trained sample (after the first step) comes from weights one step older than the trainer's. The loss
+is then the decoupled objective (Hilton et al. 2021, "Batch size-invariance for policy optimization"):
+the clipped ratio is taken against the proximal policy pi_old, which the trainer recomputes at its
+current weights (the old-logprob pass, or the training forward itself when fused), and each token
+is weighted by the truncated importance ratio of the proximal to the behaviour policy,
+
+  L = sum_t w_t * min(pi_old/pi_rollout, rl.tis) * max(-A r_t, -A clip(r_t, 1-eps_low, 1+eps_high)),
+  r_t = pi_theta/pi_old,
+
+with pi_rollout the engine's sampling logprobs (the same TIS term that corrects the vLLM/trainer
+mismatch on policy, so rl.tis is required). The log reports async/staleness_{mean,min,max}.
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ from pathlib import Path
 from r1_megatron.config import JobConfig, load_config, save_resolved
 from r1_megatron.offload import TrainerOffload
 from r1_megatron.model.provider import mtp_disabled
-from r1_megatron.rl import grpo, session
+from r1_megatron.rl import async_rollout, grpo, session
 from r1_megatron.rl.losses import finalize_metrics
 from r1_megatron.rl.metrics import MetricsLogger
 
@@ -34,14 +48,10 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
     offload = TrainerOffload(trainer.model[0], trainer.optimizer, cfg.offload.pin_memory) \
         if cfg.offload.enabled else None
     log, metrics = MetricsLogger(cfg.logging, run.run_dir), {}
+    batches = async_rollout.make(run, cfg, offload)  # refit + rollout
     for step in run.progress(range(trainer.step, rl.steps)):
         timer = grpo.PhaseTimer()
-        with timer("refit"):
-            refit = run.refit(offload)
-        with timer("rollout"):
-            batch, kept = run.rollout()  # the engine sleeps at its end (GPU)
-        if offload is not None:
-            offload.reload()
+        batch, kept, refit = batches.next(step, timer)
         with timer("logprobs"):
             parts, adv_metrics = run.prepare(batch)  # ref (and old) logprobs, advantages, packing
         with timer("train"):
@@ -50,14 +60,17 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
                     with mtp_disabled(trainer.unwrapped):  # MTP's LM loss on own samples would be SFT
                         sums = trainer.train_step(mbs, grpo.grpo_loss(rl, norm), entropy=True)
                     train_metrics = finalize_metrics(sums)
-        metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics()}
+        metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics(),
+                   **async_rollout.staleness_metrics(batch, step)}
         if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:
+            batches.wait()  # the engines finish the next batch before the eval uses them
             metrics["eval/accuracy"] = run.evaluate()
         log.log(step + 1, metrics)
         run.show(metrics)
         if cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0:
-            run.save()
-    run.save()
+            run.save(batches.data_position)
+    batches.close()
+    run.save(batches.data_position)
     log.close()
     return metrics
 

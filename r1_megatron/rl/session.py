@@ -90,9 +90,10 @@ def export_hf(trainer: Trainer, out_dir: str | Path, tokenizer_dir: str | Path |
 
 
 def weight_stream(trainer: Trainer, bucket_mb: int):
-    """The refit stream: every rank takes part in the gather and receives the full tensors, which its
-    colocated vLLM rank cuts into its own shard."""
-    return export_weights(trainer.unwrapped, trainer.cfg.model, bucket_mb * 2**20)
+    """The refit stream: every rank takes part in the gather. Colocated, every rank receives the full
+    tensors, which its vLLM rank cuts into its own shard; separate, only rank 0 (the engines') does."""
+    dst = 0 if trainer.cfg.rollout.placement == "separate" else None
+    return export_weights(trainer.unwrapped, trainer.cfg.model, bucket_mb * 2**20, dst=dst)
 
 
 class RunState:
@@ -136,8 +137,9 @@ class RunState:
             self.pool = RewardPool(cfg.reward)
         tol = cfg.rl.canary_tol if cfg.rl.canary_tol is not None else \
             canary_tolerance(cfg.rollout.dtype, next(self.trainer.unwrapped.parameters()).dtype)
+        # Separate placement: only rank 0 drives the engines; the other ranks only join the collectives.
         self.refitter = Refitter(self.engine, cfg.rollout.bucket_mb, tol, self.canary_prompts,
-                                 cfg.rl.canary_length)
+                                 cfg.rl.canary_length) if self.engine is not None else None
         self._bar = None
 
     def _tokenizer_dir(self) -> Path:
@@ -160,16 +162,25 @@ class RunState:
         after_load = offload.params.offload if offload is not None else None
         self.refitter.canary_tokens = tokens
         stream = weight_stream(self.trainer, self.cfg.rollout.bucket_mb)
-        error = None
+        error, report = None, None
         try:
-            report = self.refitter.refit(stream, reference=reference, after_load=after_load)
+            if self.refitter is None:  # separate placement, rank > 0: only the gather's collectives
+                for _ in stream:
+                    pass
+                if after_load is not None:
+                    after_load()
+            else:
+                report = self.refitter.refit(stream, reference=reference, after_load=after_load)
         except Exception as e:  # noqa: BLE001 (every rank must learn of it: see agree)
             error = e
             for _ in stream:  # each bucket is a collective: finish it so no rank is left waiting
                 pass
             if after_load is not None and not offload.params.offloaded:
                 after_load()
-        agree(self.slot, error, f"refit to weights version {self.refitter.version}")
+        agree(self.slot, error, "refit" if self.refitter is None else
+              f"refit to weights version {self.refitter.version}")
+        if report is None:
+            return {}
         return {"refit/version": report["version"], "refit/bytes": report["bytes"],
                 "refit/seconds": report["seconds"], "refit/canary_mean_err": report["canary_mean_err"],
                 "refit/canary_max_err": report["canary_max_err"],
@@ -183,8 +194,11 @@ class RunState:
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def rollout(self):
-        """Generate and score one batch (each engine its share of the prompts), with dynamic sampling."""
+    def rollout(self, gather=None):
+        """Generate and score one batch (each engine its share of the prompts), with dynamic sampling.
+        gather: None, the collective default (grpo.gather_samples; a failure on any rank raises on all,
+        see agree); else a local function joining this rank's samples of each round, for a rank that
+        generates alone and without collectives (rl/async_rollout.py), whose failures raise here."""
         from r1_megatron.rl import grpo
         from r1_megatron.rl.advantages import all_equal_groups
         from r1_megatron.rl.types import RolloutBatch
@@ -201,12 +215,17 @@ class RunState:
             local, error = [], None
             try:
                 pool = self.pool if self.slot.leader else None
-                local = grpo.generate_and_score(self.engine, pool, self.tokenizer, [items[i] for i in mine],
-                                                [seen + i for i in mine], self.cfg, keys=[first + i for i in mine])
+                if mine:
+                    local = grpo.generate_and_score(self.engine, pool, self.tokenizer, [items[i] for i in mine],
+                                                    [seen + i for i in mine], self.cfg,
+                                                    keys=[first + i for i in mine])
             except Exception as e:  # noqa: BLE001 (every rank must learn of it: see agree)
+                if gather is not None:
+                    raise
                 error = e
-            agree(self.slot, error, "rollout")
-            batch = RolloutBatch(grpo.gather_samples(local))
+            if gather is None:
+                agree(self.slot, error, "rollout")
+            batch = RolloutBatch((gather or grpo.gather_samples)(local))
             seen, rounds = seen + need, rounds + 1
             flat = all_equal_groups(batch.rewards()[batch.group_index()])
             all_equal += int(flat.sum())
@@ -214,7 +233,8 @@ class RunState:
             kept += (batch if last_round else batch.select_groups([not f for f in flat.tolist()])).samples
             if last_round or len(kept) >= rl.prompts_per_step * rl.group_size:
                 break
-        self.engine.release()  # GPU: vLLM sleeps (weights, KV cache) before the trainer reloads
+        if self.engine is not None:
+            self.engine.release()  # GPU: vLLM sleeps (weights, KV cache) before the trainer reloads
         stats = {"all_equal_frac": all_equal / max(seen, 1), "sampling_rounds": float(rounds)}
         if self.pool is not None:
             stats.update(self.pool.stats(reset=True))  # this rank's pool (rank 0's is logged)
@@ -263,16 +283,21 @@ class RunState:
 
         self.refit()
         # Each engine scores its share of the items (its leader scores); the sums meet on every rank.
-        correct = heldout_correct(self.engine, self.pool if self.slot.leader else None, self.tokenizer,
-                                   self.cfg, n, share=self.slot.share)
-        self.engine.release()
+        correct = []
+        if self.engine is not None:
+            correct = heldout_correct(self.engine, self.pool if self.slot.leader else None, self.tokenizer,
+                                       self.cfg, n, share=self.slot.share)
+            self.engine.release()
         total = torch.tensor([sum(correct), len(correct)], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         return float(total[0] / total[1].clamp(min=1))
 
-    def save(self) -> None:
-        dist_ckpt.save(self.trainer, self.ckpt_root, extra={"data_position": self.prompts.position})
+    def save(self, position: int | None = None) -> None:
+        """position: where a resumed run continues the prompt stream (default: after the last prompt
+        drawn; one-step-off rollout passes the end of the last trained batch)."""
+        position = self.prompts.position if position is None else position
+        dist_ckpt.save(self.trainer, self.ckpt_root, extra={"data_position": position})
 
     def progress(self, steps):
         if not (is_rank0() and self.cfg.logging.progress):

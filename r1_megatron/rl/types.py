@@ -37,6 +37,7 @@ class Sample:
     response_text: str = ""  # decoded response (what the reward functions read)
     advantage: float = 0.0  # A_i, shared by every response token
     loss_mask: list[float] = field(default_factory=list)  # [R] 1 = token enters the loss; [] means all 1
+    policy_version: int = 0  # GRPO steps the weights that sampled it had taken (staleness, rl/async_rollout.py)
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)

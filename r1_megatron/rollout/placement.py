@@ -10,8 +10,12 @@ takes part in (or None) and the rank's `EngineSlot`. Placements:
   MoE all_gatherv does not exist. Each engine generates its share of the prompts (`EngineSlot.share`);
   every rank of an engine submits the same requests (a vLLM TP group must), and only its first rank
   (the leader) scores them, keeps the samples and checks the canary.
+- separate: `rollout.engines` vLLM processes outside the trainer's world (rollout/separate.py), all
+  driven by rank 0, which generates every prompt (dividing them among the engines), scores them and
+  checks the canary on every engine. The other ranks get no engine (None) and a slot with no share:
+  they join only the collectives (the refit's gather, the canary's trainer forward, `agree`).
 
-The engine starts from the model's HF config alone, with dummy weights (and asleep at once on GPU),
+Either engine starts from the model's HF config alone, with dummy weights (and asleep at once on GPU),
 before the trainer allocates anything: the first refit of the run loads the trainer's weights, so
 no checkpoint is written just to start it.
 """
@@ -35,7 +39,8 @@ class EngineSlot:
     rank: int  # global rank
     index: int  # this rank's engine
     count: int  # engines in the job
-    ranks: tuple[int, ...]  # the global ranks of this rank's engine
+    ranks: tuple[int, ...]  # the global ranks of this rank's engine (separate: (0,), the driving rank)
+    separate: bool = False  # rollout.placement separate: the engines are processes rank 0 drives
 
     @property
     def leader(self) -> bool:
@@ -43,10 +48,13 @@ class EngineSlot:
         return self.rank == self.ranks[0]
 
     def share(self, n: int) -> list[int]:
-        """The indices among n prompts this rank's engine generates (round robin over engines)."""
-        return list(range(self.index, n, self.count))
+        """The indices among n prompts this rank's engine generates (round robin over engines; none
+        on a rank that drives no engine)."""
+        return list(range(self.index, n, self.count)) if self.rank in self.ranks else []
 
     def describe(self) -> str:
+        if self.separate:
+            return "rank 0 (drives the separate engines)" if self.leader else f"rank {self.rank} (trainer only)"
         ranks = f"rank {self.rank}" if len(self.ranks) == 1 else f"ranks {self.ranks[0]}-{self.ranks[-1]}"
         return f"engine {self.index} ({ranks})"
 
@@ -59,6 +67,11 @@ def colocated_slot(tp: int, rank: int, world: int) -> EngineSlot:
     index = rank // tp
     ranks = tuple(range(index * tp, index * tp + tp))
     return EngineSlot(rank=rank, index=index, count=world // tp, ranks=ranks)
+
+
+def separate_slot(rank: int) -> EngineSlot:
+    """Rank 0 drives the separate engines (one slot generating every prompt); other ranks none."""
+    return EngineSlot(rank=rank, index=0, count=1, ranks=(0,), separate=True)
 
 
 def engine_config_dir(cfg: JobConfig) -> Path:
@@ -82,8 +95,19 @@ def build_rollout(cfg: JobConfig, device: torch.device):
     """(the engine this rank takes part in, its EngineSlot). Collective: every rank calls it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if cfg.rollout.placement == "separate":
+        slot, engine, error = separate_slot(rank), None, None
+        if slot.leader:
+            from r1_megatron.rollout.separate import SeparateEngine
+
+            try:
+                engine = SeparateEngine(engine_config_dir(cfg), cfg.rollout, device=device.type, dummy_weights=True)
+            except Exception as e:  # noqa: BLE001 (every rank must learn of it: see agree)
+                error = e
+        agree(slot, error, "starting the separate rollout engines")
+        return engine, slot
     if cfg.rollout.placement != "colocated":
-        raise ConfigError(f"rollout.placement: {cfg.rollout.placement!r} is not one of ['colocated']")
+        raise ConfigError(f"rollout.placement: {cfg.rollout.placement!r} is not one of ['colocated', 'separate']")
     slot = colocated_slot(cfg.rollout.tp, rank, world)
     from r1_megatron.rollout.vllm_engine import VLLMEngine
 
@@ -105,11 +129,15 @@ def agree(slot: EngineSlot, error: BaseException | None, what: str) -> None:
         if error is not None:
             raise error
         return
-    tp = len(slot.ranks)
     errors: list = [None] * dist.get_world_size()
     dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
     failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
     if failed:
-        where = "; ".join(f"{colocated_slot(tp, rank, len(errors)).describe()} on rank {rank}: {msg}"
+        where = "; ".join(f"{_slot_like(slot, rank, len(errors)).describe()} on rank {rank}: {msg}"
                           for rank, msg in failed)
         raise EngineFailure(f"{what} failed on {len(failed)} of {len(errors)} ranks: {where}") from error
+
+
+def _slot_like(slot: EngineSlot, rank: int, world: int) -> EngineSlot:
+    """Rank `rank`'s slot in the placement `slot` belongs to."""
+    return separate_slot(rank) if slot.separate else colocated_slot(len(slot.ranks), rank, world)

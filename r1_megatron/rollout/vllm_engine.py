@@ -87,6 +87,16 @@ def checkpoint_weight_names(model_dir: str | Path) -> set[str]:
     return names
 
 
+def prompt_keys(keys: list[int] | list[str] | None, call: int, count: int) -> list[str]:
+    """The key each prompt's seeds derive from: the caller's (a prompt's index in its stream), else
+    (call number, position) so repeated prompts and repeated calls still get different samples."""
+    if keys is None:
+        return [f"call{call}:{i}" for i in range(count)]
+    if len(keys) != count:
+        raise ValueError(f"generate: {len(keys)} keys for {count} prompts")
+    return [str(k) for k in keys]
+
+
 def _eos_ids(model_dir: Path) -> list[int]:
     """EOS ids from generation_config.json, else config.json ([] when neither names one)."""
     for fname in ("generation_config.json", "config.json"):
@@ -347,15 +357,9 @@ class VLLMEngine(RolloutEngine):
                     f"prompt {i}: {len(p)} tokens + max_tokens {max_tokens} > rollout.max_model_len {limit}"
                 )
 
-    def _prompt_keys(self, keys: list[int] | None, count: int) -> list[str]:
-        """The key each prompt's seeds derive from: the caller's (a prompt's index in its stream), else
-        (call, position) so repeated prompts and repeated calls still get different samples."""
+    def _prompt_keys(self, keys: list[int] | list[str] | None, count: int) -> list[str]:
         self._calls += 1
-        if keys is None:
-            return [f"call{self._calls}:{i}" for i in range(count)]
-        if len(keys) != count:
-            raise ValueError(f"generate: {len(keys)} keys for {count} prompts")
-        return [str(k) for k in keys]
+        return prompt_keys(keys, self._calls, count)
 
     @staticmethod
     def _sample_seed(seed: int, key: str, j: int) -> int:
@@ -369,12 +373,12 @@ class VLLMEngine(RolloutEngine):
         return out
 
     def generate_stream(
-        self, prompts: list[list[int]], n: int, sampling: SamplingParams, keys: list[int] | None = None
+        self, prompts: list[list[int]], n: int, sampling: SamplingParams, keys: list[int] | list[str] | None = None
     ) -> Iterator[tuple[int, list[GenSample]]]:
         """All prompts go into one engine batch, each sample as its own request (seeded from
-        (sampling.seed, keys[i], j), see the module doc); each prompt's group is yielded as soon as its
-        last sample finishes, so the caller can score it while the rest are still decoding. Closing
-        the iterator early aborts the unfinished requests."""
+        (sampling.seed, keys[i], j), see the module doc; a str key is one prompt_keys made); each
+        prompt's group is yielded as soon as its last sample finishes, so the caller can score it
+        while the rest are still decoding. Closing the iterator early aborts the unfinished requests."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -386,13 +390,13 @@ class VLLMEngine(RolloutEngine):
         self._check_prompts(prompts, sampling.max_tokens)
         engine = self._live("generate").llm_engine
         self._require_current_weights("generate")
-        prompt_keys = self._prompt_keys(keys, len(prompts))
+        names = self._prompt_keys(keys, len(prompts))
         # Greedy samples are identical: sample once and copy.
         requests = 1 if sampling.temperature == 0 else n
         pending: dict[str, tuple[int, int]] = {}  # request id -> (prompt, sample)
         groups: list[dict[int, GenSample]] = [{} for _ in prompts]
         with self._phase("generate"):
-            for i, key in enumerate(prompt_keys):
+            for i, key in enumerate(names):
                 for j in range(requests):
                     seed = None if sampling.seed is None else self._sample_seed(sampling.seed, key, j)
                     params = VSamplingParams(
