@@ -107,6 +107,16 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rl.prompts_per_step({r.prompts_per_step}) must be >= 1")
     if cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
+    spec = cfg.rollout.speculative
+    if spec.method == "mtp" and not cfg.model.mtp_num_layers:
+        raise ConfigError("rollout.speculative.method(mtp) needs an MTP head, but model.mtp_num_layers is 0")
+    if spec.num_speculative_tokens < 1:
+        raise ConfigError(f"rollout.speculative.num_speculative_tokens({spec.num_speculative_tokens}) must be >= 1")
+    if r.mtp_loss_coef < 0 or (r.mtp_loss_coef > 0 and not cfg.model.mtp_num_layers):
+        raise ConfigError(
+            f"rl.mtp_loss_coef({r.mtp_loss_coef}) must be >= 0, and > 0 needs model.mtp_num_layers "
+            f"({cfg.model.mtp_num_layers}) > 0"
+        )
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p({cfg.rollout.top_p}) must lie in (0, 1]")
     for name, w in cfg.reward.weights.items():

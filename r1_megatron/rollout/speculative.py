@@ -1,0 +1,96 @@
+"""Self-speculative rollout with the model's MTP head as the drafter (`rollout.speculative`).
+
+vLLM 0.32 names the method "mtp" (the older "deepseek_mtp" is an alias it rewrites): the drafter is
+the checkpoint's own MTP layer(s) (`model.layers.{num_layers + k}.*`), sharing the target's embedding
+and LM head. Rejection sampling keeps the target's distribution exactly; speculation changes only
+the speed, which on CPU needs `vllm_cpu_compat.patch_speculative_sampling` (see there).
+
+Acceptance is read from vLLM's own spec-decode counters (Prometheus, through `LLM.get_metrics`; the
+engine turns stats logging on when speculating). They are process-wide running totals, so a step's
+figures are the difference of two snapshots.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from r1_megatron.config.schema import SpeculativeConfig
+
+_COUNTERS = {
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+}
+_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+
+
+def vllm_speculative_config(cfg: SpeculativeConfig) -> dict[str, Any] | None:
+    """The `speculative_config` for `vllm.LLM`, or None when speculation is off."""
+    if cfg.method == "none":
+        return None
+    return {"method": cfg.method, "num_speculative_tokens": cfg.num_speculative_tokens}
+
+
+# The MTP layer's own tensors (DeepSeek-V3 HF layout): everything under model.layers.{L}. except the
+# copies of the embedding and LM head, which vLLM's drafter shares with the target model.
+_SHARED = re.compile(r"\.(embed_tokens|shared_head\.head)\.weight$")
+
+
+def drafter_model(runner: Any) -> Any:
+    """The vLLM worker's MTP drafter model (an nn.Module), or None when not speculating."""
+    return getattr(getattr(runner, "drafter", None), "model", None)
+
+
+def drafter_weight_filter(names: set[str]) -> Callable[[str], bool]:
+    """Whether a checkpoint tensor name is one the drafter owns: under an MTP layer (the layers with an
+    `eh_proj`), not one of its copies of the shared embedding / head."""
+    prefixes = tuple(n[: -len("eh_proj.weight")] for n in names if n.endswith(".eh_proj.weight"))
+    return lambda name: name.startswith(prefixes) and not _SHARED.search(name)
+
+
+@dataclass
+class SpecCounts:
+    """vLLM's spec-decode totals at one moment (summed over engines/labels)."""
+
+    drafts: int = 0  # verification steps that carried drafts
+    draft_tokens: int = 0  # tokens proposed
+    accepted_tokens: int = 0  # tokens accepted
+    per_pos: list[int] = field(default_factory=list)  # accepted at draft position 0, 1, ...
+
+    @classmethod
+    def read(cls, llm: Any) -> SpecCounts:
+        out = cls()
+        for metric in llm.get_metrics():
+            if metric.name in _COUNTERS:
+                key = _COUNTERS[metric.name]
+                setattr(out, key, getattr(out, key) + int(metric.value))
+            elif metric.name == _PER_POS:
+                values = [int(v) for v in metric.values]
+                out.per_pos = [a + b for a, b in zip(out.per_pos + [0] * len(values), values)]
+        return out
+
+    def minus(self, before: SpecCounts) -> SpecCounts:
+        pos = [a - (before.per_pos[i] if i < len(before.per_pos) else 0) for i, a in enumerate(self.per_pos)]
+        return SpecCounts(
+            self.drafts - before.drafts,
+            self.draft_tokens - before.draft_tokens,
+            self.accepted_tokens - before.accepted_tokens,
+            pos,
+        )
+
+    def metrics(self, prefix: str = "rollout/spec_") -> dict[str, float]:
+        """Acceptance overall and per draft position, and tokens accepted per verification step
+        (an emitted token per step comes on top: the target's own)."""
+        if not self.drafts:
+            return {}
+        out = {
+            f"{prefix}acceptance": self.accepted_tokens / max(self.draft_tokens, 1),
+            f"{prefix}accepted_per_step": self.accepted_tokens / self.drafts,
+            f"{prefix}draft_tokens": float(self.draft_tokens),
+        }
+        for i, n in enumerate(self.per_pos):
+            out[f"{prefix}acceptance_pos{i}"] = n / self.drafts
+        return out
