@@ -94,3 +94,21 @@ class SpecCounts:
         for i, n in enumerate(self.per_pos):
             out[f"{prefix}acceptance_pos{i}"] = n / self.drafts
         return out
+
+
+def trainer_mean_logprob(model: Any, prompts: list[list[int]], groups: list[list[Any]]) -> float:
+    """The trainer's mean log p(token) over every sampled token of `groups` (GenSamples per prompt,
+    equal lengths within a group), from `model`'s main head (megatron GPTModel, one stage): how a
+    speculative run's distribution is compared with a plain run's (the drafter must not change it)."""
+    import torch
+
+    from r1_megatron.model.provider import forward_logits
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, samples in zip(prompts, groups, strict=True):
+            seqs = torch.tensor([prompt + s.token_ids for s in samples])
+            logp = forward_logits(model, seqs).float().log_softmax(-1)[:, len(prompt) - 1 : -1]
+            picked = logp.gather(-1, seqs[:, len(prompt) :, None])
+            total, count = total + float(picked.sum()), count + picked.numel()
+    return total / count

@@ -28,12 +28,12 @@ pytest.importorskip("vllm")
 from r1_megatron.checkpoint import hf, hf_io  # noqa: E402
 from r1_megatron.config.loader import load_card  # noqa: E402
 from r1_megatron.config.schema import RolloutConfig, SpeculativeConfig  # noqa: E402
-from r1_megatron.model.provider import build_model, forward_logits  # noqa: E402
+from r1_megatron.model.provider import build_model  # noqa: E402
 from r1_megatron.model.random_hf import make_hf_checkpoint  # noqa: E402
 from r1_megatron.parallel.device import single_rank_world  # noqa: E402
 from r1_megatron.rollout import vllm_cpu_compat  # noqa: E402
 from r1_megatron.rollout.engine import SamplingParams  # noqa: E402
-from r1_megatron.rollout.speculative import drafter_model  # noqa: E402
+from r1_megatron.rollout.speculative import drafter_model, trainer_mean_logprob  # noqa: E402
 from r1_megatron.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from r1_megatron.rollout.weight_export import export_weights  # noqa: E402
 
@@ -71,15 +71,7 @@ def trainer_model(ckpt):
 
 
 def mean_sampled_logprob(model, groups) -> float:
-    """The trainer's mean log p(token) over every sampled token (raw distribution, main model)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for prompt, samples in zip(prompts(), groups, strict=True):
-            seqs = torch.tensor([prompt + s.token_ids for s in samples])
-            logp = forward_logits(model, seqs).float().log_softmax(-1)[:, PROMPT_LEN - 1 : -1]
-            picked = logp.gather(-1, seqs[:, PROMPT_LEN:, None])
-            total, count = total + float(picked.sum()), count + picked.numel()
-    return total / count
+    return trainer_mean_logprob(model, prompts(), groups)
 
 
 # -- the CPU patch against upstream ---------------------------------------------------------------
