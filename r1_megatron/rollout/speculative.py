@@ -13,7 +13,8 @@ figures are the difference of two snapshots.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +28,8 @@ _COUNTERS = {
 _PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
 
 
-def vllm_speculative_config(cfg: SpeculativeConfig) -> dict[str, Any] | None:
-    """The `speculative_config` for `vllm.LLM`, or None when speculation is off."""
-    if cfg.method == "none":
-        return None
+def vllm_config(cfg: SpeculativeConfig) -> dict[str, Any]:
+    """The `speculative_config` for `vllm.LLM` (method "mtp" of vLLM 0.32)."""
     return {"method": cfg.method, "num_speculative_tokens": cfg.num_speculative_tokens}
 
 
@@ -49,6 +48,40 @@ def drafter_weight_filter(names: set[str]) -> Callable[[str], bool]:
     `eh_proj`), not one of its copies of the shared embedding / head."""
     prefixes = tuple(n[: -len("eh_proj.weight")] for n in names if n.endswith(".eh_proj.weight"))
     return lambda name: name.startswith(prefixes) and not _SHARED.search(name)
+
+
+def tee_drafter_weights(
+    runner: Any, weights: Iterable[tuple[str, Any]]
+) -> tuple[Iterable[tuple[str, Any]], list[tuple[str, Any]]]:
+    """For vLLM's full reload (which covers the target model only): the stream passed through, and a
+    list that collects copies of the MTP layers' tensors as it goes (stays empty without a drafter)."""
+    kept: list[tuple[str, Any]] = []
+    if drafter_model(runner) is None:
+        return weights, kept
+    hf_config = runner.model_config.hf_config
+    first = hf_config.num_hidden_layers
+    layers = tuple(f"model.layers.{i}." for i in range(first, first + hf_config.num_nextn_predict_layers))
+
+    def tee() -> Iterator[tuple[str, Any]]:
+        for name, tensor in weights:
+            if name.startswith(layers):
+                kept.append((name, tensor.clone()))
+            yield name, tensor
+
+    return tee(), kept
+
+
+def reload_drafter(runner: Any, kept: list[tuple[str, Any]]) -> list[Any]:
+    """Reload the drafter in place from `kept` (its copies of the shared embedding and head included,
+    equal to the target's) the way vLLM reloads the target; returns [the drafter] or []. Not run
+    here: on CPU refits take the fast path, and the CUDA path has no GPU to run on."""
+    drafter = drafter_model(runner)
+    if drafter is None:
+        return []
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    reload_weights(runner.vllm_config, drafter, iter(kept), None, True)
+    return [drafter]
 
 
 @dataclass
@@ -112,3 +145,21 @@ def trainer_mean_logprob(model: Any, prompts: list[list[int]], groups: list[list
             picked = logp.gather(-1, seqs[:, len(prompt) :, None])
             total, count = total + float(picked.sum()), count + picked.numel()
     return total / count
+
+
+class GenerateMeter:
+    """Tokens/s of one generate call and, given the speculating `llm`, its spec-decode figures."""
+
+    def __init__(self, llm: Any | None) -> None:
+        self.llm, self.start, self.tokens = llm, time.perf_counter(), 0
+        self.before = SpecCounts.read(llm) if llm is not None else None
+
+    def add(self, samples: Iterable[Any]) -> None:
+        self.tokens += sum(len(s.token_ids) for s in samples)
+
+    def stats(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        out = {"rollout/tokens_per_s": self.tokens / seconds if seconds > 0 else 0.0}
+        if self.before is not None:
+            out.update(SpecCounts.read(self.llm).minus(self.before).metrics())
+        return out

@@ -233,13 +233,34 @@ def build_fast_refit(
     model_dir: Path,
     names: set[str],
     dtype: torch.dtype,
-    exclude: frozenset[torch.nn.Module] = frozenset(),
-    only: Callable[[str], bool] | None = None,
+    drafter: torch.nn.Module | None = None,
 ) -> CpuFastRefit | None:
-    """The fast refit of `model`, freshly loaded from `model_dir` (whose tensors are `names`), or None
-    (logged) if some layer or weight loader is outside what it handles. Loads the checkpoint once
-    more, through vLLM's loaders: only the tensors `only` accepts (default all), leaving out the
-    `exclude` layers (another model's, shared with this one)."""
+    """The fast refit of `model` (and of its MTP `drafter`, absorbed), freshly loaded from `model_dir`
+    (whose tensors are `names`), or None (logged) if some layer or weight loader is outside what it
+    handles. Loads the checkpoint once more, through vLLM's loaders."""
+    from r1_megatron.rollout.speculative import drafter_weight_filter
+
+    fast = _build(model, model_dir, names, dtype, frozenset(), None)
+    if fast is None or drafter is None:
+        return fast
+    # The drafter's own tensors only: its embedding and head are the target's modules.
+    draft = _build(drafter, model_dir, names, dtype, frozenset(model.modules()), drafter_weight_filter(names))
+    if draft is None:
+        return None
+    fast.absorb(draft)
+    return fast
+
+
+def _build(
+    model: torch.nn.Module,
+    model_dir: Path,
+    names: set[str],
+    dtype: torch.dtype,
+    exclude: frozenset[torch.nn.Module],
+    only: Callable[[str], bool] | None,
+) -> CpuFastRefit | None:
+    """`build_fast_refit` for one model: loads only the tensors `only` accepts (None: all), leaving out
+    the `exclude` layers (another model's, shared with this one)."""
     fast = CpuFastRefit(model, dtype)
     # Any failure here falls back to the full reload, which rewrites every layer: a fast path that
     # cannot be built must not make every refit fail.

@@ -42,12 +42,7 @@ import torch
 
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
-from r1_megatron.rollout.speculative import (
-    SpecCounts,
-    drafter_model,
-    drafter_weight_filter,
-    vllm_speculative_config,
-)
+from r1_megatron.rollout import speculative
 from r1_megatron.rollout.vllm_cpu_compat import patch_speculative_sampling
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
 
@@ -139,28 +134,21 @@ def _repack_cpu_moe(model: torch.nn.Module) -> int:
 
 
 def _reload_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], repack: bool) -> int:
-    """Runs inside the vLLM worker (collective_rpc): in-place reload, then the CPU MoE re-pack."""
-    if drafter_model(worker.model_runner) is not None:
-        # vLLM's reload covers the target model only; the drafter (MTP) refit has the fast path alone.
-        raise RuntimeError("refitting the MTP drafter needs the fast CPU refit, which is off for this model")
+    """Runs inside the vLLM worker (collective_rpc): in-place reload (of the MTP drafter too, see
+    `speculative.reload_drafter`), then the CPU MoE re-pack."""
+    runner = worker.model_runner
+    weights, kept = speculative.tee_drafter_weights(runner, weights)
     worker.reload_weights(weights_iterator=weights)
-    return _repack_cpu_moe(worker.model_runner.get_model()) if repack else 0
+    models = [runner.get_model(), *speculative.reload_drafter(runner, kept)]
+    return sum(_repack_cpu_moe(m) for m in models) if repack else 0
 
 
 def _fast_refit_on_worker(worker: Any, model_dir: Path, names: set[str]) -> CpuFastRefit | None:
     """Runs inside the vLLM worker (collective_rpc): the fast refit of its model (and of its MTP
     drafter when speculating), or None."""
     runner = worker.model_runner
-    target, dtype = runner.get_model(), runner.model_config.dtype
-    fast = build_fast_refit(target, model_dir, names, dtype)
-    drafter = drafter_model(runner)
-    if fast is not None and drafter is not None:
-        own = drafter_weight_filter(names)
-        draft = build_fast_refit(drafter, model_dir, names, dtype, exclude=frozenset(target.modules()), only=own)
-        if draft is None:
-            return None
-        fast.absorb(draft)
-    return fast
+    return build_fast_refit(runner.get_model(), model_dir, names, runner.model_config.dtype,
+                            drafter=speculative.drafter_model(runner))
 
 
 class VLLMEngine(RolloutEngine):
@@ -221,9 +209,8 @@ class VLLMEngine(RolloutEngine):
             enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len or None,
         )
-        speculative = vllm_speculative_config(cfg.speculative)
-        if speculative is not None:  # stats on: acceptance comes from vLLM's spec-decode counters
-            kw.update(speculative_config=speculative, disable_log_stats=False)
+        if cfg.speculative.method != "none":  # stats on: acceptance comes from vLLM's spec-decode counters
+            kw.update(speculative_config=speculative.vllm_config(cfg.speculative), disable_log_stats=False)
         if self.device == "cpu":
             kw["compilation_config"] = {"custom_ops": self.cpu_custom_ops}
             return kw
@@ -386,9 +373,7 @@ class VLLMEngine(RolloutEngine):
         # vLLM refuses n > 1 when greedy; greedy samples are identical, so sample once and copy.
         copies = n if sampling.temperature == 0 else 1
         pending: dict[str, int] = {}
-        speculating = self.cfg.speculative.method != "none"
-        counts_before = SpecCounts.read(self._llm) if speculating else None
-        start, emitted = time.perf_counter(), 0
+        meter = speculative.GenerateMeter(self._llm if self.cfg.speculative.method != "none" else None)
         with self._phase("generate"):
             for i, seed in enumerate(self._request_seeds(sampling.seed, len(prompts))):
                 params = VSamplingParams(
@@ -413,15 +398,12 @@ class VLLMEngine(RolloutEngine):
                                 for out in engine.step() if out.finished]
                     if not finished and not engine.has_unfinished_requests():
                         raise RuntimeError(f"vLLM dropped {len(pending)} requests without finishing them")
-                emitted += sum(len(s.token_ids) for _, samples in finished for s in samples[:: copies])
+                meter.add(s for _, samples in finished for s in samples[::copies])
                 yield from finished
         finally:
             if pending and not self._dead:
                 engine.abort_request(list(pending))
-        seconds = time.perf_counter() - start
-        self.generate_stats = {"rollout/tokens_per_s": emitted / seconds if seconds > 0 else 0.0}
-        if counts_before is not None:
-            self.generate_stats.update(SpecCounts.read(self._llm).minus(counts_before).metrics())
+        self.generate_stats = meter.stats()
 
     @staticmethod
     def _samples(out: Any, copies: int) -> list[GenSample]:
