@@ -1,10 +1,11 @@
 """Worker side of tests/dist/test_rl_mtp.py: `python tests/dist/_mtp_scenarios.py MODE OUT_DIR [ARGS...]`.
 
-One step on micro_moe (the batch of tests/dist/_scenarios.py) inside `rl_mtp` (rl/mtp.py), clip off so
-that the head's gradients cannot rescale the trunk's:
+One step on micro_moe (the batch of tests/dist/_scenarios.py) inside `rl_mtp` (rl/mtp.py):
   grads OUT             world 1: every parameter's gradient with the MTP loss off, on with the trunk
-                        detached, on attached; the initial checkpoint; the detached run's metrics and
-                        exported weights (the split-invariance reference)
+                        detached, on attached, with grad clipping off (the head's gradients would
+                        rescale the trunk's through the clip); the initial checkpoint; then the
+                        detached step with the config's clip: its metrics and exported weights (the
+                        split-invariance reference, as in tests/dist/test_split_invariance.py)
   layouts OUT INIT L... each layout "tp,pp,ep,etp,dp,dispatcher": load INIT, the detached step, export
 """
 
@@ -25,8 +26,7 @@ COEF = 0.5
 RUNS = {"off": (0.0, True), "detached": (COEF, True), "attached": (COEF, False)}
 
 
-def config(**parallel):
-    cfg = job_config(**parallel)
+def unclipped(cfg):
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, clip_grad=0.0))
 
 
@@ -40,11 +40,11 @@ def step(trainer, coef: float, detach: bool) -> dict:
 def grads(out: Path) -> None:
     from r1_megatron.checkpoint import dist as ckpt
 
-    cfg = config()
+    cfg = job_config()
     start(cfg)
     result = {}
     for name, (coef, detach) in RUNS.items():
-        trainer = build(cfg, 1)  # same seed: the same initial weights each time
+        trainer = build(unclipped(cfg), 1)  # same seed: the same initial weights each time
         if name == "off":
             result["init"] = str(ckpt.save(trainer, out / "init"))
         metrics = step(trainer, coef, detach)
@@ -52,10 +52,11 @@ def grads(out: Path) -> None:
         result[name] = {
             "grads": {n: p.main_grad.clone() for n, p in trainer.unwrapped.named_parameters()},
             "metrics": metrics,
-            "weights": exported(trainer) if name == "detached" else None,
         }
         del trainer
         gc.collect()
+    trainer = build(cfg, 1)
+    result["split"] = {"metrics": step(trainer, *RUNS["detached"]), "weights": exported(trainer)}
     torch.save(result, out / "grads.pt")
 
 
@@ -67,7 +68,7 @@ def layouts(out: Path, init: str, specs: list[str]) -> None:
     results = {}
     for i, spec in enumerate(specs):
         tp, pp, ep, etp, dp, dispatcher = spec.split(",")
-        cfg = config(tp=int(tp), pp=int(pp), ep=int(ep), etp=int(etp), dp=int(dp), dispatcher=dispatcher)
+        cfg = job_config(tp=int(tp), pp=int(pp), ep=int(ep), etp=int(etp), dp=int(dp), dispatcher=dispatcher)
         if i == 0:
             start(cfg)
         trainer = build(cfg, dist.get_world_size())

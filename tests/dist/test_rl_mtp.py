@@ -55,7 +55,7 @@ def test_split_invariance_with_mtp_loss(world1, tmp_path):
     argv = ["tests/dist/_mtp_scenarios.py", "layouts", str(tmp_path), world1["init"], *LAYOUTS]
     check_ok(launch(argv, 2, tmp_path / "logs", timeout=420))
     got = torch.load(tmp_path / "layouts.pt", weights_only=False)
-    ref = world1["detached"]
+    ref = world1["split"]
     for spec in LAYOUTS:
         for key in ("loss", "mtp_loss", "grad_norm"):
             assert abs(got[spec]["metrics"][key] - ref["metrics"][key]) <= TOL, (spec, key)
