@@ -179,7 +179,7 @@ class SandboxConfig:
     wall_seconds: float = 10.0  # wall-clock kill
     cpu_seconds: int = 5  # RLIMIT_CPU
     memory_mb: int = 1024  # RLIMIT_AS
-    max_processes: int = 64  # RLIMIT_NPROC
+    max_processes: int = 16  # RLIMIT_NPROC
     file_size_mb: int = 16  # RLIMIT_FSIZE
     open_files: int = 64  # RLIMIT_NOFILE
     max_output_bytes: int = 1_000_000  # stdout/stderr kept per run

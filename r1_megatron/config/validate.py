@@ -105,6 +105,8 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rl.group_size({r.group_size}) must be >= 2 for group-relative advantages")
     if r.prompts_per_step < 1:
         raise ConfigError(f"rl.prompts_per_step({r.prompts_per_step}) must be >= 1")
+    if not r.entropy_coef >= 0:  # the loss applies only a positive bonus: anything else would be ignored
+        raise ConfigError(f"rl.entropy_coef({r.entropy_coef}) must be >= 0 (0: no entropy bonus)")
     if cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
     spec = cfg.rollout.speculative

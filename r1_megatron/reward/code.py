@@ -3,18 +3,21 @@
 A test case is {"stdin": str, "stdout": str} (stdin may be absent: empty input) or {"assert": str}
 (python run after the program, in its namespace). An stdin test passes when the program exits 0 and
 its stdout equals the expected one after stripping trailing whitespace on each line and trailing blank
-lines. An assert test passes when the program and the asserts run to the end and exit 0: a program
-that exits early (`exit(0)`, `os._exit(0)`) fails, because the sandbox requires a proof line printed
-after the asserts.
+lines. An assert test passes when the program and the asserts run to the end and exit 0 (a program
+that exits early, `exit(0)` or `os._exit(0)`, fails: the sandbox requires a proof line printed after the
+asserts), and every assert holds when judged by value out here (reward/assert_values.py): the
+candidate's results leave the sandbox as plain data and are compared with the expected values, which
+never enter it.
 
 Reward: the fraction of tests passed ("fraction", default) or 1 only when all pass ("all"). Any
 sandbox limit violation gives 0 with its typed reason ("sandbox:timeout", "sandbox:memory", ...) in
-`error`, in either mode. A response without a python block gives 0 with error "no_code".
+`error`, in either mode. A response without a python block gives 0 with error "no_code". A result
+that is not plain data (an object with its own __eq__, __hash__ or __repr__, a subclass of int, ...)
+gives 0 with error "untrusted_result", in either mode.
 
-Known limit of assert tests: the assert code runs in the program's own process, so the early-exit
-proof stops only the plain trick. A program can still return an object whose __eq__ is always true, or
-dig the proof line out of the runner's frames. Prefer stdin/stdout tests for RL: their expected outputs
-never enter the sandbox, and the comparison happens out here.
+Known limit of assert tests: what assert_values.py cannot take apart (setup statements, loops, asserts
+with a comprehension next to an expected value) still runs in the program's own process, where an
+object can lie about itself. stdin/stdout tests have no such gap.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import re
 
 from r1_megatron.config.schema import SandboxConfig
+from r1_megatron.reward import assert_values
 from r1_megatron.reward.registry import RewardResult, register
 from r1_megatron.reward.sandbox import run_tests
 
@@ -66,11 +70,16 @@ def score_program(
     """Run `program` on `tests` in the sandbox; score = fraction passed ("fraction") or all-or-nothing ("all")."""
     _check_mode(mode)
     _check_tests(tests)
-    run = run_tests(program, tests, sandbox_cfg)
-    passed = sum(_passed(result, test) for result, test in zip(run.tests, tests))
+    plans = [assert_values.plan(t["assert"]) if "assert" in t else None for t in tests]
+    cases = [t if p is None else {"steps": p.steps} for t, p in zip(tests, plans, strict=True)]
+    run = run_tests(program, cases, sandbox_cfg)
+    verdicts = [_verdict(result, test, p) for result, test, p in zip(run.tests, tests, plans)]
+    passed = sum(v is True for v in verdicts)
     components = {"passed": float(passed), "total": float(len(tests))}
     if run.violation is not None:
         return RewardResult(0.0, components, error=run.violation)
+    if "untrusted" in verdicts:
+        return RewardResult(0.0, components, error="untrusted_result")
     score = passed / len(tests) if mode == "fraction" else float(passed == len(tests))
     return RewardResult(score, components)
 
@@ -92,11 +101,17 @@ def code_reward(response: str, ground_truth) -> RewardResult:
     return score_program(program, tests, _defaults["sandbox_cfg"], _defaults["mode"])
 
 
-def _passed(result, test: dict) -> bool:
+def _verdict(result, test: dict, plan: assert_values.AssertPlan | None) -> bool | str:
+    """True (passed), False (failed) or "untrusted" (a probe value was not plain data)."""
     if not result.completed:
         return False
-    if "assert" in test:
-        return True
+    if plan is not None:
+        try:
+            return plan.verdict(result.probes)
+        except assert_values.Untrusted:
+            return "untrusted"
+        except Exception:  # noqa: BLE001 - a malformed probe line (forged by the program) fails the test
+            return False
     got = result.stdout.decode("utf-8", errors="replace")
     return normalize_output(got) == normalize_output(test["stdout"])
 

@@ -36,6 +36,7 @@ import functools
 import json
 import logging
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from r1_megatron.config.schema import SandboxConfig
@@ -77,6 +78,7 @@ class TestRun:
     wall_s: float
     processes: int  # processes of the test still alive when it ended or was killed
     completed: bool  # exit 0 within the limits, and for an assert test the asserts ran to the end
+    probes: list[str] = field(default_factory=list)  # an assert test's probe lines (JSON), in order
 
 
 @dataclass
@@ -108,7 +110,9 @@ def isolation_level(cfg: SandboxConfig | None = None) -> str:
 
 def run_tests(program: str, tests: list[dict], cfg: SandboxConfig | None = None) -> SandboxRun:
     """Run `program` once per test. A test is {"stdin": str} (stdin fed to the program) and/or
-    {"assert": str} (python run after the program in the same namespace). Outputs are not judged here."""
+    {"assert": str} (python run after the program in the same namespace) or {"steps": [...]} (an assert
+    test split by reward/assert_values.py; its probe values come back in TestRun.probes). Outputs are
+    not judged here."""
     cfg = cfg or SandboxConfig()
     return _run(_setup(cfg), cfg, program, tests)
 
@@ -252,7 +256,7 @@ def _run(setup: _Setup, cfg: SandboxConfig, program: str, tests: list[dict]) -> 
         for k in ("wall_seconds", "cpu_seconds", "memory_mb", "max_processes", "file_size_mb", "open_files")
     }
     limits["max_output_bytes"] = cfg.max_output_bytes
-    cases = [{"stdin": t.get("stdin", ""), "assert": t.get("assert")} for t in tests]
+    cases = [{"stdin": t.get("stdin", ""), "steps": _steps(t)} for t in tests]
     source = _runner_source()
     payload = json.dumps({"program": program, "tests": cases, "marker": marker, "limits": limits}).encode()
     payload = b"%d\n%s%s" % (len(source), source, payload)
@@ -278,7 +282,7 @@ def _run(setup: _Setup, cfg: SandboxConfig, program: str, tests: list[dict]) -> 
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, onerror=_force_remove)
-    runs = _parse(report, [c["assert"] is not None for c in cases], marker)
+    runs = _parse(report, [c["steps"] is not None for c in cases], marker)
     violation = cut or next((v for v in (_violation(r, cfg.max_processes) for r in runs) if v), None)
     if violation is None and len(runs) < len(tests):
         # The runner died before reporting every test. A signal means the code killed it; anything
@@ -289,6 +293,12 @@ def _run(setup: _Setup, cfg: SandboxConfig, program: str, tests: list[dict]) -> 
             tail = errors.decode(errors="replace").strip()[-2000:]
             log.warning("sandbox (%s) failed, exit %s: %s", setup.level, rc, tail)
     return SandboxRun(runs, violation, setup.level, time.monotonic() - start)
+
+
+def _steps(test: dict) -> list | None:
+    if "steps" in test:
+        return test["steps"]
+    return [["exec", test["assert"]]] if test.get("assert") is not None else None
 
 
 def _make_workdir(uid: int | None) -> str:
@@ -385,6 +395,7 @@ def _parse(report: bytes, is_assert: list[bool], marker: str) -> list[TestRun]:
     """Frames: a JSON header line, then stdout_len + stderr_len raw bytes. A torn last frame is dropped."""
     runs: list[TestRun] = []
     proof = f"\n{marker}\n".encode()
+    probe = re.compile(b"\n" + marker.encode() + b"=([^\n]*)\n")
     pos = 0
     while pos < len(report) and len(runs) < len(is_assert):
         end = report.find(b"\n", pos)
@@ -397,9 +408,12 @@ def _parse(report: bytes, is_assert: list[bool], marker: str) -> list[TestRun]:
             break
         stdout, stderr = report[end + 1 : out_end], report[out_end:err_end]
         ok = head["exit"] == 0 and not head["timed_out"] and not head["output_limited"]
+        probes: list[str] = []
         if is_assert[len(runs)]:
             ok = ok and stdout.endswith(proof)
             stdout = stdout[: -len(proof)] if ok else stdout
+            probes = [m.decode(errors="replace") for m in re.findall(probe, stdout)]
+            stdout = re.sub(probe, b"", stdout)
         runs.append(
             TestRun(
                 stdout=stdout,
@@ -411,6 +425,7 @@ def _parse(report: bytes, is_assert: list[bool], marker: str) -> list[TestRun]:
                 wall_s=head["wall_s"],
                 processes=head["processes"],
                 completed=ok,
+                probes=probes,
             )
         )
         pos = err_end

@@ -1,9 +1,12 @@
 """The test runner that executes inside the sandbox. Standard library only: sandbox.py starts an
 isolated `python -I -S` as the unprivileged uid and sends it this file's source on stdin.
 
-After its source, it reads one JSON payload on stdin: {"program", "tests": [{"stdin", "assert"}], "marker", "limits"}.
-For each test it forks a child that applies the rlimits and runs the program (then, for an assert test,
-the assert code and a line with the marker). The runner feeds the child the test's stdin, reads its
+After its source, it reads one JSON payload on stdin:
+{"program", "tests": [{"stdin", "steps"}], "marker", "limits"}. For each test it forks a child that
+applies the rlimits and runs the program; then, for an assert test, its steps (["exec", source]: python
+run in the program's namespace; ["probe", [expression, ...]]: one line "<marker>=<JSON list>" with the
+expressions' values, `encode`d as plain data only, judged outside by reward/assert_values.py), and a
+line with the marker. The runner feeds the child the test's stdin, reads its
 stdout and stderr up to the byte cap, and kills it at the wall-clock deadline. Per test it writes one frame
 to its own stdout, which is the report channel: a JSON header line, then the raw stdout and stderr bytes.
 It stops after the first test that was killed, since any limit violation zeroes the reward.
@@ -33,6 +36,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
@@ -65,7 +69,46 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _child(program: str, assert_code: str | None, marker: str, lim: dict, fds: tuple[int, int, int]) -> None:
+# Built-in one-shot iterators (a generator's values come from the program, and are checked one by one).
+_ITERATORS = (
+    types.GeneratorType, map, filter, zip, enumerate, reversed,
+    type(iter([])), type(iter(())), type(iter(range(0))),
+)
+
+
+def encode(value: object, depth: int = 0) -> object:
+    """A JSON-able copy of plain data: int, float, str, bool, None, and list, tuple, dict, set of those,
+    containers tagged ({"list": [...]}, {"dict": [[k, v], ...]}); also a range, and a built-in iterator
+    as the list of its items ({"iter": [...]}). Exact types only, found by type() and walked by the
+    built-in containers' own iteration: nothing of a result object (its __eq__, __hash__, __repr__,
+    __iter__) runs. Anything else raises TypeError naming the type."""
+    kind = type(value)
+    if value is None or kind is bool or kind is int or kind is float or kind is str:
+        return value
+    if kind is range:
+        return {"range": [value.start, value.stop, value.step]}
+    if depth < 100:
+        if kind is list or kind is tuple or kind is set:
+            return {kind.__name__: [encode(v, depth + 1) for v in value]}
+        if kind is dict:
+            return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in dict.items(value)]}
+        if kind in _ITERATORS:
+            return {"iter": [encode(v, depth + 1) for v in value]}
+    raise TypeError(kind.__qualname__ if depth < 100 else "nested deeper than 100")
+
+
+def _probe(expressions: list, scope: dict, marker: str) -> None:
+    values = []
+    for source in expressions:
+        value = eval(compile(source, "tests.py", "eval"), scope)  # noqa: S307 - the candidate's call
+        try:
+            values.append(encode(value))
+        except TypeError as e:
+            values.append({"untrusted": str(e)})
+    sys.stdout.write("\n" + marker + "=" + json.dumps(values) + "\n")
+
+
+def _child(program: str, steps: list | None, marker: str, lim: dict, fds: tuple[int, int, int]) -> None:
     """Runs in the forked child: becomes the test's process and never returns."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
@@ -84,8 +127,12 @@ def _child(program: str, assert_code: str | None, marker: str, lim: dict, fds: t
     try:
         scope = {"__name__": "__main__", "__builtins__": builtins, "__file__": "main.py"}
         exec(compile(program, "main.py", "exec"), scope)  # noqa: S102 - running it is the point
-        if assert_code is not None:
-            exec(compile(assert_code, "tests.py", "exec"), scope)  # noqa: S102
+        if steps is not None:
+            for kind, arg in steps:
+                if kind == "exec":
+                    exec(compile(arg, "tests.py", "exec"), scope)  # noqa: S102
+                else:
+                    _probe(arg, scope, marker)
             # Proof that the asserts ran to the end: a program that exits early never prints it.
             sys.stdout.write("\n" + marker + "\n")
     except SystemExit as e:
@@ -182,7 +229,7 @@ def _run_test(program: str, test: dict, marker: str, lim: dict) -> tuple[dict, b
     pid = os.fork()
     if pid == 0:
         try:
-            _child(program, test.get("assert"), marker, lim, (in_r, out_w, err_w))
+            _child(program, test.get("steps"), marker, lim, (in_r, out_w, err_w))
         finally:
             os._exit(70)
     for fd in (in_r, out_w, err_w):

@@ -224,9 +224,11 @@ def fuses_old_logprobs(cfg: RLConfig) -> bool:
 
 
 def grpo_loss(cfg: RLConfig, norm: LossNorm):
-    """Trainer loss_fn: the clipped GRPO surrogate (+ KL) of rl/losses.py with global normalizers."""
+    """Trainer loss_fn: the clipped GRPO surrogate (+ KL, - entropy bonus) of rl/losses.py with global
+    normalizers. `entropy` is the per-token policy entropy of the same forward (train_step(entropy=True)):
+    logged, and in the loss with rl.entropy_coef > 0."""
 
-    def loss_fn(logprobs: torch.Tensor, mb: Microbatch):
+    def loss_fn(logprobs: torch.Tensor, mb: Microbatch, entropy: torch.Tensor | None = None):
         x = {k: v.to(logprobs.device) for k, v in mb.extras.items()}
         old = x.get("old_logprobs")
         if old is None:
@@ -247,6 +249,7 @@ def grpo_loss(cfg: RLConfig, norm: LossNorm):
             cfg,
             ref_logprobs=x.get("ref_logprobs"),
             rollout_logprobs=x["rollout_logprobs"],
+            entropy=entropy,
         )
 
     return loss_fn

@@ -47,7 +47,8 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
             for _epoch in range(rl.ppo_epochs):
                 for mbs, norm in parts:  # rl.num_minibatches optimizer steps
                     with rl_mtp(trainer.unwrapped, rl.mtp_loss_coef, rl.mtp_detach_trunk):  # see module doc
-                        train_metrics = finalize_metrics(trainer.train_step(mbs, grpo.grpo_loss(rl, norm)))
+                        sums = trainer.train_step(mbs, grpo.grpo_loss(rl, norm), entropy=True)
+                    train_metrics = finalize_metrics(sums)
         metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics()}
         metrics.update(getattr(run.engine, "generate_stats", {}))  # tokens/s, draft acceptance (rank 0's engine)
         if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:

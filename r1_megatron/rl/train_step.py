@@ -10,7 +10,9 @@ counts (rl/losses.py `LossNorm`), and a dict of additive metric tensors. The ste
 the plain sum of microbatch losses over microbatches and DP ranks. Megatron would average instead
 (its schedule divides each microbatch loss by num_microbatches and DDP scales grads by 1/dp), so
 the loss handed to megatron is multiplied by num_microbatches * dp; what it then does turns that
-back into the sum.
+back into the sum. With `train_step(..., entropy=True)` the loss_fn is called as
+`loss_fn(logprobs, mb, entropy=H)`, H the per-token policy entropy [b, s] (fp32, differentiable) from
+the same forward's vocab-parallel logits (rl/entropy.py).
 
 The MTP loss and the MoE sequence aux loss stay megatron's own: each microbatch contributes its
 token-mean MTP loss (times mtp_loss_scale) and its aux loss, divided by num_microbatches, and DDP
@@ -23,6 +25,7 @@ summed over the whole TP x DP batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -46,6 +49,7 @@ from r1_megatron.config.schema import JobConfig, ParallelConfig
 from r1_megatron.model.attention import SharedPrefixParams
 from r1_megatron.model.provider import build_model, mtp_disabled
 from r1_megatron.parallel.replicas import ReplicaManager
+from r1_megatron.rl.entropy import capture_entropy
 from r1_megatron.rl.microbatch import Microbatch
 
 LossFn = Callable[[torch.Tensor, Microbatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -162,7 +166,7 @@ class Trainer:
             length = -(-length // self.layout.tp) * self.layout.tp
         return [mb.padded_to(length).to(self.device) for mb in microbatches], length, rows.pop()
 
-    def _forward_step(self, loss_wrapper: Callable, data_iterator, model):
+    def _forward_step(self, loss_wrapper: Callable, with_entropy: bool, data_iterator, model):
         mb: Microbatch = next(data_iterator)
         packed = None
         if mb.cu_seqlens is not None:
@@ -178,20 +182,26 @@ class Trainer:
                 max_seqlen_kv=longest,
                 **shared,
             )
-        out = model(
-            mb.tokens,
-            mb.position_ids,
-            None,
-            labels=mb.labels,
-            loss_mask=mb.loss_mask,
-            packed_seq_params=packed,
-        )
-        return out, functools.partial(loss_wrapper, mb)
+        unwrapped = getattr(model, "module", model)
+        with capture_entropy(unwrapped) if with_entropy else contextlib.nullcontext([]) as entropy:
+            out = model(
+                mb.tokens,
+                mb.position_ids,
+                None,
+                labels=mb.labels,
+                loss_mask=mb.loss_mask,
+                packed_seq_params=packed,
+            )
+        extra = {"entropy": entropy[-1]} if entropy else {}  # the main head's, after any MTP head's
+        return out, functools.partial(loss_wrapper, mb, **extra)
 
-    def _run(self, mbs: list[Microbatch], seq_length: int, mbs_rows: int, loss_wrapper, forward_only: bool):
+    def _run(
+        self, mbs: list[Microbatch], seq_length: int, mbs_rows: int, loss_wrapper, forward_only: bool,
+        with_entropy: bool = False,
+    ):
         fb = get_forward_backward_func()
         return fb(
-            forward_step_func=functools.partial(self._forward_step, loss_wrapper),
+            forward_step_func=functools.partial(self._forward_step, loss_wrapper, with_entropy),
             data_iterator=iter(mbs),
             model=self.model,
             num_microbatches=len(mbs),
@@ -201,8 +211,12 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------------------------------
-    def train_step(self, microbatches: Sequence[Microbatch], loss_fn: LossFn) -> dict[str, float]:
+    def train_step(
+        self, microbatches: Sequence[Microbatch], loss_fn: LossFn, *, entropy: bool = False
+    ) -> dict[str, float]:
         """One optimizer step over this DP rank's microbatches; metrics identical on every rank.
+
+        With entropy=True, loss_fn also receives the per-token policy entropy (`entropy=` keyword).
 
         Returns the summed `loss_fn` metrics (over microbatches and DP ranks), plus grad_norm, lr,
         mtp_loss / moe_aux_loss (means over microbatches, when enabled) and update_ok.
@@ -210,8 +224,8 @@ class Trainer:
         mbs, seq_length, rows = self._prepare(microbatches)
         scale = len(mbs) * self.dp_size
 
-        def loss_wrapper(mb: Microbatch, nll: torch.Tensor):
-            loss, sums = loss_fn(-nll.float(), mb)
+        def loss_wrapper(mb: Microbatch, nll: torch.Tensor, **extra: torch.Tensor):
+            loss, sums = loss_fn(-nll.float(), mb, **extra)
             return loss * scale, {k: v.detach().float() for k, v in sums.items()}
 
         for chunk in self.model:
@@ -219,7 +233,7 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         _clear_loss_trackers()
-        outputs = self._run(mbs, seq_length, rows, loss_wrapper, forward_only=False)
+        outputs = self._run(mbs, seq_length, rows, loss_wrapper, forward_only=False, with_entropy=entropy)
         # lr for step s (1-based) is the schedule at s: the scheduler moves before the update.
         self.scheduler.step(increment=1)
         update_ok, grad_norm, _ = self.optimizer.step()

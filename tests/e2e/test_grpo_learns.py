@@ -4,6 +4,7 @@ response) within a few steps from a random init, and the curve stays near the go
 tests/assets/golden_grpo_digits.json."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def test_grpo_raises_reward(tmp_path):
     first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert all(r["refit/canary_max_err"] <= cfg.rl.canary_tol for r in rows)
     assert all(r["mismatch_abs"] < 1e-3 for r in rows)  # vLLM fp32 sampling logprobs == trainer's
+    assert all(0 < r["entropy"] <= math.log(cfg.model.vocab_size) for r in rows)  # policy entropy, logged
     assert last > first + 0.1, f"reward did not rise: {rewards}"
     if os.environ.get("R1M_WRITE_GOLDEN"):
         GOLDEN.write_text(json.dumps({"reward/mean": rewards, "steps": STEPS}, indent=1))

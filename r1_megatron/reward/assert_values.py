@@ -1,0 +1,254 @@
+"""Assert-style code tests judged by value, outside the sandbox (SPEC §2 "code").
+
+An assert test is python run after the candidate's program. Run as is, it lets the candidate's objects
+judge themselves: a result whose `__eq__` always returns True passes `assert f(2) == 4`. So each
+top-level `assert` is split here, before anything runs:
+- probes: the sub-expressions that hold no expected value and no judgement, such as `f(2)`, `x` or
+  `f([3, 1, 2]).count(1)` (arguments of the candidate's calls are its inputs). They are evaluated in the
+  sandbox, and their values leave it serialized (`encode`, in sandbox_runner.py), as plain data only:
+  int, float, str, bool, None, and list, tuple, dict, set of those, exact types (no subclasses); also
+  a range, and a built-in iterator (a generator, map, ...) as its items. Nothing of the result object
+  runs for that: no `__eq__`, `__hash__`, `__repr__`, `__len__` or `__bool__`.
+- the rest, with the expected values (literals, type names), every comparison and truth test, and the
+  builtins applied to results (`str`, `len`, `sorted`, `sum`, `abs`, `round`, `math.isclose`, ...),
+  is evaluated out here on the decoded plain values.
+A probe value that is not plain data makes the test `untrusted`; code.py then scores the program 0 with
+error "untrusted_result". Expected values never enter the sandbox, so code that subverts the sandbox's
+serializer can only report values it chose without seeing them.
+
+Left to run inside, as before (and so still open to a lying `__eq__`): other statements (setup such as
+`x = [1, 2]`, loops, calls like `check(f)`), and asserts this evaluator cannot take apart (a
+comprehension or lambda next to an expected value, e.g. `assert all(f(i) == 2 * i for i in range(3))`).
+A probe that names a setup variable reads it inside the sandbox.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Values = list[Any]
+_Eval = Callable[[Values], Any]
+
+_COMPARE: dict[type, Callable[[Any, Any], bool]] = {
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+    ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Is: operator.is_, ast.IsNot: operator.is_not,
+    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+}
+_UNARY: dict[type, Callable[[Any], Any]] = {
+    ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos,
+}
+_CALLS: dict[str, Callable] = {
+    f.__name__: f
+    for f in (int, float, str, bool, list, tuple, dict, set, abs, round, len, min, max, sum, sorted,
+              reversed, enumerate, zip, any, all, isinstance, type)
+}
+_MATH = {f.__name__: f for f in (math.isclose, math.isnan, math.isinf, math.fabs, math.sqrt)}
+# Bounds on what the candidate's values can make out here (the reward pool's timeout is the backstop).
+_MAX_ITEMS = 1_000_000  # a sequence repeated out here (`[0] * n`) stays below this many items
+_MAX_POWER_BITS = 1 << 20  # an integer power stays below about this many bits
+
+
+def _times(a: Any, b: Any) -> Any:
+    for seq, n in ((a, b), (b, a)):
+        if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > _MAX_ITEMS:
+            raise ValueError(f"a repeated sequence of {len(seq)} x {n} items")
+    return a * b
+
+
+def _power(a: Any, b: Any) -> Any:
+    if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and a.bit_length() * abs(b) > _MAX_POWER_BITS:
+        raise ValueError(f"an integer power of {a.bit_length()} bits with exponent {b}")
+    return a**b
+
+
+_BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: _times, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: _power,
+}
+
+
+class Untrusted(Exception):
+    """A probe value that is not plain data (its type name is the message)."""
+
+
+class _Unsupported(Exception):
+    """An assert this evaluator cannot take apart: it runs inside the sandbox as written."""
+
+
+@dataclass
+class AssertPlan:
+    """How one assert test runs: `steps` for the sandbox runner, in order: ["exec", source] runs as
+    python, ["probe", [expression, ...]] reports the expressions' values. `checks[i]` judges the i-th
+    probe step from those values."""
+
+    steps: list[list] = field(default_factory=list)
+    checks: list[_Eval] = field(default_factory=list)
+
+    def verdict(self, reported: list[str]) -> bool:
+        """True when every value-checked assert holds. `reported`: one JSON line per probe step.
+        Raises Untrusted when a probe value is not plain data."""
+        if len(reported) != len(self.checks):
+            return False
+        for line, check in zip(reported, self.checks, strict=True):
+            values = [decode(v) for v in json.loads(line)]
+            try:
+                if not check(values):
+                    return False
+            except Exception:  # noqa: BLE001 - a TypeError etc. on the candidate's values fails the assert
+                return False
+        return True
+
+
+def plan(code: str) -> AssertPlan:
+    """Split an assert test into sandbox steps and outside checks (module docstring)."""
+    out = AssertPlan()
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        out.steps.append(["exec", code])  # fails inside, as python would
+        return out
+    for stmt in tree.body:
+        source = ast.get_source_segment(code, stmt) or ast.unparse(stmt)
+        if isinstance(stmt, ast.Assert):
+            probes: list[str] = []
+            try:
+                check = _outside(stmt.test, probes)
+            except _Unsupported:
+                check = None
+            if check is not None:
+                out.steps.append(["probe", probes])
+                out.checks.append(check)
+                continue
+        if out.steps and out.steps[-1][0] == "exec":
+            out.steps[-1][1] += "\n" + source
+        else:
+            out.steps.append(["exec", source])
+    return out
+
+
+def decode(value: Any) -> Any:
+    """A probe value from the sandbox's encoding back to plain data; Untrusted for a rejected one."""
+    if isinstance(value, dict):
+        ((tag, items),) = value.items()
+        if tag == "untrusted":
+            raise Untrusted(str(items))
+        if tag == "dict":
+            return {decode(k): decode(v) for k, v in items}
+        if tag == "range":
+            return range(*items)
+        kind = {"list": list, "tuple": tuple, "set": set, "iter": lambda x: iter(list(x))}[tag]
+        return kind(decode(v) for v in items)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+def _exposed(node: ast.AST) -> bool:
+    """Whether `node` must be evaluated out here: it holds a literal, a comparison, a truth test or a
+    builtin (applied to a result, it would run the result's own methods) that is not an input of the
+    candidate's own calls."""
+    if isinstance(node, ast.Constant | ast.Compare | ast.BoolOp):
+        return True
+    empty = (isinstance(node, ast.List | ast.Tuple | ast.Set) and not node.elts) or (
+        isinstance(node, ast.Dict) and not node.keys)
+    if empty:
+        return True  # an empty container, e.g. the expected value of `assert f(0) == []`
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return True
+    if isinstance(node, ast.Name):
+        return node.id in _CALLS
+    if isinstance(node, ast.Call):
+        return _is_safe_call(node) or _exposed(node.func)  # the arguments of the candidate's calls are inputs
+    return any(_exposed(child) for child in ast.iter_child_nodes(node))
+
+
+def _is_safe_call(node: ast.Call) -> bool:
+    f = node.func
+    if isinstance(f, ast.Name):
+        return f.id in _CALLS
+    math_attr = isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "math"
+    return math_attr and f.attr in _MATH
+
+
+def _outside(node: ast.AST, probes: list[str]) -> _Eval:
+    """A function of the probe values that evaluates `node` out here; appends the probes it needs."""
+    if not isinstance(node, ast.Slice) and not _exposed(node):
+        index = len(probes)
+        probes.append(ast.unparse(node))
+        return lambda v: v[index]
+    try:
+        constant = ast.literal_eval(node)
+        return lambda v: constant
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        pass
+    sub = lambda n: _outside(n, probes)  # noqa: E731
+    if isinstance(node, ast.Name):  # a builtin, e.g. the `int` of isinstance(f(x), int)
+        builtin = _CALLS[node.id]
+        return lambda v: builtin
+    if isinstance(node, ast.Compare):
+        left, ops = sub(node.left), [_COMPARE[type(op)] for op in node.ops]
+        rights = [sub(c) for c in node.comparators]
+        return lambda v: _chain(left(v), ops, [r(v) for r in rights])
+    if isinstance(node, ast.BoolOp):
+        parts = [sub(x) for x in node.values]
+        if isinstance(node.op, ast.And):
+            return lambda v: _and(parts, v)
+        return lambda v: _or(parts, v)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        fn, operand = _UNARY[type(node.op)], sub(node.operand)
+        return lambda v: fn(operand(v))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        fn, a, b = _BINARY[type(node.op)], sub(node.left), sub(node.right)
+        return lambda v: fn(a(v), b(v))
+    if isinstance(node, ast.Subscript):
+        value, index = sub(node.value), sub(node.slice)
+        return lambda v: value(v)[index(v)]
+    if isinstance(node, ast.Slice):
+        parts = [sub(x) if x is not None else (lambda v: None) for x in (node.lower, node.upper, node.step)]
+        return lambda v: slice(*(p(v) for p in parts))
+    starred = any(isinstance(e, ast.Starred) for e in getattr(node, "elts", getattr(node, "args", [])))
+    if isinstance(node, ast.List | ast.Tuple | ast.Set) and not starred:
+        kind = {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)]
+        items = [sub(e) for e in node.elts]
+        return lambda v: kind(i(v) for i in items)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        pairs = [(sub(k), sub(x)) for k, x in zip(node.keys, node.values, strict=True)]
+        return lambda v: {k(v): x(v) for k, x in pairs}
+    if isinstance(node, ast.Call) and _is_safe_call(node) and not starred:
+        fn = _CALLS[node.func.id] if isinstance(node.func, ast.Name) else _MATH[node.func.attr]
+        if any(k.arg is None for k in node.keywords):
+            raise _Unsupported(ast.unparse(node))
+        args, kwargs = [sub(a) for a in node.args], {k.arg: sub(k.value) for k in node.keywords}
+        return lambda v: fn(*(a(v) for a in args), **{k: x(v) for k, x in kwargs.items()})
+    raise _Unsupported(ast.unparse(node))
+
+
+def _chain(left: Any, ops: list[Callable], rights: list[Any]) -> bool:
+    for op, right in zip(ops, rights, strict=True):
+        if not op(left, right):
+            return False
+        left = right
+    return True
+
+
+def _and(parts: list[_Eval], v: Values) -> Any:
+    result: Any = True
+    for p in parts:
+        result = p(v)
+        if not result:
+            return result
+    return result
+
+
+def _or(parts: list[_Eval], v: Values) -> Any:
+    result: Any = False
+    for p in parts:
+        result = p(v)
+        if result:
+            return result
+    return result
