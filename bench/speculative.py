@@ -4,8 +4,9 @@
 
 Both engines sample `n` responses for each of `prompts` random prompts, exactly `tokens` new tokens
 each (EOS ignored), at T = 0.6 (>= 4,000 tokens with the defaults), after greedy decoding of the same
-prompts. The checkpoint is a random tiny_moe with its MTP layer (init std 0.1), or `--hf DIR` (e.g.
-the demo's SFT export, whose MTP head is trained, for a meaningful acceptance).
+prompts. The checkpoint is a random tiny_moe with its MTP layer (init std 4: peaked like a trained
+model, so that 4,096 tokens pin the mean logprob to ~0.004), or `--hf DIR` (e.g. the demo's SFT
+export, whose MTP head is trained, for a meaningful acceptance).
 
 Checks, then figures:
   RESULT greedy_identical=<1|0>          every greedy token equal with and without speculation
@@ -113,7 +114,7 @@ def main() -> int:
         hf_dir = args.hf
         if hf_dir is None:
             hf_dir = Path(tmp) / "tiny_moe"
-            make_hf_checkpoint(load_card("tiny_moe"), hf_dir, seed=0, std=0.1)
+            make_hf_checkpoint(load_card("tiny_moe"), hf_dir, seed=0, std=4.0)
         vocab = load_card("tiny_moe").vocab_size
         gen = torch.Generator().manual_seed(1234)
         prompts = torch.randint(2, vocab, (args.prompts, args.prompt_len), generator=gen).tolist()

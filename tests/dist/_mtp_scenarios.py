@@ -57,6 +57,7 @@ def grads(out: Path) -> None:
         gc.collect()
     trainer = build(cfg, 1)
     result["split"] = {"metrics": step(trainer, *RUNS["detached"]), "weights": exported(trainer)}
+    result["num_layers"] = cfg.model.num_layers
     torch.save(result, out / "grads.pt")
 
 
