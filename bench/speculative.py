@@ -55,13 +55,20 @@ def _drafter_seconds(worker) -> float:
     return worker.model_runner.drafter.r1m_seconds
 
 
+MAX_MODEL_LEN = 128  # as in tests/parity/test_speculative.py
+
+
+def args_max_len(prompts: list[list[int]], tokens: int) -> int:
+    return max(MAX_MODEL_LEN, len(prompts[0]) + tokens + 8)
+
+
 def run(hf_dir: Path, k: int, prompts: list[list[int]], n: int, tokens: int) -> dict:
     from r1_megatron.config.schema import RolloutConfig, SpeculativeConfig
     from r1_megatron.rollout.engine import SamplingParams
     from r1_megatron.rollout.vllm_engine import VLLMEngine
 
     spec = SpeculativeConfig("mtp" if k else "none", max(k, 1))
-    engine = VLLMEngine(hf_dir, RolloutConfig(max_model_len=len(prompts[0]) + tokens + 8, speculative=spec))
+    engine = VLLMEngine(hf_dir, RolloutConfig(max_model_len=args_max_len(prompts, tokens), speculative=spec))
     try:
         greedy = engine.generate(prompts, 1, SamplingParams(temperature=0.0, max_tokens=tokens, stop_on_eos=False))
         if k:

