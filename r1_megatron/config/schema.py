@@ -126,6 +126,10 @@ class RLConfig:
     overlong: Literal["none", "penalty", "soft_penalty", "mask"] = "none"  # truncated-sample handling
     overlong_buffer: int = 16  # soft penalty ramps over the last buffer tokens
     tis: float | None = None  # truncated importance sampling cap C (None: off)
+    # Off-policy masks (SPEC §10, rl/corrections.py); a removed token leaves the loss and its normalizer.
+    mis: list[float] | None = None  # [low, high]: drop a sequence whose geometric-mean pi_old/pi_rollout is outside
+    icepop: list[float] | None = None  # [low, high] (IcePop: [0.5, 5]): drop a token whose ratio is outside
+    offpolicy_mask_delta: float | None = None  # DeepSeek-V3.2: drop A<0 sequences with KL(rollout||theta) > delta
     num_minibatches: int = 1  # optimizer steps per rollout batch
     ppo_epochs: int = 1  # passes over the rollout batch
     # log pi_old: "fused" takes it from the training forward itself (detached) when the batch makes one

@@ -204,7 +204,7 @@ class RunState:
     def prepare(self, batch):
         """Advantages, then per minibatch: packed microbatches with old (unless fused into the training
         forward, grpo.fuses_old_logprobs) and reference logprobs."""
-        from r1_megatron.rl import grpo
+        from r1_megatron.rl import corrections, grpo
         from r1_megatron.rl.advantages import assign_advantages
 
         rl, max_len = self.cfg.rl, self.cfg.rollout.max_new_tokens
@@ -221,7 +221,11 @@ class RunState:
             if self.reference is not None and rl.kl_in == "loss":
                 for mb, lp in zip(mbs, self.reference.logprobs(mbs), strict=True):
                     mb.extras["ref_logprobs"] = lp
-            parts.append((mbs, part.loss_norm(max_len)))
+            norm = part.loss_norm(max_len)
+            if corrections.enabled(rl):  # removed tokens leave the numerator and the normalizer
+                adv_metrics.update(corrections.apply_masks(mbs, rl))
+                norm = corrections.masked_norm(mbs, max_len)
+            parts.append((mbs, norm))
         return parts, adv_metrics
 
     def _sequence_k1(self, batch) -> torch.Tensor:
