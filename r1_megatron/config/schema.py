@@ -130,6 +130,9 @@ class RLConfig:
     mis: list[float] | None = None  # [low, high]: drop a sequence whose geometric-mean pi_old/pi_rollout is outside
     icepop: list[float] | None = None  # [low, high] (IcePop: [0.5, 5]): drop a token whose ratio is outside
     offpolicy_mask_delta: float | None = None  # DeepSeek-V3.2: drop A<0 sequences with KL(rollout||theta) > delta
+    # Router replay (rl/router_replay.py): r3 replays the rollout's expert selection in the trainer's
+    # forward (pi_old and the update); r2 records the trainer's own selection at pi_old and replays it.
+    router_replay: Literal["off", "r2", "r3"] = "off"
     num_minibatches: int = 1  # optimizer steps per rollout batch
     ppo_epochs: int = 1  # passes over the rollout batch
     # log pi_old: "fused" takes it from the training forward itself (detached) when the batch makes one

@@ -97,6 +97,7 @@ def generate_and_score(
                 prompt_ids=list(item["prompt_ids"]),
                 response_ids=list(s.token_ids),
                 rollout_logprobs=list(s.logprobs),
+                routed_experts=s.routed_experts,
                 group_id=group_ids[i],
                 sample_index=j,
                 truncated=s.truncated,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,6 +66,7 @@ class GenSample:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    routed_experts: Any = None  # [P + R - 1, moe_layers, topk] logical ids (rollout/routing_capture.py), or None
 
     @property
     def truncated(self) -> bool:

@@ -42,6 +42,7 @@ import torch
 
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
+from r1_megatron.rollout.routing_capture import RoutingCapture
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,11 @@ class VLLMEngine(RolloutEngine):
         cfg: RolloutConfig | None = None,
         device: str = "auto",
         cpu_custom_ops: list[str] | None = None,
+        routing: RoutingCapture | None = None,
     ):
         """cpu_custom_ops overrides CPU_CUSTOM_OPS; only the test that shows why the rotary op
-        must stay off should pass it."""
+        must stay off should pass it. `routing`: capture each sample's routed experts (router replay)."""
+        self.routing = routing
         self.model_dir = Path(model_dir)
         self.cpu_custom_ops = cpu_custom_ops or CPU_CUSTOM_OPS
         self.cfg = cfg or RolloutConfig()
@@ -203,6 +206,8 @@ class VLLMEngine(RolloutEngine):
         if self.device == "cpu":
             kw["compilation_config"] = {"custom_ops": self.cpu_custom_ops}
             return kw
+        if self.routing is not None:
+            kw["enable_return_routed_experts"] = True
         kw.update(
             tensor_parallel_size=cfg.tp,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -245,6 +250,8 @@ class VLLMEngine(RolloutEngine):
             if self.device == "cpu":
                 _forget_cached_ropes()
             self._llm = LLM(**self._llm_kwargs())
+            if self.routing is not None:
+                self.routing.install(self._llm, self.device)
         except Exception as e:
             self._llm = None
             self._dead = True
@@ -380,7 +387,7 @@ class VLLMEngine(RolloutEngine):
         try:
             while pending:
                 with self._phase("generate"):
-                    finished = [(pending.pop(out.request_id), self._samples(out, copies))
+                    finished = [(pending.pop(out.request_id), self._with_routing(out, self._samples(out, copies)))
                                 for out in engine.step() if out.finished]
                     if not finished and not engine.has_unfinished_requests():
                         raise RuntimeError(f"vLLM dropped {len(pending)} requests without finishing them")
@@ -398,6 +405,15 @@ class VLLMEngine(RolloutEngine):
             ids = list(comp.token_ids)
             lps = [step[tok].logprob for tok, step in zip(ids, comp.logprobs, strict=True)]
             samples += [GenSample(list(ids), list(lps), comp.finish_reason) for _ in range(copies)]
+        return samples
+
+    def _with_routing(self, out: Any, samples: list[GenSample]) -> list[GenSample]:
+        """Attach each sample's captured routing (greedy copies share their one sample's)."""
+        if self.routing is not None:
+            routed = self.routing.take(self._llm, out, self.device)
+            per = len(samples) // len(routed)
+            for j, s in enumerate(samples):
+                s.routed_experts = routed[j // per]
         return samples
 
     def logprobs(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
