@@ -165,6 +165,7 @@ class RolloutConfig:
     seed: int = 0  # sampling seed
     redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
+    capture_routing: bool = False  # MoE: capture each sample's routed experts (forced on by rl.router_replay)
 
 
 @dataclass

@@ -168,41 +168,68 @@ class RoutingCounts:
         return out
 
 
+class Recorded:
+    """r2: the trainer's own selection per router (by model chunk and MoE layer), one local
+    [tokens, topk] tensor per microbatch forward, in order."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+
 @contextlib.contextmanager
-def routing(models: Sequence[torch.nn.Module], targets: list[torch.Tensor], replay: bool,
-            sequence_parallel: bool = False) -> Iterator[RoutingCounts]:
-    """Within the block, forward i of each model chunk sees targets[i] [num_moe, b, s, topk] (rollout
-    routing, -1 where none): replayed when `replay` (r3), else only compared with the trainer's choice."""
+def routing(models: Sequence[torch.nn.Module], targets: list[torch.Tensor] | None, mode: str,
+            recorded: Recorded | None = None, sequence_parallel: bool = False) -> Iterator[RoutingCounts]:
+    """Within the block, forward i of each model chunk (one per microbatch, in schedule order) sees
+    targets[i] [num_moe, b, s, topk] (the rollout's routing, -1 where none; None: not captured).
+
+    mode "compare": routers keep their own choice, compared with the rollout's (metrics only);
+    "r3": the rollout's choice is replayed; "r2_record": own choice kept and stored in `recorded`;
+    "r2": the choice stored in `recorded` (same microbatches, same ranks) is replayed."""
+    if mode not in ("compare", "r3", "r2_record", "r2"):
+        raise ValueError(f"router replay: unknown mode {mode!r}")
+    if mode == "r3" and targets is None:
+        raise ValueError("rl.router_replay=r3: the samples carry no routing (rollout capture is off)")
     chunks = [(m, install(m)) for m in models]
-    num_moe = targets[0].shape[0] if targets else 0
+    num_moe = len(moe_layer_indices(_core(models[0]).config))
     counts = RoutingCounts(num_moe, sequence_parallel)
+    replay = mode in ("r3", "r2")
     handles = []
-    for model, routers in chunks:
+    for c, (model, routers) in enumerate(chunks):
         state = {"next": 0, "current": None}
 
         def on_model(_mod, _args, state=state) -> None:
             if torch._C._current_graph_task_id() != -1:
                 return
-            if state["next"] >= len(targets):
-                raise ValueError(f"router replay: forward {state['next'] + 1} but routing for {len(targets)} microbatches")
-            state["current"] = targets[state["next"]]
+            if targets is not None:
+                if state["next"] >= len(targets):
+                    raise ValueError(f"router replay: forward {state['next'] + 1}, routing for {len(targets)} microbatches")
+                state["current"] = targets[state["next"]]
             state["next"] += 1
 
         handles.append(_core(model).register_forward_pre_hook(on_model))
         for idx, router in routers:
             rr = router.router_replay
             rr.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD if replay else None)
+            own_rows = recorded.rows.setdefault((c, idx), []) if recorded is not None else None
 
-            def on_router(_mod, args, idx=idx, rr=rr, state=state) -> None:
+            def on_router(_mod, args, idx=idx, rr=rr, state=state, own_rows=own_rows) -> None:
                 if torch._C._current_graph_task_id() != -1:
                     return  # recompute inside backward: the backward list already holds the target
-                rr.compare_rows = _local_rows(state["current"][idx], args[0].shape[0], sequence_parallel)
-                if replay:
+                s_local = args[0].shape[0]
+                rr.compare_rows = None if state["current"] is None else _local_rows(
+                    state["current"][idx], s_local, sequence_parallel)
+                if mode == "r3":
                     rr.set_target_indices(rr.compare_rows)
+                elif mode == "r2":
+                    rr.set_target_indices(own_rows[state["next"] - 1])
 
-            def after_router(_mod, _args, _out, idx=idx, rr=rr) -> None:
-                if torch._C._current_graph_task_id() == -1:
+            def after_router(_mod, _args, _out, idx=idx, rr=rr, own_rows=own_rows) -> None:
+                if torch._C._current_graph_task_id() != -1:
+                    return
+                if rr.compare_rows is not None:
                     counts.add(idx, rr.own_topk_idx, rr.compare_rows)
+                if mode == "r2_record":
+                    own_rows.append(rr.own_topk_idx.detach().clone())
 
             handles.append(router.register_forward_pre_hook(on_router))
             handles.append(router.register_forward_hook(after_router))
@@ -217,5 +244,37 @@ def routing(models: Sequence[torch.nn.Module], targets: list[torch.Tensor], repl
                 router.router_replay.clear_router_replay_action()
 
 
-def enabled(cfg: RLConfig) -> bool:
-    return cfg.router_replay != "off"
+class StepRouting:
+    """The routing of one optimizer step's microbatches: built in prepare, used by the pi_old pass and
+    the update. Without captured routing (and rl.router_replay off) it does nothing and logs nothing."""
+
+    def __init__(self, trainer, mbs: Sequence[Microbatch], samples: Sequence[Sample], cfg: RLConfig) -> None:
+        self.trainer, self.mode = trainer, cfg.router_replay
+        core = _core(trainer.model[0])
+        captured = all(s.routed_experts is not None for s in samples)
+        self.targets = None
+        if self.mode == "r3" or captured:  # r3 without routing: check_routing names the sample
+            num_moe = len(moe_layer_indices(core.config))
+            self.targets = batch_routing(mbs, samples, num_moe, core.config.moe_router_topk)
+        self.recorded = Recorded() if self.mode == "r2" else None
+
+    def _routing(self, mode: str):
+        if self.targets is None and mode == "compare":
+            return contextlib.nullcontext(None)
+        return routing(self.trainer.model, self.targets, mode, self.recorded,
+                       self.trainer.layout.sequence_parallel)
+
+    def old_pass(self):
+        """Around the separate pi_old forward: r3 replays, r2 records, otherwise compare."""
+        return self._routing({"r3": "r3", "r2": "r2_record"}.get(self.mode, "compare"))
+
+    def update(self, old_pass_ran: bool):
+        """Around the training forward(s). r2 replays what the pi_old pass recorded; with the pi_old
+        forward fused into this one there is nothing to replay: the trainer's own routing is r2's."""
+        if self.mode == "r2" and not old_pass_ran:
+            return self._routing("compare")
+        return self._routing(self.mode if self.mode != "off" else "compare")
+
+
+def routing_metrics(counts: RoutingCounts | None) -> dict[str, float]:
+    return {} if counts is None else counts.metrics()

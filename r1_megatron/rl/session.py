@@ -104,6 +104,20 @@ def weight_stream(trainer: Trainer, bucket_mb: int):
     return export_weights(trainer.unwrapped, trainer.cfg.model, bucket_mb * 2**20, dst=dst)
 
 
+def routing_capture(cfg: JobConfig, hf_dir: Path):
+    """The rollout's routing capture for router replay / routing-mismatch metrics (MoE models), or None."""
+    import json
+
+    from r1_megatron.rollout.routing_capture import RoutingCapture
+
+    if cfg.rl.router_replay == "off" and not cfg.rollout.capture_routing:
+        return None
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    if "n_routed_experts" not in hf:
+        raise ValueError(f"rl.router_replay={cfg.rl.router_replay!r} / rollout.capture_routing: {hf_dir} is not an MoE model")
+    return RoutingCapture.for_hf_config(hf)
+
+
 class RunState:
     """Everything a GRPO run holds between steps: process groups, trainer, reference, engine, reward
     pool, prompt stream, refitter. Methods are the loop's verbs (refit, rollout, prepare, ...)."""
@@ -140,7 +154,7 @@ class RunState:
             if hosts_engine(self.device):
                 from r1_megatron.rollout.vllm_engine import VLLMEngine
 
-                self.engine = VLLMEngine(init_dir, cfg.rollout)
+                self.engine = VLLMEngine(init_dir, cfg.rollout, routing=routing_capture(cfg, init_dir))
         if hosts_engine(self.device) and self.pool is None:
             from r1_megatron.reward.pool import RewardPool
 
@@ -204,10 +218,11 @@ class RunState:
     def prepare(self, batch):
         """Advantages, then per minibatch: packed microbatches with old (unless fused into the training
         forward, grpo.fuses_old_logprobs) and reference logprobs."""
-        from r1_megatron.rl import corrections, grpo
+        from r1_megatron.rl import corrections, grpo, router_replay
         from r1_megatron.rl.advantages import assign_advantages
 
         rl, max_len = self.cfg.rl, self.cfg.rollout.max_new_tokens
+        self.step_routing = {}
         seq_k1 = None
         if rl.kl_in == "reward" and rl.kl_coef > 0:
             seq_k1 = self._sequence_k1(batch)
@@ -216,8 +231,11 @@ class RunState:
         for part in grpo.minibatches(batch, rl.num_minibatches):
             mbs = grpo.microbatches(part, self.cfg.data.seq_length, self.layout.micro_batch_size,
                                     share_prompts=rl.share_prompts)
+            routing = router_replay.StepRouting(self.trainer, mbs, part.samples, rl)
             if not grpo.fuses_old_logprobs(rl):
-                grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
+                with routing.old_pass():
+                    grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
+            self.step_routing[id(mbs)] = (routing, not grpo.fuses_old_logprobs(rl))
             if self.reference is not None and rl.kl_in == "loss":
                 for mb, lp in zip(mbs, self.reference.logprobs(mbs), strict=True):
                     mb.extras["ref_logprobs"] = lp
@@ -227,6 +245,11 @@ class RunState:
                 norm = corrections.masked_norm(mbs, max_len)
             parts.append((mbs, norm))
         return parts, adv_metrics
+
+    def update_routing(self, mbs):
+        """Context around the update of `mbs` (prepared above): router replay and routing mismatch."""
+        routing, old_pass_ran = self.step_routing[id(mbs)]
+        return routing.update(old_pass_ran)
 
     def _sequence_k1(self, batch) -> torch.Tensor:
         """Per-sequence sum of k1 = log pi_old - log pi_ref over response tokens (KL in the reward)."""
