@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # one line naming the key beats a traceback through the loader
         print(f"r1m {name}: config error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not getattr(e, "one_line", False):  # errors whose message says everything (NonFiniteError)
+            raise
+        print(f"r1m {name}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -119,7 +119,9 @@ def mcore_to_hf(
     layout: tuple[int, int, int] = (1, 1, 1),
 ) -> Path:
     """Write the HF directory. `layout` = (tp, pp, ep) of the megatron side; anything but (1, 1, 1),
-    or a world of several ranks, takes the multi-rank path."""
+    or a world of several ranks, takes the multi-rank path. The tokenizer files come from
+    `tokenizer`, else from the checkpoint directory, else (a training checkpoint) its data.tokenizer."""
+    tokenizer = tokenizer or _training_tokenizer(ckpt_dir)
     if layout != (1, 1, 1) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _mcore_to_hf_parallel(ckpt_dir, out_dir, tokenizer, max_shard_mb, layout)
     model, cfg = load_mcore_model(ckpt_dir)
@@ -130,6 +132,17 @@ def mcore_to_hf(
         tokenizer_dir=tokenizer or ckpt_dir,
         max_shard_bytes=int(max_shard_mb * 1024**2),
     )
+
+
+def _training_tokenizer(ckpt_dir: str | Path) -> Path | None:
+    """The tokenizer a training checkpoint's job used (its saved config), when it holds none itself."""
+    from r1_megatron.checkpoint.dist import CONFIG_FILE, is_training_checkpoint
+    from r1_megatron.config.loader import config_from_resolved
+    from r1_megatron.data.tokenizer import has_tokenizer_files, tokenizer_dir
+
+    if has_tokenizer_files(ckpt_dir) or not is_training_checkpoint(ckpt_dir):
+        return None
+    return tokenizer_dir(config_from_resolved(Path(ckpt_dir) / CONFIG_FILE))
 
 
 def _mcore_to_hf_parallel(

@@ -13,13 +13,23 @@ a temp file, fsync, rename). A crash at any point leaves `latest` naming the pre
 checkpoint; a leftover temp directory is removed by the next save.
 
 Model weights are stored under megatron's own sharded keys, so `r1m convert` / `r1m score` read a
-training checkpoint directly, at any layout. Loading at a different layout reshards the weights; the
-optimizer moments and the per-rank RNG state are then not restored, and the caller is told so.
+training checkpoint directly, at any layout. So are the optimizer's tensors (Adam moments, fp32 main
+params): each under the key of the model parameter it belongs to, megatron's sharded optimizer state
+with no chained-optimizer prefix (its dense/expert split changes with ep) and, for the distributed
+optimizer, the model-space format. A checkpoint written at one (tp, pp, ep, dp) therefore resumes at
+any other with weights, Adam moments and step, LR schedule, expert bias and redundant-expert state.
+
+Per-rank RNG state cannot be mapped onto another layout (the streams belong to ranks). At the same
+layout it is restored exactly; at another, every generator is reseeded from (seed, step) through
+`seed_all`, whose megatron tracker adds its usual per-TP/EP-rank offsets: deterministic, and logged.
+A resume that cannot carry the optimizer state (a weights-only checkpoint, or one from before this
+format) is refused in one line unless `checkpoint.allow_fresh_optimizer` is set; then it is logged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -29,16 +39,27 @@ import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, nested_values
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedObject
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from r1_megatron.checkpoint.mcore_io import CARD_FILE, read_card
 from r1_megatron.config.schema import JobConfig, ModelConfig, ParallelConfig
+from r1_megatron.parallel.device import seed_all
+from r1_megatron.rl.nonfinite import first_nonfinite_weight
 from r1_megatron.rl.train_step import Trainer
 
 LATEST = "latest"
 CONFIG_FILE = "config.yaml"
+# Common-state key of the Adam step; its presence marks optimizer tensors saved in the layout-free form.
+OPTIMIZER_STEP = "optimizer_step"
+# Keys name the model parameter only, so they are the same at every layout: no `chained_<i>.` prefix,
+# and the distributed optimizer in its model-space format (mcore's dp_reshardable reshards only in DP).
+_OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
+                       "distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -101,15 +122,83 @@ def model_sharded_state_dict(model: torch.nn.Module) -> dict:
     return model.sharded_state_dict(metadata={"dp_cp_group": dp_cp_group})
 
 
-def _sharded_state(trainer: Trainer, *, loading: bool, with_optimizer: bool = True) -> dict:
-    model_sd = model_sharded_state_dict(trainer.unwrapped)
-    state = {"model": model_sd}
-    if with_optimizer:
-        state["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=loading)
+def _sharded_state(trainer: Trainer) -> dict:
+    state = {"model": model_sharded_state_dict(trainer.unwrapped)}
     # One RNG object per global rank: it only means something at the same layout.
     rank, world = dist.get_rank(), dist.get_world_size()
     state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
     return state
+
+
+def _optimizer_state(trainer: Trainer, model_sd: dict, *, loading: bool) -> tuple[dict, dict]:
+    """megatron's sharded optimizer state of this rank, and its sharded tensors numbered in order.
+
+    Only the tensors go into the checkpoint, where their keys and global offsets place them at any
+    layout; the rest of the structure (param groups by position, the chained optimizer's list) is
+    this layout's, so the loader takes it from its own optimizer and restores the Adam step apart.
+    (A dict, not a list: dist_checkpointing merges lists by length with the saved common state.)"""
+    local = trainer.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIMIZER_METADATA)
+    return local, dict(enumerate(v for v in nested_values(local) if isinstance(v, ShardedBase)))
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _adam_step(optimizer) -> int:
+    """Adam's step count (the same in every sub-optimizer): per parameter in torch's Adam, per
+    param group in TE/apex FusedAdam; 0 before the first update."""
+    steps = [0]
+    for sub in _sub_optimizers(optimizer):
+        inner = sub.optimizer
+        steps += [int(s["step"]) for s in inner.state.values() if "step" in s]
+        steps += [int(g["step"]) for g in inner.param_groups if g.get("step") is not None]
+    return max(steps)
+
+
+def _load_optimizer(trainer: Trainer, local: dict, requested: dict, loaded: dict, step: int) -> None:
+    """Fill this layout's optimizer state structure with the loaded tensors and the Adam step, then
+    load it. The step goes where each megatron optimizer reads it on load: `common_step` in the state
+    of a plain optimizer over torch's Adam (megatron copies it to every parameter), `step` in every
+    param group otherwise (FusedAdam; the distributed optimizer, whose groups carry it)."""
+    position = {id(leaf): i for i, leaf in requested.items()}
+
+    def fill(value):
+        if isinstance(value, ShardedBase):
+            return loaded[position[id(value)]]
+        if isinstance(value, LocalNonpersistentObject):
+            return value.unwrap()
+        return value
+
+    filled = dict_list_map_outplace(fill, local)
+    subs = _sub_optimizers(trainer.optimizer)
+    parts = [filled] if len(subs) == 1 else [filled[i] for i in range(len(subs))]
+    for sub, part in zip(subs, parts):
+        inner = part.get("optimizer", part)  # the Float16 and distributed optimizers wrap torch's dict
+        if isinstance(sub.optimizer, torch.optim.Adam) and "state" in inner:
+            inner["state"]["common_step"] = torch.tensor(float(step))
+        else:
+            for group in inner["param_groups"]:
+                group["step"] = step
+    trainer.optimizer.load_state_dict(filled)
+
+
+def _refuse_fresh_optimizer(trainer: Trainer, path: Path, why: str) -> None:
+    """One loud line: refused unless checkpoint.allow_fresh_optimizer."""
+    line = f"{path}: {why}, so a resume would restart Adam (moments and step) from zero"
+    if not trainer.cfg.checkpoint.allow_fresh_optimizer:
+        raise CheckpointError(f"{line}; set checkpoint.allow_fresh_optimizer=true to accept that")
+    if dist.get_rank() == 0:
+        log.warning("RESUMING WITH A FRESH OPTIMIZER: %s (checkpoint.allow_fresh_optimizer=true)", line)
+
+
+def _reseed(trainer: Trainer, saved: dict | None) -> None:
+    """Per-rank RNG streams do not map onto another layout: reseed deterministically instead."""
+    seed = (trainer.cfg.seed + 1_000_003 * trainer.step) % 2**31
+    seed_all(seed)
+    if dist.get_rank() == 0:
+        log.warning("RNG not restored: checkpoint layout %s, this run %s; reseeded from (seed %d, step %d)",
+                    saved, _layout_key(trainer), trainer.cfg.seed, trainer.step)
 
 
 def save(
@@ -118,15 +207,18 @@ def save(
     *,
     extra: dict | None = None,
     on_written: Callable[[Path], None] | None = None,
+    with_optimizer: bool = True,
 ) -> Path:
     """Save `trainer` (model, optimizer, RNG, step, schedule) plus `extra` (e.g. the data position)
     under `root` as step_<trainer.step>; collective over all ranks. Returns the final directory.
+    with_optimizer=False writes no optimizer state (a smaller, weights-and-schedule checkpoint).
 
     `on_written(tmp_dir)` runs on every rank after the shards are written and before the commit
     (tests use it to kill a process mid-save)."""
     root = Path(root)
     name = step_dir_name(trainer.step)
     tmp, final = root / f".tmp-{name}", root / name
+    _refuse_nonfinite(trainer, root, name)
     rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -134,7 +226,10 @@ def save(
             shutil.rmtree(stale)  # left by a crashed save (one job writes a root at a time)
         tmp.mkdir()
     dist.barrier()
-    state = _sharded_state(trainer, loading=False)
+    state = _sharded_state(trainer)
+    if with_optimizer:
+        state["optimizer"] = _optimizer_state(trainer, state["model"], loading=False)[1]
+        state[OPTIMIZER_STEP] = _adam_step(trainer.optimizer)
     state["trainer"] = trainer.state_dict()
     state["extra"] = dict(extra or {})
     state["layout"] = _layout_key(trainer)
@@ -157,20 +252,36 @@ def save(
     return final
 
 
+def _refuse_nonfinite(trainer: Trainer, root: Path, name: str) -> None:
+    """Never write weights that hold a NaN/Inf (collective: every rank refuses alike)."""
+    bad = first_nonfinite_weight(trainer.unwrapped)
+    if bad is not None:
+        pointer = root / LATEST
+        previous = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
+        raise CheckpointError(f"{root / name}: refusing to save non-finite weights (first: {bad[1]} on "
+                              f"rank {bad[0]}); {pointer} still names {previous}")
+
+
 def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> dict:
     """Load a checkpoint directory (any layout) into `trainer`; returns the caller's `extra` state.
 
-    Weights, step and LR schedule always load. The optimizer moments and the RNG state load only
-    when the checkpoint was written at this exact layout (megatron's chained dense/expert optimizer
-    changes shape with ep, so its state is not resharded); "_optimizer_restored" and
-    "_rng_restored" in the returned dict say what happened."""
+    Weights, step and LR schedule always load, and with_optimizer the optimizer state too, resharded
+    to this layout; a checkpoint without it is refused unless checkpoint.allow_fresh_optimizer.
+    RNG state loads at the same layout; at another every generator is reseeded from (seed, step).
+    "_optimizer_restored" and "_rng_restored" in the returned dict say what happened."""
     path = Path(path)
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no metadata.json)")
     common = dist_checkpointing.load_common_state_dict(str(path))
     same_layout = common.get("layout") == _layout_key(trainer)
-    with_optimizer = with_optimizer and same_layout and "trainer" in common
-    sharded = _sharded_state(trainer, loading=True, with_optimizer=with_optimizer)
+    with_optimizer = with_optimizer and trainer.optimizer is not None
+    if with_optimizer and OPTIMIZER_STEP not in common:
+        _refuse_fresh_optimizer(trainer, path, "the checkpoint holds no optimizer state that maps onto a layout")
+        with_optimizer = False
+    sharded = _sharded_state(trainer)
+    if with_optimizer:
+        local, requested = _optimizer_state(trainer, sharded["model"], loading=True)
+        sharded["optimizer"] = dict(requested)  # dist_checkpointing rewrites the dict it is given
     if not same_layout:
         del sharded["rng"]
     try:
@@ -180,13 +291,15 @@ def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> 
         raise CheckpointError(f"{path}: cannot load into this model/layout: {first}") from e
     _apply_model_state(trainer.unwrapped, state["model"], path)
     if with_optimizer:
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(trainer, local, requested, state["optimizer"], int(common[OPTIMIZER_STEP]))
     if "trainer" in common and trainer.scheduler is not None:
         trainer.load_state_dict(common["trainer"])
-    if trainer.replicas is not None and "replicas" in common:  # after the weights: moves them on re-plan
-        trainer.replicas.load_state_dict(common["replicas"])
+    if trainer.replicas is not None and "replicas" in common:  # after the weights and the optimizer:
+        trainer.replicas.load_state_dict(common["replicas"])  # a re-plan moves both
     if same_layout:
         _set_rng_state(state["rng"])
+    elif trainer.optimizer is not None:  # training goes on at another layout (not forward-only use)
+        _reseed(trainer, common.get("layout"))
     extra = dict(common.get("extra", {}))
     extra["_rng_restored"] = same_layout
     extra["_optimizer_restored"] = with_optimizer

@@ -22,6 +22,10 @@ MODELS_DIR = Path(os.environ.get("R1M_MODELS_DIR", REPO_ROOT / "models"))
 CONFIGS_DIR = Path(os.environ.get("R1M_CONFIGS_DIR", REPO_ROOT / "configs"))
 
 
+# Keys named elsewhere (issues, other systems) -> where they live here.
+MOVED = {"rl.max_bad_steps": "optim.max_bad_steps", "rl.skip_nonfinite": "optim.skip_nonfinite"}
+
+
 class ConfigError(ValueError):
     """A config problem, stated in one line that names the key."""
 
@@ -91,6 +95,8 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{path}.{key}" if path else str(key)
+        if full in MOVED:
+            raise ConfigError(f"unknown key '{full}': it is '{MOVED[full]}' (it applies to SFT and distillation too)")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""

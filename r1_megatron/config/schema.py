@@ -62,6 +62,10 @@ class ModelConfig:
     init_std: float = 0.02  # std of the random init
     bos_token_id: int | None = None  # written into the HF config
     eos_token_id: int | None = None  # written into the HF config
+    # Training dtype of the weights (auto: bfloat16 on CUDA, float32 elsewhere). bfloat16 trains as
+    # Megatron-LM does: bf16 weights under Float16Module, fp32 main weights, grads and Adam moments in
+    # the optimizer, fp32 loss and logprobs; the reference model uses the same dtype.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 @dataclass
@@ -82,7 +86,11 @@ class ParallelConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the trainer runs
     first_stage_layers: int | None = None  # layers on the first pipeline stage (None: even split)
     last_stage_layers: int | None = None  # layers on the last pipeline stage (None: even split)
-    recompute: Literal["none", "full"] = "none"  # activation recompute (full: every layer, megatron uniform/1)
+    # activation recompute (full: every layer, megatron uniform/1; selective: recompute_modules only)
+    recompute: Literal["none", "full", "selective"] = "none"
+    # selective recompute: megatron-core's recompute_modules (core_attn, mla_up_proj, mlp, moe,
+    # shared_experts; GPU only: moe_act (grouped GEMM), layernorm (TE)); [] means megatron's ["core_attn"]
+    recompute_modules: list[str] = field(default_factory=list)
     gpus_per_node: int = 8  # GPUs per node (planner and launch checks)
     gpu_memory_gb: float = 80.0  # memory of one GPU in GiB (planner budget)
 
@@ -102,6 +110,13 @@ class OptimConfig:
     decay_style: Literal["constant", "linear", "cosine"] = "constant"  # lr decay after warmup
     total_steps: int = 100  # steps the schedule spans
     distributed_optimizer: bool = True  # shard optimizer state over DP (GPU only; CPU uses the plain one)
+    # bf16 + distributed optimizer on GPU: megatron's precision-aware optimizer (TE FusedAdam keeps the
+    # fp32 main weights as bf16 weight + 16-bit remainder; fp32 grads and moments)
+    precision_aware: bool = True
+    # Skip an update whose loss or global grad norm is not finite (weights, Adam state and expert bias
+    # untouched, counted as train/skipped_steps); false lets the NaN through (a negative control only).
+    skip_nonfinite: bool = True
+    max_bad_steps: int = 3  # stop after this many consecutive skipped steps (GRPO, SFT, distillation)
 
 
 @dataclass
@@ -206,6 +221,7 @@ class CheckpointConfig:
     save_every: int = 0  # steps between saves (0: only at the end)
     load: str = ""  # checkpoint or HF directory to start from
     resume: bool = True  # resume from dir/latest when present
+    allow_fresh_optimizer: bool = False  # resume even from a checkpoint without optimizer state (Adam restarts)
 
 
 @dataclass
@@ -221,6 +237,7 @@ class OffloadConfig:
 class DataConfig:
     """Prompts and sequences."""
 
+    tokenizer: str = ""  # HF tokenizer directory ("": the shipped 512-id test tokenizer of the tiny cards)
     task: str = "arithmetic"  # built-in task (arithmetic | countdown), or "" to read train_file
     template: Literal["r1_zero", "compact", "plain"] = "compact"  # prompt template (all end "Assistant: <think>")
     chat: bool = False  # wrap prompts in the tokenizer's chat template (same for SFT and RL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig
+from r1_megatron.data.tokenizer import has_tokenizer_files
 
 
 def _divides(a_key: str, a: int, b_key: str, b: int) -> None:
@@ -117,6 +118,9 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p({cfg.rollout.top_p}) must lie in (0, 1]")
+    if cfg.data.tokenizer and not has_tokenizer_files(cfg.data.tokenizer):
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} is not a directory with tokenizer files "
+                          "(tokenizer.json or tokenizer_config.json)")
     for name, w in cfg.reward.weights.items():
         if w != w:
             raise ConfigError(f"reward.weights.{name} is NaN")

@@ -22,6 +22,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from r1_megatron.config.loader import ConfigError
+from r1_megatron.config.schema import JobConfig
+
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 FORMAT_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "\\boxed{"]
@@ -168,11 +171,37 @@ def build_tokenizer(out_dir: str | Path) -> list[Path]:
     return paths
 
 
+def has_tokenizer_files(directory: str | Path) -> bool:
+    return (Path(directory) / "tokenizer.json").is_file() or (Path(directory) / "tokenizer_config.json").is_file()
+
+
 def load_tokenizer(path: str | Path | None = None) -> Any:
     """The HF tokenizer at `path` (default: the shipped tiny tokenizer in tests/assets/tokenizer)."""
     from transformers import AutoTokenizer
 
     directory = Path(path) if path is not None else ASSET_DIR
-    if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
+    if not has_tokenizer_files(directory):
         raise FileNotFoundError(f"no tokenizer files in {directory} (build with tools/build_tokenizer.py)")
     return AutoTokenizer.from_pretrained(str(directory))
+
+
+def tokenizer_dir(cfg: JobConfig) -> Path:
+    """The job's tokenizer directory: data.tokenizer, or the shipped test tokenizer when unset. HF
+    exports copy it, so vLLM and the eval/rejection CLIs read the tokenizer the job trained with."""
+    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else ASSET_DIR
+
+
+def check_vocab(tok: Any, cfg: JobConfig) -> None:
+    """Every id of `tok` must have a row in the model's embedding (model.vocab_size, padded)."""
+    if len(tok) > cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer ({tokenizer_dir(cfg)}) has {len(tok)} ids, more than "
+            f"model.vocab_size({cfg.model.vocab_size}), the model's padded vocabulary"
+        )
+
+
+def job_tokenizer(cfg: JobConfig) -> Any:
+    """The job's tokenizer (`tokenizer_dir`), checked against the model's vocabulary."""
+    tok = load_tokenizer(tokenizer_dir(cfg))
+    check_vocab(tok, cfg)
+    return tok

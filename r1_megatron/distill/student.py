@@ -52,7 +52,7 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
     from megatron.core import parallel_state
 
     from r1_megatron.checkpoint import dist as dist_ckpt
-    from r1_megatron.data.tokenizer import load_tokenizer
+    from r1_megatron.data.tokenizer import job_tokenizer
     from r1_megatron.parallel.groups import init_process_groups
     from r1_megatron.rl.microbatch import shard_for_data_parallel
     from r1_megatron.rl.sft import SFTData, local_loss_tokens, sft_loss, tokenize_pairs
@@ -61,7 +61,7 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
     if not pairs:
         raise ValueError("SFT: no prompt/response pairs to train on")
     layout, device = init_process_groups(cfg)
-    examples = tokenize_pairs(pairs, load_tokenizer(), cfg.data.seq_length, chat=cfg.data.chat)
+    examples = tokenize_pairs(pairs, job_tokenizer(cfg), cfg.data.seq_length, chat=cfg.data.chat)
     data = SFTData(examples, pairs_per_step, cfg.data.seq_length, cfg.seed)
     trainer = Trainer(cfg, layout, device)
     root = Path(cfg.checkpoint.dir)
@@ -96,7 +96,7 @@ def sample_traces(spec: StageSpec, job: JobConfig, teacher_hf: Path, d: Path) ->
     if report_path.is_file():
         return read_jsonl(path, "sft", strict=True)[0], json.loads(report_path.read_text())
     from r1_megatron.data.tasks import chitchat_pairs, make_items
-    from r1_megatron.data.tokenizer import load_tokenizer
+    from r1_megatron.data.tokenizer import job_tokenizer
     from r1_megatron.distill.rejection import rejection_sample
     from r1_megatron.eval.runner import make_pool
     from r1_megatron.rl.grpo import task_kwargs
@@ -109,7 +109,7 @@ def sample_traces(spec: StageSpec, job: JobConfig, teacher_hf: Path, d: Path) ->
         if spec.rejection.non_reasoning_fraction else None
     engine, pool = VLLMEngine(teacher_hf, job.rollout), make_pool(job.reward)
     try:
-        records, report = rejection_sample(engine, load_tokenizer(), items, spec.rejection,
+        records, report = rejection_sample(engine, job_tokenizer(job), items, spec.rejection,
                                            SamplingParams.from_config(job.rollout), eval_texts=eval_texts,
                                            non_reasoning=chat, pool=pool, chat=job.data.chat)
     finally:
@@ -141,8 +141,8 @@ def init_weights(trainer, source: str) -> None:
 
 
 def export_hf(trainer, out_dir: str | Path) -> Path | None:
-    """The trainer's weights as an HF directory with the shipped tokenizer (rank 0 writes)."""
-    from r1_megatron.data.tokenizer import ASSET_DIR
+    """The trainer's weights as an HF directory with the job's tokenizer (rank 0 writes)."""
+    from r1_megatron.data.tokenizer import tokenizer_dir
     from r1_megatron.rl.session import export_hf as export
 
-    return export(trainer, out_dir, ASSET_DIR)
+    return export(trainer, out_dir, tokenizer_dir(trainer.cfg))

@@ -441,6 +441,34 @@ def _mla_init_with_full_width_down_proj(original: Any) -> Any:
     return __init__
 
 
+# Float16OptimizerWithFloat16Params (bf16 weights, fp32 main copies) sorts its params by
+# `param.type()` against the CUDA type names only ("torch.cuda.BFloat16Tensor", ...) and raises a
+# TypeError for CPU tensors. While it is constructed, CPU tensors report the CUDA names.
+_CUDA_TYPE_NAMES = {
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+}
+
+
+def _float16_optimizer_init_on_cpu(original: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_type = torch.Tensor.type
+
+        def cuda_named_type(t: torch.Tensor, *a: Any, **k: Any) -> Any:
+            name = real_type(t, *a, **k)
+            return _CUDA_TYPE_NAMES.get(name, name) if not (a or k) else name
+
+        torch.Tensor.type = cuda_named_type
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = real_type
+
+    __init__.__wrapped__ = original
+    return __init__
+
+
 _PARALLEL_ACTIVE = False
 _activate_model_fixes = activate
 
@@ -454,5 +482,8 @@ def activate() -> bool:  # noqa: F811 - extends activate() above with this secti
         from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
         _replace(MLASelfAttention, "__init__", _mla_init_with_full_width_down_proj(MLASelfAttention.__init__))
+        from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params as F16
+
+        _replace(F16, "__init__", _float16_optimizer_init_on_cpu(F16.__init__))
         _PARALLEL_ACTIVE = True
     return True

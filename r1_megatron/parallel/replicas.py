@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 
 from r1_megatron.model.redundant import RedundantMoELayer, redundant_layers, slot_params
+from r1_megatron.parallel.collectives import all_reduce_
 from r1_megatron.rollout.eplb import Placement, rebalance_experts
 from r1_megatron.rollout.expert_load import ExpertLoad
 
@@ -155,7 +156,7 @@ def placement_of(model: torch.nn.Module, num_moe_layers: int, num_slots: int) ->
     for layer in redundant_layers(model):
         out[layer.moe_index] = layer.phy2log.cpu()
     if dist.is_initialized():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        all_reduce_(out, op=dist.ReduceOp.MAX)
     return out
 
 
@@ -208,6 +209,10 @@ class ReplicaManager:
         if self.redundant and self.rebalance_every and step % self.rebalance_every == 0:
             self.rebalance()
         return load
+
+    def discard_step(self) -> None:
+        """Forget the loads counted by a step the non-finite guard skipped (no optimizer step)."""
+        self.load.counts.zero_()
 
     def state_dict(self) -> dict:
         """Checkpoint record: the load statistics, the EP size and (redundant) the placement."""

@@ -4,8 +4,11 @@ What is counted, per pipeline stage (every rank of a stage holds the same amount
 - params: bf16 weights of the stage's layers (+ embedding on the first stage; final norm, head and MTP on
   the last, which also keeps an embedding copy for MTP or tied heads when pp > 1, as megatron-core does);
 - grads: megatron's contiguous main-grad buffer, full size on every rank (fp32 by default);
-- optimizer: fp32 main params + Adam m and v (12 bytes/param); the distributed optimizer shards the dense
-  part over dp*cp and the expert part over the expert-data-parallel size world / (ep*etp*pp);
+- optimizer: fp32 Adam m and v plus the fp32 main weights (12 bytes/param by default; 10 when the
+  precision-aware optimizer keeps them as a 16-bit remainder of the bf16 weight, 8 in fp32 training:
+  `Precision.for_training`, which `r1m plan` derives from model.dtype and optim.*); the distributed
+  optimizer shards the dense part over dp*cp and the expert part over the expert-data-parallel size
+  world / (ep*etp*pp);
 - activations: bytes saved for backward per token and layer (Korthikanti et al., arXiv:2205.05198,
   redone for MLA + MoE with flash attention, which saves no s x s scores), times the micro-batches 1F1B
   keeps in flight on that stage (pp - stage); with full recompute only each layer's input is kept, plus
@@ -63,7 +66,8 @@ class Layout:
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
     sequence_parallel: bool = False
-    recompute: Literal["none", "full"] = "none"  # full: keep only each layer's input, recompute the rest
+    # full: keep only each layer's input, recompute the rest; selective is counted as none (an upper bound)
+    recompute: Literal["none", "full", "selective"] = "none"
     distributed_optimizer: bool = True
     optimizer_on_host: bool = False  # megatron-core optimizer_cpu_offload (a what-if; not in r1-megatron)
     gpus_per_node: int = 8
@@ -104,6 +108,15 @@ class Precision:
     logit_bytes: int = 10  # bf16 logits + fp32 copy + fp32 softmax kept for backward
     reserve_fraction: float = 0.10  # CUDA context, NCCL buffers, fragmentation
     rollout_overhead_gib: float = 2.0  # vLLM: non-torch memory and profiled activations
+
+    @classmethod
+    def for_training(cls, weight_bytes: int, main_param_bytes: int) -> Precision:
+        """The bytes of what the trainer builds (model/precision.py): weights and activations in the
+        training dtype, fp32 grad buffers, fp32 Adam moments (8) plus the optimizer's main copy of each
+        weight (0 in fp32; 4 for a full fp32 copy, 2 for the precision-aware optimizer's 16-bit
+        remainder). fp32 logits keep no bf16 copy (8 bytes instead of 10)."""
+        return cls(param_bytes=weight_bytes, optim_bytes=8 + main_param_bytes, act_bytes=weight_bytes,
+                   logit_bytes=10 if weight_bytes == 2 else 8)
 
 
 @dataclass
@@ -174,8 +187,8 @@ def check_layout(m: ModelConfig, lay: Layout, work: Workload) -> None:
             f"tp({lay.tp})*cp({lay.cp})*pp({lay.pp})*dp({lay.dp})"
         )
     stage_layers(m.num_layers, lay.pp, lay.first_stage_layers, lay.last_stage_layers)
-    if lay.recompute not in ("none", "full"):
-        raise ConfigError(f"parallel.recompute must be 'none' or 'full', got {lay.recompute!r}")
+    if lay.recompute not in ("none", "full", "selective"):
+        raise ConfigError(f"parallel.recompute must be 'none', 'full' or 'selective', got {lay.recompute!r}")
     if lay.world % work.rollout_tp or m.num_attention_heads % work.rollout_tp:
         raise ConfigError(
             f"rollout.tp({work.rollout_tp}) must divide world({lay.world}) and "

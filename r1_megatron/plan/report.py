@@ -8,7 +8,7 @@ from dataclasses import asdict
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.config.validate import validate
-from r1_megatron.plan.memory import GiB, Layout, Plan, Workload, plan
+from r1_megatron.plan.memory import GiB, Layout, Plan, Precision, Workload, plan
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -58,7 +58,15 @@ def plan_job(cfg: JobConfig, world_size: int | None = None) -> Plan:
         reference=cfg.rl.kl_coef > 0,
         reference_on_host=cfg.offload.reference_on_host,
     )
-    return plan(cfg.model, layout, work, card=cfg.model.card)
+    return plan(cfg.model, layout, work, job_precision(cfg), card=cfg.model.card)
+
+
+def job_precision(cfg: JobConfig) -> Precision:
+    """Bytes per element of what the trainer builds for `cfg` on a GPU (the path the planner plans)."""
+    from r1_megatron.model.precision import select
+
+    chosen = select(cfg, "cuda")
+    return Precision.for_training(chosen.dtype.itemsize, chosen.main_param_bytes)
 
 
 def to_json(pl: Plan) -> dict:

@@ -4,7 +4,6 @@ Kept apart from loop.py so the loop itself reads as prose."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -52,11 +51,11 @@ def load_initial_weights(trainer: Trainer, source: str) -> None:
 
 class Reference:
     """The frozen policy at the start of RL. It lives on the host between its forwards (SPEC §7):
-    its storages are offloaded except inside `logprobs`."""
+    its storages are offloaded except inside `logprobs`. Forward-only: the model chunk in the
+    training dtype with no DDP grad buffers, optimizer or schedule; the same forward_logprobs path."""
 
     def __init__(self, cfg: JobConfig, layout, device: torch.device):
-        frozen = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.0))
-        self.trainer = Trainer(frozen, layout, device)
+        self.trainer = Trainer(cfg, layout, device, for_training=False)
         load_initial_weights(self.trainer, cfg.checkpoint.load)
         self._offload = Offloader(model_tensors(self.trainer.model[0]), pin_memory=cfg.offload.pin_memory)
         if cfg.offload.reference_on_host:
@@ -123,7 +122,7 @@ class RunState:
     pool, prompt stream, refitter. Methods are the loop's verbs (refit, rollout, prepare, ...)."""
 
     def __init__(self, cfg: JobConfig, engine=None, pool=None):
-        from r1_megatron.data.tokenizer import load_tokenizer
+        from r1_megatron.data.tokenizer import job_tokenizer
         from r1_megatron.parallel.groups import init_process_groups
         from r1_megatron.rl.grpo import PromptStream
         from r1_megatron.rollout.refit import Refitter, canary_sequences
@@ -132,7 +131,7 @@ class RunState:
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.layout, self.device = init_process_groups(cfg)
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = job_tokenizer(cfg)
         self.trainer = Trainer(cfg, self.layout, self.device)
         if cfg.rl.share_prompts and not supports_shared_prefix(self.trainer.unwrapped):
             raise ValueError(
@@ -163,11 +162,10 @@ class RunState:
             if self.engine is not None else None
         self._bar = None
 
-    @staticmethod
-    def _tokenizer_dir():
-        from r1_megatron.data.tokenizer import ASSET_DIR
+    def _tokenizer_dir(self) -> Path:
+        from r1_megatron.data.tokenizer import tokenizer_dir
 
-        return ASSET_DIR
+        return tokenizer_dir(self.cfg)
 
     # -- the loop's verbs ---------------------------------------------------------------------
     def refit(self) -> dict:

@@ -132,17 +132,13 @@ def run_sft(cfg: JobConfig, tokenizer=None) -> dict[str, float]:
     from pathlib import Path
 
     from r1_megatron.config.loader import ConfigError
-    from r1_megatron.data.tokenizer import load_tokenizer
+    from r1_megatron.data.tokenizer import check_vocab, job_tokenizer
     from r1_megatron.distill.student import train_sft
     from r1_megatron.parallel.groups import init_process_groups
     from r1_megatron.rl.metrics import MetricsLogger
 
-    tok = tokenizer or load_tokenizer()
-    if len(tok) > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size({cfg.model.vocab_size}) is smaller than the tokenizer's "
-            f"vocabulary ({len(tok)})"
-        )
+    tok = tokenizer or job_tokenizer(cfg)
+    check_vocab(tok, cfg)
     if cfg.data.sft_pairs_per_step < 1:
         raise ConfigError(f"data.sft_pairs_per_step must be >= 1, got {cfg.data.sft_pairs_per_step}")
     run_dir = Path(cfg.logging.run_dir)

@@ -433,7 +433,7 @@ def evaluate_hf(hf_dir: Path, job: JobConfig, n: int, k: int, engine=None, keep_
     """pass@1 / cons@k of an HF checkpoint on n held-out prompts (eval/runner.py; seeded sampling, so
     every stage is measured on the same prompts the same way)."""
     from r1_megatron.data.tasks import make_items
-    from r1_megatron.data.tokenizer import load_tokenizer
+    from r1_megatron.data.tokenizer import job_tokenizer
     from r1_megatron.eval.runner import eval_sampling, evaluate
     from r1_megatron.rl.grpo import task_kwargs
 
@@ -445,7 +445,7 @@ def evaluate_hf(hf_dir: Path, job: JobConfig, n: int, k: int, engine=None, keep_
         engine = VLLMEngine(hf_dir, job.rollout)
     try:
         sampling = eval_sampling(job.rollout.max_new_tokens)
-        return evaluate(engine, load_tokenizer(), items, k=k, sampling=sampling,
+        return evaluate(engine, job_tokenizer(job), items, k=k, sampling=sampling,
                         reward_cfg=job.reward, chat=job.data.chat, keep_text=keep_text)
     finally:
         if own:

@@ -21,6 +21,11 @@ microbatches, whatever the layout. Megatron computes the seq aux loss per *row*,
 stream the "sequence" is the whole stream (a departure from DeepSeek-V3, which takes each sequence).
 The aux-loss-free expert-bias update runs in megatron's finalize_model_grads, with token counts
 summed over the whole TP x DP batch.
+
+Precision (model/precision.py): fp32, or bf16 weights under Float16Module with fp32 main weights,
+grads and Adam moments; the loss, logprobs and metrics are fp32 either way. Before the optimizer
+writes anything, the non-finite guard (rl/nonfinite.py) checks the loss terms and the global grad
+norm and skips the whole update on every rank when either is not finite.
 """
 
 from __future__ import annotations
@@ -39,24 +44,49 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+from megatron.core.utils import unwrap_model
 
+from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig, ParallelConfig
+from r1_megatron.model import precision
 from r1_megatron.model.attention import SharedPrefixParams
 from r1_megatron.model.provider import build_model, mtp_disabled
 from r1_megatron.parallel.replicas import ReplicaManager
 from r1_megatron.rl.entropy import capture_entropy
 from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.rl.nonfinite import OBJECTIVE, StepGuard
 
 LossFn = Callable[[torch.Tensor, Microbatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def _stage_overrides(cfg: JobConfig, layout: ParallelConfig) -> dict:
+# megatron-core 0.16.1's selective-recompute modules; the GPU-only ones need grouped GEMM (moe_act)
+# or transformer-engine's layer norm (layernorm).
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "mlp", "moe", "shared_experts", "moe_act", "layernorm")
+GPU_ONLY_RECOMPUTE = ("moe_act", "layernorm")
+
+
+def _check_recompute(layout: ParallelConfig, gpu: bool) -> None:
+    mods = layout.recompute_modules
+    if mods and layout.recompute != "selective":
+        raise ConfigError(f"parallel.recompute_modules {mods} needs parallel.recompute=selective, "
+                          f"got {layout.recompute!r}")
+    for name in mods:
+        if name not in RECOMPUTE_MODULES:
+            raise ConfigError(f"parallel.recompute_modules: {name!r} is not one of {list(RECOMPUTE_MODULES)}")
+        if name in GPU_ONLY_RECOMPUTE and not gpu:
+            raise ConfigError(f"parallel.recompute_modules: {name!r} needs the GPU path "
+                              "(grouped GEMM / transformer-engine)")
+
+
+def _stage_overrides(cfg: JobConfig, layout: ParallelConfig, gpu: bool = False) -> dict:
     """TransformerConfig fields for uneven pipeline stages and activation recompute."""
+    _check_recompute(layout, gpu)
     out: dict = {}
     if layout.pp > 1:
         if layout.first_stage_layers is not None:
@@ -65,16 +95,21 @@ def _stage_overrides(cfg: JobConfig, layout: ParallelConfig) -> dict:
             out["num_layers_in_last_pipeline_stage"] = layout.last_stage_layers
     if layout.recompute == "full":
         out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif layout.recompute == "selective":
+        # megatron's own default module list (["core_attn"]) when none is given
+        out.update(recompute_granularity="selective", recompute_modules=list(layout.recompute_modules) or None)
     return out
 
 
 class Trainer:
     """This rank's model chunk (megatron DDP), optimizer (Adam) and LR schedule.
 
-    With for_training=False only the bare model chunk is built (forward_logprobs, export).
-    Construct after `parallel.groups.init_process_groups`. `model` is a list of model chunks (one:
-    no virtual pipeline), `optimizer` megatron's (chained: dense + expert params), `scheduler` the
-    OptimizerParamScheduler. `step` counts optimizer steps taken.
+    With for_training=False only the model chunk is built, forward-only (forward_logprobs, export,
+    the GRPO reference): no DDP grad buffers, no optimizer, no schedule. Construct after
+    `parallel.groups.init_process_groups`. `model` is a list of model chunks (one: no virtual
+    pipeline; under Float16Module in bf16, model/precision.py), `optimizer` megatron's (chained:
+    dense + expert params), `scheduler` the OptimizerParamScheduler. `step` counts optimizer steps
+    taken (a step skipped by the non-finite guard, rl/nonfinite.py, is not one).
     """
 
     def __init__(
@@ -83,19 +118,21 @@ class Trainer:
         self.cfg, self.layout, self.device = cfg, layout, device
         self.step = 0
         self.replicas: ReplicaManager | None = None
-        gpu = device.type == "cuda"
-        module = build_model(cfg.model, layout, device=device, **_stage_overrides(cfg, layout))
+        self.precision = precision.select(cfg, device)
+        module = build_model(
+            cfg.model, layout, device=device, dtype=self.precision.dtype,
+            **_stage_overrides(cfg, layout, gpu=device.type == "cuda"),
+        )
         self.config = module.config
+        module = precision.wrap(module, self.precision)
         if not for_training:
-            # Forward only (scoring, conversion): no DDP buffers, no optimizer state.
-            self.model, self.optimizer, self.scheduler = [module], None, None
+            self.model, self.optimizer, self.scheduler, self.guard = [module], None, None, None
             return
-        use_dist_opt = gpu and cfg.optim.distributed_optimizer
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=use_dist_opt,
+            # DDP's own check raises on the first NaN; the step guard skips the update instead.
             check_for_nan_in_grad=False,
+            **precision.ddp_kwargs(self.precision),
         )
         self.model = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)]
         self.config.no_sync_func = self.model[0].no_sync
@@ -111,13 +148,11 @@ class Trainer:
                 adam_beta2=o.adam_beta2,
                 adam_eps=o.adam_eps,
                 clip_grad=o.clip_grad,
-                use_distributed_optimizer=use_dist_opt,
-                params_dtype=self.config.params_dtype,
-                bf16=self.config.bf16,
-                fp16=self.config.fp16,
+                **precision.optimizer_kwargs(self.precision),
             ),
             self.model,
         )
+        self.guard = StepGuard(self.unwrapped, o.max_bad_steps, enabled=o.skip_nonfinite)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,
@@ -139,8 +174,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @property
     def unwrapped(self) -> torch.nn.Module:
-        """The GPTModel of this stage (under DDP when training)."""
-        return getattr(self.model[0], "module", self.model[0])
+        """The GPTModel of this stage (under DDP when training, under Float16Module in bf16)."""
+        return unwrap_model(self.model[0])
 
     @property
     def dp_size(self) -> int:
@@ -148,7 +183,7 @@ class Trainer:
 
     def dp_sum(self, value: float | torch.Tensor) -> torch.Tensor:
         """Sum a number over the data-parallel ranks (e.g. loss tokens, for global normalizers)."""
-        t = torch.as_tensor(value, dtype=torch.float64).reshape(1).clone()
+        t = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(self.device, copy=True)
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
         return t[0]
 
@@ -182,7 +217,7 @@ class Trainer:
                 max_seqlen_kv=longest,
                 **shared,
             )
-        unwrapped = getattr(model, "module", model)
+        unwrapped = unwrap_model(model)  # the GPTModel under DDP (and Float16Module in bf16)
         with capture_entropy(unwrapped) if with_entropy else contextlib.nullcontext([]) as entropy:
             out = model(
                 mb.tokens,
@@ -219,13 +254,16 @@ class Trainer:
         With entropy=True, loss_fn also receives the per-token policy entropy (`entropy=` keyword).
 
         Returns the summed `loss_fn` metrics (over microbatches and DP ranks), plus grad_norm, lr,
-        mtp_loss / moe_aux_loss (means over microbatches, when enabled) and update_ok.
+        mtp_loss / moe_aux_loss (means over microbatches, when enabled), update_ok (0: the non-finite
+        guard skipped the update on every rank, rl/nonfinite.py) and train/skipped_steps (so far).
+        Raises NonFiniteError after optim.max_bad_steps consecutive skips.
         """
         mbs, seq_length, rows = self._prepare(microbatches)
         scale = len(mbs) * self.dp_size
 
         def loss_wrapper(mb: Microbatch, nll: torch.Tensor, **extra: torch.Tensor):
             loss, sums = loss_fn(-nll.float(), mb, **extra)
+            sums = {OBJECTIVE: loss.detach(), **sums}  # the guard checks what backward saw
             return loss * scale, {k: v.detach().float() for k, v in sums.items()}
 
         for chunk in self.model:
@@ -233,19 +271,45 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         _clear_loss_trackers()
+        self.guard.begin()
         outputs = self._run(mbs, seq_length, rows, loss_wrapper, forward_only=False, with_entropy=entropy)
+        metrics = self._reduce_sums(outputs)
+        metrics.update(self._aux_metrics(len(mbs)))
+        update_ok, grad_norm = self._update(metrics)
+        metrics.pop(OBJECTIVE)
+        metrics["grad_norm"] = grad_norm
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        metrics["update_ok"] = float(update_ok)
+        metrics["train/skipped_steps"] = float(self.guard.skipped)
+        return metrics
+
+    def _update(self, metrics: dict[str, float]) -> tuple[bool, float]:
+        """megatron's optimizer step (ChainedOptimizer.step: grads to main grads, global norm, clip,
+        step), split so the guard sees the loss and the norm before anything is written."""
+        opt = self.optimizer
+        found_inf = opt.prepare_grads()  # True only with a loss scaler (fp16)
+        grad_norm = float(opt.get_grad_norm())  # all-reduced over the grad-stats (model-parallel) groups
+        reason = self.guard.check(self.step + 1, metrics, grad_norm, found_inf)
+        if reason is not None:
+            if self.replicas is not None:
+                self.replicas.discard_step()
+            self.guard.skip(self.step + 1, reason)
+            return False, grad_norm
         # lr for step s (1-based) is the schedule at s: the scheduler moves before the update.
         self.scheduler.step(increment=1)
-        update_ok, grad_norm, _ = self.optimizer.step()
+        for part in getattr(opt, "chained_optimizers", [opt]):
+            params = part.get_parameters()
+            if part.config.clip_grad > 0.0 and params and not getattr(part, "is_stub_optimizer", False):
+                # Looked up at call time: compat_cpu swaps in a CPU version on machines without CUDA.
+                megatron_optimizer.clip_grad_by_total_norm_fp32(
+                    params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
+        update_ok = opt.step_with_ready_grads()
         self.step += 1
         if self.replicas is not None:
             self.replicas.after_step(self.step)
-        metrics = self._reduce_sums(outputs)
-        metrics.update(self._aux_metrics(len(mbs)))
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        metrics["update_ok"] = float(bool(update_ok))
-        return metrics
+        return bool(update_ok), grad_norm
 
     @torch.no_grad()
     def forward_logprobs(self, microbatches: Sequence[Microbatch]) -> list[torch.Tensor]:

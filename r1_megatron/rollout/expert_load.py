@@ -16,13 +16,16 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 
+from r1_megatron.parallel.collectives import all_reduce_
+
 
 class ExpertLoad:
     """Per-step and moving-average expert loads.
 
-    counts: [L, E] float64, tokens routed to each logical expert of each of the L MoE decoder layers
-    since the last `step()` (this rank's share); ema: [L, E] float64, the moving average of global
-    step loads (all zeros before the first step); last: [L, E], the latest global step load;
+    counts: [L, E] float64 on the routers' device, tokens routed to each logical expert of each of
+    the L MoE decoder layers since the last `step()` (this rank's share); ema: [L, E] float64 (host),
+    the moving average of global step loads (all zeros before the first step); last: [L, E] (host),
+    the latest global step load;
     steps: steps folded in so far.
     """
 
@@ -38,7 +41,7 @@ class ExpertLoad:
 
     def observe(self, layer: int, routing_map: torch.Tensor) -> None:
         """Add one routing map ([T, E] bool: token t routed to expert e) of MoE layer `layer`."""
-        self.counts[layer] += routing_map.sum(dim=0).to("cpu", torch.float64)
+        self.counts[layer] += routing_map.sum(dim=0).to(self.counts.device, torch.float64)
 
     def attach(self, model: torch.nn.Module, first_k_dense: int) -> None:
         """Count every decoder router of `model` (a GPTModel chunk). Router layer_number is the
@@ -48,6 +51,8 @@ class ExpertLoad:
             return
         for module in decoder.modules():
             if isinstance(module, TopKRouter):
+                # Count where the router runs: no device-to-host copy (and sync) in every forward.
+                self.counts = self.counts.to(module.weight.device)
                 index = module.layer_number - 1 - first_k_dense
                 if not 0 <= index < self.counts.shape[0]:
                     raise ValueError(f"ExpertLoad: router of layer {module.layer_number} is not a MoE layer")
@@ -70,7 +75,8 @@ class ExpertLoad:
         folds them into `ema` and clears `counts`. Collective over `group`."""
         load = self.counts.clone()
         if dist.is_initialized():
-            dist.all_reduce(load, group=group)
+            all_reduce_(load, group=group)  # on the backend's device, wherever the counts live
+        load = load.cpu()
         self.ema = load.clone() if self.steps == 0 else self.decay * self.ema + (1.0 - self.decay) * load
         self.steps += 1
         self.counts.zero_()

@@ -174,6 +174,7 @@ def checkpoint(out: Path) -> None:
                      "weights": exported(fresh), "logprobs": all_logprobs(fresh, 44),
                      "spread": replica_spread(fresh)}
         res[name]["loss_next"] = sft_step(fresh, seed=45)["loss"]
+        res[name]["weights_next"] = exported(fresh)  # the update used the carried Adam moments
         del fresh, m
         gc.collect()
     save_rank0(res, out / "checkpoint.pt")

@@ -12,7 +12,8 @@ Guarantees:
 - With the hot-spotted router the heaviest EP rank's share of expert tokens (max/mean) is lower
   with the rebalanced redundant placement than with contiguous experts.
 - A checkpoint keeps the placement and loads; resuming at EP 4 re-plans it (no rank holds two
-  replicas of one expert) and the model computes the same function.
+  replicas of one expert) and the model computes the same function; the Adam moments are resharded
+  and moved with the experts, so the next step's weights equal EP 2's.
 """
 
 from __future__ import annotations
@@ -112,3 +113,5 @@ def test_checkpoint_keeps_and_replans_placement(checkpoint):
     assert _max_diff(moved["weights"], saved["weights"]) == 0.0
     assert float((moved["logprobs"] - saved["logprobs"]).abs().max()) < TOL
     assert moved["loss_next"] == pytest.approx(same["loss_next"], abs=TOL)
+    # Adam's moments moved with the experts at EP 4: the next update lands where EP 2's does.
+    assert _max_diff(moved["weights_next"], same["weights_next"]) <= TOL
