@@ -43,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1m: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    from r1_megatron.checkpoint.integrity import CheckpointError
     from r1_megatron.config.loader import ConfigError
 
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except ConfigError as e:  # one line naming the key beats a traceback through the loader
         print(f"r1m {name}: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # likewise one line naming the file (a corrupt shard, a bad layout)
+        print(f"r1m {name}: checkpoint error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         if not getattr(e, "one_line", False):  # errors whose message says everything (NonFiniteError)

@@ -1,7 +1,12 @@
-"""`r1m convert`: HF <-> megatron checkpoints, on one process (gloo world of size 1).
+"""`r1m convert`: HF <-> megatron checkpoints, on one process or under torchrun.
 
-  r1m convert hf-to-mcore --hf DIR --out DIR [--card NAME]
+  r1m convert hf-to-mcore --hf DIR --out DIR [--card NAME] [--tp N --pp N --ep N] [--verify MODE]
   r1m convert mcore-to-hf --ckpt DIR --out DIR [--tokenizer DIR] [--max-shard-mb N] [--tp N --pp N --ep N]
+
+hf-to-mcore with --tp/--pp/--ep (under torchrun) builds the model split that way and each rank reads
+only its own shard of the safetensors files (checkpoint/hf_shard.py), so a 671B model converts on as
+many ranks as hold it; the checkpoint is the same as a single-rank conversion's. FP8-blockwise HF
+directories (the published DeepSeek-V3/R1) are dequantized on import (hf_io.py).
 
 mcore-to-hf reads a checkpoint of any layout (dist_checkpointing reshards on load). With --tp/--pp/--ep
 (under torchrun, tp*pp dividing the world size) the model is loaded split that way and streamed out by
@@ -24,6 +29,8 @@ from pathlib import Path
 import torch
 
 from r1_megatron.checkpoint import hf, hf_io, mcore_io
+from r1_megatron.checkpoint import integrity
+from r1_megatron.checkpoint.integrity import CheckpointError
 from r1_megatron.config.loader import ConfigError, load_card
 from r1_megatron.config.schema import ModelConfig
 
@@ -59,20 +66,25 @@ def _merge_card(from_hf: ModelConfig, card_name: str | None) -> ModelConfig:
     return dataclasses.replace(card, bos_token_id=from_hf.bos_token_id, eos_token_id=from_hf.eos_token_id)
 
 
-def load_hf_model(hf_dir: str | Path, cfg: ModelConfig | None = None, device: torch.device | None = None):
+def load_hf_model(
+    hf_dir: str | Path,
+    cfg: ModelConfig | None = None,
+    device: torch.device | None = None,
+    verify: str = "full",
+):
     """Build a single-rank megatron model and fill it from an HF directory. Returns (model, cfg)."""
     from r1_megatron.model.provider import build_model
     from r1_megatron.parallel.device import single_rank_world
 
     cfg = cfg or hf_io.read_hf_config(hf_dir)
     device = single_rank_world(device=device)
-    ckpt = hf_io.HFCheckpoint(hf_dir)
+    ckpt = hf_io.HFCheckpoint(hf_dir, verify=verify)
     model = build_model(cfg, device=device)
     hf.import_weights(model, ckpt, cfg, ckpt.keys())
     return model, cfg
 
 
-def load_mcore_model(ckpt_dir: str | Path, device: torch.device | None = None):
+def load_mcore_model(ckpt_dir: str | Path, device: torch.device | None = None, verify: str = "full"):
     """Build a single-rank megatron model from its card and load the dist checkpoint. Returns (model, cfg)."""
     from r1_megatron.checkpoint import dist as dist_ckpt
     from r1_megatron.model.provider import build_model
@@ -83,31 +95,62 @@ def load_mcore_model(ckpt_dir: str | Path, device: torch.device | None = None):
     model = build_model(cfg, device=device)
     if dist_ckpt.is_training_checkpoint(ckpt_dir):
         # Training checkpoints also hold optimizer and trainer state; only the weights are read.
-        try:
-            dist_ckpt.load_model_weights(model, ckpt_dir)
-        except dist_ckpt.CheckpointError as e:
-            raise hf.ConversionError(str(e)) from e
+        dist_ckpt.load_model_weights(model, ckpt_dir, verify)
     else:
-        mcore_io.load_mcore_into(model, ckpt_dir)
+        mcore_io.load_mcore_into(model, ckpt_dir, verify)
     return model, cfg
 
 
-def load_any(path: str | Path, device: torch.device | None = None):
+def load_any(path: str | Path, device: torch.device | None = None, verify: str = "full"):
     """A megatron checkpoint written by r1m, or an HF directory (converted on the fly)."""
     if mcore_io.is_mcore_dir(path):
-        return load_mcore_model(path, device)
+        return load_mcore_model(path, device, verify)
     if (Path(path) / "config.json").is_file():
-        return load_hf_model(path, device=device)
+        return load_hf_model(path, device=device, verify=verify)
     raise hf.ConversionError(
         f"{path}: neither a megatron checkpoint ({mcore_io.CARD_FILE}) nor an HF directory (config.json)"
     )
 
 
-def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, card: str | None = None) -> Path:
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    card: str | None = None,
+    layout: tuple[int, int, int] = (1, 1, 1),
+    verify: str = "full",
+) -> Path:
+    """Write the megatron checkpoint. `layout` = (tp, pp, ep) of the model split; anything but
+    (1, 1, 1), or a world of several ranks, takes the sharded path (each rank reads its shard)."""
     cfg = _merge_card(hf_io.read_hf_config(hf_dir), card)
-    model, cfg = load_hf_model(hf_dir, cfg)
+    if layout != (1, 1, 1) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _hf_to_mcore_parallel(hf_dir, out_dir, cfg, layout, verify)
+    model, cfg = load_hf_model(hf_dir, cfg, verify=verify)
     out = mcore_io.save_mcore(model, cfg, out_dir)
     hf_io.copy_tokenizer(hf_dir, out)
+    return out
+
+
+def _hf_to_mcore_parallel(
+    hf_dir: str | Path, out_dir: str | Path, cfg: ModelConfig, layout: tuple[int, int, int], verify: str
+) -> Path:
+    import torch.distributed as dist
+
+    from r1_megatron.checkpoint import hf_shard, integrity
+    from r1_megatron.checkpoint.dist import inference_config
+    from r1_megatron.parallel.groups import init_process_groups
+    from r1_megatron.rl.train_step import Trainer
+
+    tp, pp, ep = layout
+    job = inference_config(cfg, tp=tp, pp=pp, ep=ep)
+    groups, device = init_process_groups(job)
+    model = Trainer(job, groups, device, for_training=False).unwrapped
+    integrity.verify(hf_dir, verify)  # collective: each rank hashes a share of the files
+    ckpt = hf_io.HFCheckpoint(hf_dir, verify="off")
+    hf_shard.import_shard(model, ckpt, cfg)
+    print(f"rank {dist.get_rank()}: {hf_shard.read_summary(ckpt)}", flush=True)
+    out = mcore_io.save_mcore(model, cfg, out_dir)
+    if dist.get_rank() == 0:
+        hf_io.copy_tokenizer(hf_dir, out)
     return out
 
 
@@ -117,14 +160,15 @@ def mcore_to_hf(
     tokenizer: str | Path | None = None,
     max_shard_mb: float = 2048,
     layout: tuple[int, int, int] = (1, 1, 1),
+    verify: str = "full",
 ) -> Path:
     """Write the HF directory. `layout` = (tp, pp, ep) of the megatron side; anything but (1, 1, 1),
     or a world of several ranks, takes the multi-rank path. The tokenizer files come from
     `tokenizer`, else from the checkpoint directory, else (a training checkpoint) its data.tokenizer."""
     tokenizer = tokenizer or _training_tokenizer(ckpt_dir)
     if layout != (1, 1, 1) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _mcore_to_hf_parallel(ckpt_dir, out_dir, tokenizer, max_shard_mb, layout)
-    model, cfg = load_mcore_model(ckpt_dir)
+        return _mcore_to_hf_parallel(ckpt_dir, out_dir, tokenizer, max_shard_mb, layout, verify)
+    model, cfg = load_mcore_model(ckpt_dir, verify=verify)
     return hf_io.save_hf(
         out_dir,
         hf.export_weights(model, cfg),
@@ -151,10 +195,11 @@ def _mcore_to_hf_parallel(
     tokenizer: str | Path | None,
     max_shard_mb: float,
     layout: tuple[int, int, int],
+    verify: str,
 ) -> Path:
     import torch.distributed as dist
 
-    from r1_megatron.checkpoint.dist import CheckpointError, open_for_inference
+    from r1_megatron.checkpoint.dist import open_for_inference
     from r1_megatron.rollout.weight_export import export_weights
 
     if not mcore_io.is_mcore_dir(ckpt_dir):
@@ -163,7 +208,7 @@ def _mcore_to_hf_parallel(
         )
     tp, pp, ep = layout
     try:
-        trainer = open_for_inference(ckpt_dir, tp=tp, pp=pp, ep=ep)
+        trainer = open_for_inference(ckpt_dir, tp=tp, pp=pp, ep=ep, verify=verify)
     except CheckpointError as e:
         raise hf.ConversionError(str(e)) from e
     cfg = trainer.cfg.model
@@ -186,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--hf", required=True, help="HF directory (config.json + safetensors)")
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--card", default=None, help="model card for the fields HF does not store")
+    for flag in ("--tp", "--pp", "--ep"):
+        a.add_argument(flag, type=int, default=1, help=f"megatron {flag[2:]} size of the split (torchrun)")
     b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF directory")
     b.add_argument("--ckpt", required=True, help="megatron checkpoint directory written by r1m")
     b.add_argument("--out", required=True, help="output directory")
@@ -193,14 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-shard-mb", type=float, default=2048, help="safetensors shard size (MiB)")
     for flag in ("--tp", "--pp", "--ep"):
         b.add_argument(flag, type=int, default=1, help=f"megatron {flag[2:]} size for the load (torchrun)")
+    for p in (a, b):
+        p.add_argument("--verify", choices=integrity.VERIFY_MODES, default="full",
+                       help="check the input files against their manifest: full (checksums), size, off")
     args = parser.parse_args(argv)
     try:
+        layout = (args.tp, args.pp, args.ep)
         if args.direction == "hf-to-mcore":
-            out = hf_to_mcore(args.hf, args.out, args.card)
+            out = hf_to_mcore(args.hf, args.out, args.card, layout, args.verify)
         else:
-            layout = (args.tp, args.pp, args.ep)
-            out = mcore_to_hf(args.ckpt, args.out, args.tokenizer, args.max_shard_mb, layout)
-    except (hf.ConversionError, ConfigError) as e:
+            out = mcore_to_hf(args.ckpt, args.out, args.tokenizer, args.max_shard_mb, layout, args.verify)
+    except (hf.ConversionError, ConfigError, CheckpointError) as e:
         print(f"r1m convert: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -5,6 +5,9 @@ A checkpoint root holds one directory per saved step and a `latest` pointer:
   <root>/step_000003/   megatron dist checkpoint: model + optimizer (sharded, reshardable), per-rank RNG
                         (common.pt: step, LR schedule, caller state such as the data position, layout)
                         model_card.yaml and config.yaml: the model card and the resolved job config
+                        r1m_manifest.json: size and CRC32 of every file but the two YAML files
+                        (checked on their own), verified before a load (integrity.py);
+                        resume falls back to the newest intact checkpoint
   <root>/latest         the name of the newest complete step directory
 
 Atomicity: every rank writes into `<root>/.tmp-step_000003`; after all ranks are done, rank 0 writes
@@ -44,6 +47,8 @@ from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, S
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from r1_megatron.checkpoint import integrity
+from r1_megatron.checkpoint.integrity import CheckpointError, CorruptCheckpoint
 from r1_megatron.checkpoint.mcore_io import CARD_FILE, read_card
 from r1_megatron.config.schema import JobConfig, ModelConfig, ParallelConfig
 from r1_megatron.parallel.device import seed_all
@@ -60,10 +65,6 @@ _OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
                        "distrib_optim_sharding_type": "fully_sharded_model_space"}
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used: names the path and the reason."""
 
 
 def step_dir_name(step: int) -> str:
@@ -237,12 +238,14 @@ def save(
         state["replicas"] = trainer.replicas.state_dict()
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
     dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
+    written = integrity.gather_digests(tmp, checksum=trainer.cfg.checkpoint.verify == "full")
     if on_written is not None:
         on_written(tmp)
     dist.barrier()
     if rank == 0:
         (tmp / CARD_FILE).write_text(yaml.safe_dump(dataclasses.asdict(trainer.cfg.model), sort_keys=False))
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(trainer.cfg), sort_keys=False))
+        integrity.write_manifest(tmp, written)
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)  # a re-save of the same step (e.g. after a resume)
@@ -262,16 +265,20 @@ def _refuse_nonfinite(trainer: Trainer, root: Path, name: str) -> None:
                               f"rank {bad[0]}); {pointer} still names {previous}")
 
 
-def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> dict:
+def load(
+    trainer: Trainer, path: str | Path, *, with_optimizer: bool = True, verify: str | None = None
+) -> dict:
     """Load a checkpoint directory (any layout) into `trainer`; returns the caller's `extra` state.
 
     Weights, step and LR schedule always load, and with_optimizer the optimizer state too, resharded
     to this layout; a checkpoint without it is refused unless checkpoint.allow_fresh_optimizer.
     RNG state loads at the same layout; at another every generator is reseeded from (seed, step).
-    "_optimizer_restored" and "_rng_restored" in the returned dict say what happened."""
+    "_optimizer_restored" and "_rng_restored" in the returned dict say what happened. The files
+    are checked against the manifest first (`verify`, default checkpoint.verify; see integrity.py)."""
     path = Path(path)
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no metadata.json)")
+    integrity.verify(path, verify or trainer.cfg.checkpoint.verify)
     common = dist_checkpointing.load_common_state_dict(str(path))
     same_layout = common.get("layout") == _layout_key(trainer)
     with_optimizer = with_optimizer and trainer.optimizer is not None
@@ -306,8 +313,10 @@ def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True) -> 
     return extra
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load only the weights of a checkpoint (any layout, training or single-rank) into one model chunk."""
+def load_model_weights(model: torch.nn.Module, path: str | Path, verify: str = "full") -> None:
+    """Load only the weights of a checkpoint (any layout, training or single-rank) into one model chunk
+    (collective: every rank calls it), after checking the files against the manifest."""
+    integrity.verify(path, verify)
     try:
         state = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, str(path))
     except Exception as e:  # dist_checkpointing raises many types; name the path and the cause
@@ -329,10 +338,37 @@ def is_training_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / "metadata.json").is_file()
 
 
+def newest_intact(root: str | Path, verify: str = "full") -> Path | None:
+    """`root`'s latest checkpoint, or, when its files fail the manifest check (or `latest` names no
+    complete checkpoint), the newest older one that passes, logged loudly. None when `root` has no
+    `latest`; CorruptCheckpoint when none is intact. Collective under torch.distributed."""
+    root = Path(root)
+    try:
+        named, damage = latest(root), None
+    except CheckpointError as e:
+        named, damage = None, e
+    if named is None and damage is None:
+        return None
+    older = sorted((p for p in root.glob("step_*") if (p / "metadata.json").is_file()), reverse=True)
+    candidates = [named] if named else []
+    candidates += [p for p in older if named is None or p.name < named.name]
+    for path in candidates:
+        try:
+            integrity.verify(path, verify)
+        except CorruptCheckpoint as e:
+            log.error("checkpoint %s is damaged, skipped: %s", path, e)
+            damage = damage or e
+            continue
+        if damage is not None:
+            log.error("!!! RESUMING FROM AN OLDER CHECKPOINT %s: the latest is damaged (%s)", path, damage)
+        return path
+    raise CorruptCheckpoint(f"{root}: no intact checkpoint to resume from; the latest: {damage}")
+
+
 def resume(trainer: Trainer, root: str | Path) -> dict | None:
-    """Load `root`'s latest checkpoint if there is one; returns its extra state, or None."""
-    path = latest(root)
-    return None if path is None else load(trainer, path)
+    """Load `root`'s newest intact checkpoint if there is one; returns its extra state, or None."""
+    path = newest_intact(root, trainer.cfg.checkpoint.verify)
+    return None if path is None else load(trainer, path, verify="off")  # checked just now
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -369,7 +405,9 @@ def inference_config(card: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1
     return JobConfig(model=card, parallel=parallel)
 
 
-def open_for_inference(ckpt_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1) -> Trainer:
+def open_for_inference(
+    ckpt_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, verify: str = "full"
+) -> Trainer:
     """Start this process's groups (torchrun environment) at (tp, pp, ep) and build its model chunk,
     loaded from a megatron checkpoint of any layout (weights only). Collective over all ranks."""
     from r1_megatron.parallel.groups import init_process_groups
@@ -377,6 +415,6 @@ def open_for_inference(ckpt_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: in
     cfg = inference_config(read_card(ckpt_dir), tp=tp, pp=pp, ep=ep)
     layout, device = init_process_groups(cfg)
     trainer = Trainer(cfg, layout, device, for_training=False)
-    load(trainer, ckpt_dir, with_optimizer=False)
+    load(trainer, ckpt_dir, with_optimizer=False, verify=verify)
     return trainer
 

@@ -1,12 +1,22 @@
 """Hugging Face directories on disk: safetensors shards + index, config.json <-> ModelConfig, tokenizer.
 
 Shards are written as tensors stream in (bounded by `max_shard_bytes`), then renamed to the
-`model-0000k-of-0000n.safetensors` names once n is known, with `model.safetensors.index.json`.
+`model-0000k-of-0000n.safetensors` names once n is known, with `model.safetensors.index.json` and
+the integrity manifest (integrity.py).
+
+Reading: `HFCheckpoint` opens files lazily, checks each file's safetensors header against its size
+(and the manifest when the directory has one), and reads whole tensors or one even slice along a
+dimension (a tensor-parallel shard). FP8 checkpoints (the published DeepSeek-V3/R1: e4m3 weights,
+128x128 blocks, `<name>_scale_inv` holding one fp32 factor per block; config.json
+`quantization_config.quant_method: fp8`) are dequantized on read as DeepSeek's fp8_cast_bf16 does:
+the fp8 value times its block's factor, in fp32 (the caller casts to the model's dtype). A block at
+the edge of a tensor whose size is not a multiple of the block size is partial.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from r1_megatron.checkpoint import integrity
 from r1_megatron.checkpoint.hf import ConversionError
 from r1_megatron.config.schema import ModelConfig
 
@@ -185,44 +196,133 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def read_hf_config(hf_dir: str | Path) -> ModelConfig:
+def fp8_block(cfg: dict) -> tuple[int, int] | None:
+    """The (rows, cols) block of an FP8-blockwise config.json, None when the weights are not quantized."""
+    q = cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise ConversionError(
+            f"config.json: quantization_config.quant_method {method!r} is not supported "
+            "(only 'fp8' blockwise, dequantized on import)"
+        )
+    fmt, block = q.get("fmt", "e4m3"), q.get("weight_block_size")
+    if fmt != "e4m3" or not (isinstance(block, list) and len(block) == 2 and all(int(b) > 0 for b in block)):
+        raise ConversionError(
+            f"config.json: quantization_config fmt {fmt!r} / weight_block_size {block!r} unsupported "
+            "(only fmt 'e4m3' with [rows, cols] blocks)"
+        )
+    return int(block[0]), int(block[1])
+
+
+def _read_json(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json")
+    return json.loads(path.read_text())
+
+
+def read_hf_config(hf_dir: str | Path) -> ModelConfig:
+    raw = _read_json(hf_dir)
+    fp8_block(raw)  # an unsupported quantization fails here, before any weight is read
     try:
-        return model_config_from_hf(json.loads(path.read_text()))
+        return model_config_from_hf(raw)
     except KeyError as e:
-        raise ConversionError(f"{path}: missing field {e.args[0]!r}") from e
+        raise ConversionError(f"{Path(hf_dir) / 'config.json'}: missing field {e.args[0]!r}") from e
 
 
 # ------------------------------------------------------------------------------------- tensors
 
 
-class HFCheckpoint:
-    """Lazy read access to the tensors of an HF directory (sharded or single-file safetensors)."""
+SCALE_SUFFIX = "_scale_inv"
 
-    def __init__(self, hf_dir: str | Path) -> None:
+
+class HFCheckpoint:
+    """Lazy read access to the tensors of an HF directory (sharded or single-file safetensors).
+
+    `verify` checks the directory's manifest, if it has one, on construction (this process alone);
+    `bytes_read` and `names_read` count what was read, FP8 scales included."""
+
+    def __init__(self, hf_dir: str | Path, verify: str = "full") -> None:
         self.dir = Path(hf_dir)
+        integrity.verify(self.dir, verify, collective=False)
         index = self.dir / INDEX
         if index.is_file():
             self.where = json.loads(index.read_text())["weight_map"]
         elif (self.dir / SINGLE).is_file():
+            integrity.check_safetensors(self.dir / SINGLE)
             with safe_open(self.dir / SINGLE, "pt") as f:
                 self.where = {k: SINGLE for k in f.keys()}
         else:
             raise ConversionError(f"{hf_dir}: neither {INDEX} nor {SINGLE} found")
+        self.block = fp8_block(_read_json(self.dir)) if (self.dir / "config.json").is_file() else None
+        self.scales = {k[: -len(SCALE_SUFFIX)]: k for k in self.where if k.endswith(SCALE_SUFFIX)}
+        if self.scales and self.block is None:
+            raise ConversionError(
+                f"{self.dir}: '{next(iter(self.scales.values()))}' is an FP8 scale, but config.json has "
+                "no fp8 quantization_config"
+            )
         self._files: dict[str, object] = {}
+        self.bytes_read = 0
+        self.names_read: set[str] = set()
 
     def keys(self) -> list[str]:
-        return list(self.where)
+        """The weight names (FP8 scales are part of their weight)."""
+        return [k for k in self.where if not k.endswith(SCALE_SUFFIX)]
 
-    def __call__(self, name: str) -> torch.Tensor:
+    def total_bytes(self) -> int:
+        return sum((self.dir / f).stat().st_size for f in set(self.where.values()))
+
+    def _slice(self, name: str):
         if name not in self.where:
             raise ConversionError(f"missing key '{name}' in {self.dir}")
         fname = self.where[name]
         if fname not in self._files:
+            integrity.check_safetensors(self.dir / fname)
             self._files[fname] = safe_open(self.dir / fname, "pt")
-        return self._files[fname].get_tensor(name)
+        return self._files[fname].get_slice(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._slice(name).get_shape())
+
+    def _read(self, name: str, dim: int, start: int, length: int | None) -> torch.Tensor:
+        sl = self._slice(name)
+        if length is None:
+            out = sl[:]
+        else:
+            index = [slice(None)] * len(sl.get_shape())
+            index[dim] = slice(start, start + length)
+            out = sl[tuple(index)]
+        self.bytes_read += out.numel() * out.element_size()
+        self.names_read.add(name)
+        return out
+
+    def read(self, name: str, dim: int = 0, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """The tensor `name`, or rows/cols [start, start + length) along `dim`; FP8 comes back fp32."""
+        out = self._read(name, dim, start, length)
+        if out.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return out
+        if name not in self.scales or self.block is None:
+            raise ConversionError(f"{self.dir}: '{name}' is {out.dtype} but has no '{name}{SCALE_SUFFIX}'")
+        return self._dequantize(name, out, dim, start)
+
+    def _dequantize(self, name: str, q: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+        shape, scale_shape = self.shape(name), self.shape(self.scales[name])
+        if len(shape) != 2 or scale_shape != [math.ceil(n / b) for n, b in zip(shape, self.block)]:
+            raise ConversionError(
+                f"{self.dir}: '{self.scales[name]}' has shape {scale_shape}, which does not tile "
+                f"'{name}' {shape} in {list(self.block)} blocks"
+            )
+        block = self.block[dim]
+        first, last = start // block, math.ceil((start + q.shape[dim]) / block)
+        scale = self._read(self.scales[name], dim, first, last - first).float()
+        full = scale.repeat_interleave(self.block[0], 0).repeat_interleave(self.block[1], 1)
+        full = full.narrow(dim, start - first * block, q.shape[dim]).narrow(1 - dim, 0, q.shape[1 - dim])
+        return q.float() * full
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.read(name)
 
 
 def save_hf(
@@ -236,12 +336,15 @@ def save_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shard_keys: list[list[str]] = []
+    shard_digests: list[dict] = []
     current: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     size = total = 0
 
     def flush() -> None:
-        save_file(current, str(out / f".shard-{len(shard_keys)}.tmp"), metadata={"format": "pt"})
+        tmp = out / f".shard-{len(shard_keys)}.tmp"
+        save_file(current, str(tmp), metadata={"format": "pt"})
+        shard_digests.append(integrity.digest(tmp))  # right after writing: still in the page cache
         shard_keys.append(list(current))
         current.clear()
 
@@ -258,15 +361,17 @@ def save_hf(
         size += nbytes
         total += nbytes
     flush()
-    weight_map = {}
+    weight_map, files = {}, {}
     for k, keys in enumerate(shard_keys):
         fname = f"model-{k + 1:05d}-of-{len(shard_keys):05d}.safetensors"
         (out / f".shard-{k}.tmp").replace(out / fname)
         weight_map.update({name: fname for name in keys})
+        files[fname] = shard_digests[k]
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / INDEX).write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    copy_tokenizer(tokenizer_dir, out)
+    copied = copy_tokenizer(tokenizer_dir, out)
+    integrity.write_manifest(out, {**files, **integrity.digests(out, [INDEX, "config.json", *copied])})
     return out
 
 

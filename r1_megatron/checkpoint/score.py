@@ -7,7 +7,9 @@ trainer's pipeline-aware forward (rl/train_step.py forward_logprobs); rank 0 wri
 
 Each input line is a JSON object with "tokens": [int, ...] (at least 2). The output line is the input
 object plus "logprobs": log p(tokens[t] | tokens[:t]) for t = 1..n-1, computed in fp32 by the
-megatron model (main model only, no MTP). No tokenizer is needed.
+megatron model (main model only, no MTP). No tokenizer is needed. An HF directory may be the FP8
+blockwise DeepSeek format (dequantized on load); files are checked against the directory's
+r1m_manifest.json first (--verify full|size|off).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from r1_megatron.checkpoint.hf import ConversionError
+from r1_megatron.checkpoint.integrity import VERIFY_MODES, CheckpointError
 from r1_megatron.config.loader import ConfigError
 
 
@@ -60,11 +63,13 @@ def token_logprobs(model: torch.nn.Module, tokens: list[int], device: torch.devi
     return logp.gather(1, ids[0, 1:, None]).squeeze(1).tolist()
 
 
-def score_file(ckpt: str | Path, input_path: str | Path, output_path: str | Path) -> int:
+def score_file(
+    ckpt: str | Path, input_path: str | Path, output_path: str | Path, verify: str = "full"
+) -> int:
     """Score every line; returns the number of lines written."""
     from r1_megatron.checkpoint.convert import load_any
 
-    model, cfg = load_any(ckpt)
+    model, cfg = load_any(ckpt, verify=verify)
     model.eval()
     device = next(model.parameters()).device
     requests = list(read_requests(input_path, cfg.vocab_size))  # every line checked before any work
@@ -79,13 +84,17 @@ def score_file(ckpt: str | Path, input_path: str | Path, output_path: str | Path
 
 
 def score_file_parallel(
-    ckpt: str | Path, input_path: str | Path, output_path: str | Path, layout: tuple[int, int, int]
+    ckpt: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    layout: tuple[int, int, int],
+    verify: str = "full",
 ) -> int:
     """score_file on every rank of a torchrun job, the model split as (tp, pp, ep); rank 0 writes."""
     import torch.distributed as dist
 
     from r1_megatron.checkpoint import mcore_io
-    from r1_megatron.checkpoint.dist import CheckpointError, open_for_inference
+    from r1_megatron.checkpoint.dist import open_for_inference
     from r1_megatron.rl.microbatch import Microbatch
 
     if not mcore_io.is_mcore_dir(ckpt):
@@ -94,7 +103,7 @@ def score_file_parallel(
     requests = list(read_requests(input_path, vocab))  # every line checked before any collective
     tp, pp, ep = layout
     try:
-        trainer = open_for_inference(ckpt, tp=tp, pp=pp, ep=ep)
+        trainer = open_for_inference(ckpt, tp=tp, pp=pp, ep=ep, verify=verify)
     except CheckpointError as e:
         raise ConversionError(str(e)) from e
     mbs = []
@@ -123,14 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="JSONL with 'logprobs' added")
     for flag in ("--tp", "--pp", "--ep"):
         parser.add_argument(flag, type=int, default=1, help=f"megatron {flag[2:]} size (under torchrun)")
+    parser.add_argument("--verify", choices=VERIFY_MODES, default="full",
+                        help="check the files against their manifest: full (checksums), size, off")
     args = parser.parse_args(argv)
     layout = (args.tp, args.pp, args.ep)
     try:
         if layout != (1, 1, 1) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            n = score_file_parallel(args.ckpt, args.input, args.output, layout)
+            n = score_file_parallel(args.ckpt, args.input, args.output, layout, args.verify)
         else:
-            n = score_file(args.ckpt, args.input, args.output)
-    except (ScoreInputError, ConversionError, ConfigError, FileNotFoundError) as e:
+            n = score_file(args.ckpt, args.input, args.output, args.verify)
+    except (ScoreInputError, ConversionError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"r1m score: {e}", file=sys.stderr)
         return 1
     print(f"scored {n} sequences -> {args.output}")

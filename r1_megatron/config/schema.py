@@ -221,6 +221,7 @@ class CheckpointConfig:
     save_every: int = 0  # steps between saves (0: only at the end)
     load: str = ""  # checkpoint or HF directory to start from
     resume: bool = True  # resume from dir/latest when present
+    verify: Literal["full", "size", "off"] = "full"  # check files against the manifest before a load
     allow_fresh_optimizer: bool = False  # resume even from a checkpoint without optimizer state (Adam restarts)
 
 

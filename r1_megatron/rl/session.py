@@ -40,13 +40,13 @@ def load_initial_weights(trainer: Trainer, source: str) -> None:
                              "convert it with `r1m convert hf-to-mcore` for multi-rank runs")
         from r1_megatron.checkpoint import hf, hf_io
 
-        ckpt = hf_io.HFCheckpoint(path)
+        ckpt = hf_io.HFCheckpoint(path, verify=trainer.cfg.checkpoint.verify)
         hf.import_weights(trainer.unwrapped, ckpt, trainer.cfg.model, ckpt.keys())
         return
     if not (path / "metadata.json").is_file():
         path = dist_ckpt.latest(path) or path
     # Weights only: the new run starts at step 0 with its own optimizer and schedule.
-    dist_ckpt.load_model_weights(trainer.unwrapped, path)
+    dist_ckpt.load_model_weights(trainer.unwrapped, path, trainer.cfg.checkpoint.verify)
 
 
 class Reference:
