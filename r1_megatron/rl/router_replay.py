@@ -107,6 +107,9 @@ def microbatch_routing(mb: Microbatch, samples: dict[int, Sample], num_moe: int,
             p = int(mb.segment_prefix[seg])
             if p >= 0:
                 key[0, cu[p] : cu[p + 1]] = key[0, cu[seg]]
+    if ((key == 0) & (mb.loss_mask > 0)).any():
+        raise ValueError("rl.router_replay: a loss token has no sample key (sample keys need group_id < 4095 "
+                         "and sample_index < 4096, rl/types.py sample_key)")
     out = torch.full((num_moe, *mb.shape, topk), -1, dtype=torch.long)
     for k in key.unique().tolist():
         if k == 0:
@@ -120,7 +123,7 @@ def microbatch_routing(mb: Microbatch, samples: dict[int, Sample], num_moe: int,
 
 
 def batch_routing(mbs: Sequence[Microbatch], samples: Sequence[Sample], num_moe: int, topk: int) -> list[torch.Tensor]:
-    by_key = {sample_key(s): s for s in samples}
+    by_key = {k: s for s in samples if (k := sample_key(s))}
     return [microbatch_routing(mb, by_key, num_moe, topk) for mb in mbs]
 
 

@@ -123,10 +123,10 @@ _KEY_STRIDE = 4096
 
 
 def sample_key(sample: Sample) -> int:
-    """1 + group_id * 4096 + sample_index: which sample a packed position belongs to (0: none)."""
+    """1 + group_id * 4096 + sample_index: which sample a packed position belongs to; 0 (none) when
+    group_id >= 4095 or sample_index >= 4096 (router replay then refuses, rl/router_replay.py)."""
     if not (0 <= sample.group_id < _KEY_STRIDE - 1 and 0 <= sample.sample_index < _KEY_STRIDE):
-        raise ValueError(f"Sample(group {sample.group_id}, index {sample.sample_index}): sample keys need "
-                         f"0 <= group_id < {_KEY_STRIDE - 1} and 0 <= sample_index < {_KEY_STRIDE}")
+        return 0
     return 1 + sample.group_id * _KEY_STRIDE + sample.sample_index
 
 

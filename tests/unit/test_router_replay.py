@@ -249,3 +249,14 @@ def test_bad_routing_is_a_one_line_error_naming_the_sample(trainer):
     batch.samples[2].routed_experts = batch.samples[2].routed_experts[:-1]
     with pytest.raises(ValueError, match=r"sample \(group 0, index 2\) has routed_experts of shape"):
         router_replay.StepRouting(trainer, mbs, batch.samples, R3)
+
+
+def test_samples_beyond_the_key_range_are_refused_not_misrouted(trainer):
+    num_moe, topk, experts = _shape(trainer)
+    batch = _batch(groups=1)
+    _random_routing(batch, num_moe, topk, experts)
+    for s in batch.samples:
+        s.group_id = 5000
+    mbs = grpo.microbatches(batch, 40)
+    with pytest.raises(ValueError, match=r"a loss token has no sample key \(sample keys need group_id < 4095"):
+        router_replay.StepRouting(trainer, mbs, batch.samples, R3)
