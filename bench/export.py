@@ -8,8 +8,9 @@ rank: TP gather with the gate/up split, EP gather with global expert ids, name m
 the same number of bytes the plain way: one flat all-gather into a preallocated buffer, every rank
 contributing an equal share, so every rank ends with that many bytes (the floor of any multi-rank
 export, with no names, no splitting, no bucketing). Medians are compared. For scale, a local memcpy
-of the same bytes is printed too. After timing, the exported tensors are checked against the ranks'
-own shards (a fast but wrong export would not count).
+of the same bytes is printed too, and the bytes the export's collectives delivered to rank 0
+(tests/dist/_transport_scenarios.py counts them). After timing, the exported tensors are checked
+against the ranks' own shards (a fast but wrong export would not count).
 
 Last line: RATIO export_vs_copy=<export bytes/s / plain all-gather bytes/s>   (goal >= 0.5)
 """
@@ -94,7 +95,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
             exported[name] = t
         sizes.append(sum({id(t): t.numel() * t.element_size() for t in exported.values()}.values()))
 
-    run_export()  # warm-up (allocations, first collective)
+    from tests.dist._transport_scenarios import Received
+
+    with Received() as received:
+        run_export()  # warm-up (allocations, first collective); counts the bytes delivered to this rank
     export_times = _timed(run_export, args.repeats)
     nbytes = sizes[-1]
     share = -(-nbytes // (4 * world))  # float32 elements per rank
@@ -106,7 +110,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     memcpy_times = _timed(lambda: local.copy_(big), args.repeats)
     _check(trainer, exported)
     if rank == 0:
-        queue.put((nbytes, export_times, copy_times, memcpy_times, len(exported)))
+        queue.put((nbytes, export_times, copy_times, memcpy_times, len(exported), received.bytes))
     torch.distributed.barrier()
 
 
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     queue = ctx.Queue()
     worker_args = (2, _free_port(), args, queue)
     mp.start_processes(_worker, args=worker_args, nprocs=2, join=True, start_method="spawn")
-    nbytes, export_t, copy_t, memcpy_t, count = queue.get()
+    nbytes, export_t, copy_t, memcpy_t, count, received = queue.get()
     mb = nbytes / 1024**2
     e, c, m = statistics.median(export_t), statistics.median(copy_t), statistics.median(memcpy_t)
     print(f"model {args.card} at tp=2 ep=2 on 2 CPU ranks (gloo): {count} HF tensors, {mb:.1f} MiB, "
@@ -130,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"export_weights      {e * 1e3:8.1f} ms  {mb / e:8.1f} MiB/s")
     print(f"plain all-gather    {c * 1e3:8.1f} ms  {mb / c:8.1f} MiB/s")
     print(f"local memcpy        {m * 1e3:8.1f} ms  {mb / m:8.1f} MiB/s  (scale only)")
+    # A world all-reduce of zero-filled buckets (the exporter before issue 16) delivers 2 (w-1)/w of
+    # the model per rank in a ring; one broadcast of the model, at most 1.
+    print(f"received by rank 0  {received / 1024**2:8.1f} MiB  = {received / nbytes:.2f} x the weights "
+          f"(ring all-reduce of the model: {2 * (2 - 1) / 2:.2f} x)")
     print(f"RATIO export_vs_copy={c / e:.3f}")
     return 0
 

@@ -157,11 +157,13 @@ class RLConfig:
     # Pack each group's prompt once with its G responses (rl/shared_prompts.py): same logprobs and loss,
     # ~(G-1)/G of the prompt tokens fewer to compute. Needs the local spec's MLA (CPU path).
     share_prompts: bool = False
-    canary_tol: float = 1e-3  # max |logprob| error between trainer and vLLM after a refit
+    # mean |logprob error| between trainer and vLLM over the canary's sampled tokens after a refit;
+    # None: by the engine's and the trainer's dtypes (rollout/refit.py CANARY_TOL: fp32 1e-3, bf16 0.05, mixed 0.15)
+    canary_tol: float | None = None
     entropy_coef: float = 0.0  # entropy bonus (0: off)
     eval_every: int = 0  # steps between held-out evaluations during RL (0: only before and after)
     eval_samples: int = 4  # samples per eval prompt for pass@1 (T=0.6, top-p 0.95, SPEC §8)
-    canary_length: int = 16  # tokens per canary sequence checked after every refit
+    canary_length: int = 16  # canary: random prompt tokens, and tokens the engine samples after them
 
 
 @dataclass

@@ -118,6 +118,15 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p({cfg.rollout.top_p}) must lie in (0, 1]")
+    if cfg.rollout.redundant_experts:
+        # vLLM 0.32 takes redundant slots only with enable_eplb, whose rebalancing (every
+        # eplb_config.step_interval engine steps, no off switch) moves experts between slots while its
+        # loader, and so every refit, still maps them by the initial placement: after the first
+        # rebalance a refit writes experts into the wrong slots. parallel.redundant_experts (training)
+        # is fine.
+        raise ConfigError(
+            f"rollout.redundant_experts({cfg.rollout.redundant_experts}) > 0 needs vLLM's EPLB, whose "
+            "rebalancing makes refits land in the wrong expert slots; set rollout.redundant_experts=0")
     if cfg.data.tokenizer and not has_tokenizer_files(cfg.data.tokenizer):
         raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} is not a directory with tokenizer files "
                           "(tokenizer.json or tokenizer_config.json)")

@@ -7,18 +7,24 @@ bytes twice and break the views. Each distinct storage is copied byte-for-byte i
 object and optimizer reference stays valid. `reload()` resizes the storage back and copies the bytes
 in, so the restore is bit-exact by construction. On CPU the "host" is the same memory kind, but the
 mechanics (storage freed, restored) are identical, which is what the tests check.
+
+The set of storages is collected at every `offload()`, not once: Adam's moments are created at the
+first optimizer step, after the loop has built its offloaders, and megatron may re-create buffers.
+
+`TrainerOffload` splits the trainer's state in two for the refit order of verl and NeMo-RL
+(rl/session.py `RunState.refit`, rollout/refit.py `Refitter.refit`): (1) grads and optimizer state
+leave the device, (2) the engine wakes its weights, (3) the refit streams the trainer's params into
+them, (4) the params leave, (5) the engine wakes its KV cache. The peak is then max(trainer, params +
+engine weights), never trainer + engine weights + KV cache.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -41,45 +47,69 @@ def optimizer_tensors(optimizer) -> Iterator[torch.Tensor]:
             yield from groups
 
 
-def model_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
-    """Params, buffers and megatron's `main_grad` / `.grad` of a module (DDP-wrapped or not)."""
-    for p in module.parameters():
-        yield p
-        for grad in (getattr(p, "main_grad", None), p.grad):
-            if grad is not None:
-                yield grad
+def param_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Params and buffers of a module (DDP-wrapped or not): what a refit reads."""
+    yield from module.parameters()
     # megatron's DDP shadows nn.Module.buffers with its list of param/grad buffers.
     yield from torch.nn.Module.buffers(module)
 
 
-class Offloader:
-    """Offloads a fixed set of tensors' storages to host memory and restores them.
+def grad_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """megatron's `main_grad` (views into DDP's grad buffer) and `.grad` of every param."""
+    for p in module.parameters():
+        yield from (g for g in (getattr(p, "main_grad", None), p.grad) if g is not None)
 
-    >>> off = Offloader([*model_tensors(model), *optimizer_tensors(opt)])
+
+def model_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Params, buffers and megatron's `main_grad` / `.grad` of a module (DDP-wrapped or not)."""
+    yield from param_tensors(module)
+    yield from grad_tensors(module)
+
+
+Tensors = Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]]
+
+
+class Offloader:
+    """Offloads tensors' storages to host memory and restores them.
+
+    `tensors` is a fixed collection or a callable returning the tensors; either way the storages are
+    gathered anew at each `offload()`, so tensors created after construction (a callable's) count.
+
+    >>> off = Offloader(lambda: [*model_tensors(model), *optimizer_tensors(opt)])
     >>> moved = off.offload()   # device storages now have size 0
     >>> off.reload()            # same bytes back, same tensor objects
     """
 
-    def __init__(self, tensors: Iterable[torch.Tensor], pin_memory: bool = True):
+    def __init__(self, tensors: Tensors, pin_memory: bool = True):
+        self._collect = tensors if callable(tensors) else (lambda fixed=list(tensors): fixed)
         self._storages: dict[int, torch.UntypedStorage] = {}
-        for t in tensors:
-            storage = t.untyped_storage()
-            if storage.nbytes() > 0:
-                self._storages.setdefault(storage.data_ptr(), storage)
         self._host: dict[int, torch.Tensor] = {}
         self._nbytes: dict[int, int] = {}
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.offloaded = False
 
+    def _gather(self) -> dict[int, torch.UntypedStorage]:
+        storages: dict[int, torch.UntypedStorage] = {}
+        for t in self._collect():
+            storage = t.untyped_storage()
+            if storage.nbytes() > 0:
+                storages.setdefault(storage.data_ptr(), storage)
+        return storages
+
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes() for s in self._storages.values()) if not self.offloaded else sum(self._nbytes.values())
+        """Bytes offloaded now, or that an offload now would move."""
+        if self.offloaded:
+            return sum(self._nbytes.values())
+        return sum(s.nbytes() for s in self._gather().values())
 
     def offload(self) -> dict:
         """Copy every storage to host and free it on the device. Returns bytes moved and seconds."""
         if self.offloaded:
             raise RuntimeError("Offloader.offload() called twice without reload()")
         start = time.perf_counter()
+        self._storages = self._gather()
+        self._nbytes = {}
         for key, storage in self._storages.items():
             src = _byte_view(storage)
             host = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=self.pin_memory)
@@ -107,16 +137,34 @@ class Offloader:
         self.offloaded = False
         return {"bytes": moved, "seconds": time.perf_counter() - start}
 
-    @contextlib.contextmanager
-    def offloaded_during(self, phase: str = "rollout") -> Iterator[dict]:
-        """`with off.offloaded_during("rollout") as stats:` frees the state for the block."""
-        stats = {"offload": self.offload()}
-        log.info("offload before %s: %.1f MB in %.3f s", phase, stats["offload"]["bytes"] / 2**20,
-                 stats["offload"]["seconds"])
-        try:
-            yield stats
-        finally:
-            stats["reload"] = self.reload()
+
+class TrainerOffload:
+    """The trainer's state in two parts for the refit order (module doc): `state` (grads, optimizer
+    state, fp32 main params; never a storage the model's params live in) and `params` (what the
+    refit reads). Both collect their tensors at each offload.
+
+    >>> off = TrainerOffload(trainer.model[0], trainer.optimizer)
+    >>> off.state.offload(); <stream the refit>; off.params.offload(); <rollout>; off.reload()
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer, pin_memory: bool = True):
+        def params() -> list[torch.Tensor]:
+            return list(param_tensors(model))
+
+        def state() -> Iterator[torch.Tensor]:
+            # A plain torch optimizer's param groups are the model's params themselves: they stay.
+            keep = {t.untyped_storage().data_ptr() for t in params()}
+            for t in (*grad_tensors(model), *optimizer_tensors(optimizer)):
+                if t.untyped_storage().data_ptr() not in keep:
+                    yield t
+
+        self.state = Offloader(state, pin_memory)
+        self.params = Offloader(params, pin_memory)
+
+    def reload(self) -> dict:
+        """Bring back whatever is offloaded, params first. Returns bytes and seconds."""
+        moved = [off.reload() for off in (self.params, self.state) if off.offloaded]
+        return {"bytes": sum(m["bytes"] for m in moved), "seconds": sum(m["seconds"] for m in moved)}
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """The GRPO loop (DeepSeek-R1 §2.2), on one screen:
 
-  refit the engine from the trainer (canary-checked) -> offload the trainer -> generate G samples per
-  prompt while the reward pool scores finished groups -> reload the trainer -> reference logprobs
+  refit the engine from the trainer (canary-checked; the trainer's grads and optimizer state leave
+  the device before the engine wakes its weights, its params after the stream, before the KV cache
+  wakes: offload/) -> generate G samples per prompt while the reward pool scores finished groups ->
+  reload the trainer -> reference logprobs
   (and old ones, unless the training forward gives them: rl.old_logprob_pass) -> group advantages ->
   packed microbatches -> train_step with the GRPO loss -> log, save.
 
@@ -13,11 +15,10 @@ clip-higher, dynamic sampling, overlong shaping, TIS, KL in the reward instead o
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 from r1_megatron.config import JobConfig, load_config, save_resolved
-from r1_megatron.offload import Offloader, model_tensors, optimizer_tensors
+from r1_megatron.offload import TrainerOffload
 from r1_megatron.model.provider import mtp_disabled
 from r1_megatron.rl import grpo, session
 from r1_megatron.rl.losses import finalize_metrics
@@ -31,14 +32,18 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
     run = run or session.RunState(cfg)
     trainer, rl = run.trainer, cfg.rl
     train_metrics: dict = {}
-    offload = Offloader([*model_tensors(trainer.model[0]), *optimizer_tensors(trainer.optimizer)], cfg.offload.pin_memory)
+    # Collected at each offload: Adam's moments appear only at the first step (offload/).
+    offload = TrainerOffload(trainer.model[0], trainer.optimizer, cfg.offload.pin_memory) \
+        if cfg.offload.enabled else None
     log, metrics = MetricsLogger(cfg.logging, run.run_dir), {}
     for step in run.progress(range(trainer.step, rl.steps)):
         timer = grpo.PhaseTimer()
         with timer("refit"):
-            refit = run.refit()
-        with timer("rollout"), offload.offloaded_during("rollout") if cfg.offload.enabled else nullcontext():
-            batch, kept = run.rollout()
+            refit = run.refit(offload)
+        with timer("rollout"):
+            batch, kept = run.rollout()  # the engine sleeps at its end (GPU)
+        if offload is not None:
+            offload.reload()
         with timer("logprobs"):
             parts, adv_metrics = run.prepare(batch)  # ref (and old) logprobs, advantages, packing
         with timer("train"):

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from r1_megatron.checkpoint import dist as dist_ckpt
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.model.attention import supports_shared_prefix
-from r1_megatron.offload import Offloader, model_tensors
+from r1_megatron.offload import Offloader, TrainerOffload, model_tensors
 from r1_megatron.rl.microbatch import Microbatch
 from r1_megatron.rl.train_step import Trainer
 from r1_megatron.rollout.weight_export import export_weights
@@ -125,7 +125,7 @@ class RunState:
         from r1_megatron.data.tokenizer import job_tokenizer
         from r1_megatron.parallel.groups import init_process_groups
         from r1_megatron.rl.grpo import PromptStream
-        from r1_megatron.rollout.refit import Refitter, canary_sequences
+        from r1_megatron.rollout.refit import Refitter, canary_sequences, canary_tolerance
 
         self.cfg = cfg
         self.run_dir = Path(cfg.logging.run_dir)
@@ -143,7 +143,7 @@ class RunState:
             load_initial_weights(self.trainer, cfg.checkpoint.load)
         self.prompts = PromptStream(cfg, self.tokenizer, position=(extra or {}).get("data_position", 0))
         self.reference = Reference(cfg, self.layout, self.device) if cfg.rl.kl_coef > 0 else None
-        self.canary_tokens = canary_sequences(cfg.model.vocab_size, cfg.rl.canary_length)
+        self.canary_prompts = canary_sequences(cfg.model.vocab_size, cfg.rl.canary_length)
         self.engine, self.pool = engine, pool
         if self.engine is None:
             init_dir = self.run_dir / "rollout_init"
@@ -158,8 +158,10 @@ class RunState:
             from r1_megatron.reward.pool import RewardPool
 
             self.pool = RewardPool(cfg.reward)
-        self.refitter = Refitter(self.engine, cfg.rollout.bucket_mb, cfg.rl.canary_tol, self.canary_tokens) \
-            if self.engine is not None else None
+        tol = cfg.rl.canary_tol if cfg.rl.canary_tol is not None else \
+            canary_tolerance(cfg.rollout.dtype, next(self.trainer.unwrapped.parameters()).dtype)
+        self.refitter = Refitter(self.engine, cfg.rollout.bucket_mb, tol, self.canary_prompts,
+                                 cfg.rl.canary_length) if self.engine is not None else None
         self._bar = None
 
     def _tokenizer_dir(self) -> Path:
@@ -168,18 +170,36 @@ class RunState:
         return tokenizer_dir(self.cfg)
 
     # -- the loop's verbs ---------------------------------------------------------------------
-    def refit(self) -> dict:
-        """Stream the trainer's weights into the engine; the canary compares logprobs (SPEC §5)."""
-        reference = canary_reference(self.trainer, self.canary_tokens)
+    def refit(self, offload: TrainerOffload | None = None) -> dict:
+        """Stream the trainer's weights into the engine; the canary compares logprobs (SPEC §5). With
+        `offload`, in the order of offload/'s module doc: grads and optimizer state leave before the
+        engine wakes its weights, the params once the stream is in, before the KV cache wakes."""
+        tokens = self._canary_tokens()
+        reference = canary_reference(self.trainer, tokens)
+        if offload is not None:
+            offload.state.offload()
+        after_load = offload.params.offload if offload is not None else None
         stream = weight_stream(self.trainer, self.cfg.rollout.bucket_mb)
         if self.refitter is None:
             for _ in stream:
                 pass
+            if after_load is not None:
+                after_load()
             return {}
-        report = self.refitter.refit(stream, reference=reference)
+        self.refitter.canary_tokens = tokens
+        report = self.refitter.refit(stream, reference=reference, after_load=after_load)
         return {"refit/version": report["version"], "refit/bytes": report["bytes"],
-                "refit/seconds": report["seconds"], "refit/canary_max_err": report["canary_max_err"],
+                "refit/seconds": report["seconds"], "refit/canary_mean_err": report["canary_mean_err"],
+                "refit/canary_max_err": report["canary_max_err"],
                 **{f"refit/{part}_s": s for part, s in report["split"].items()}}
+
+    def _canary_tokens(self) -> list[list[int]]:
+        """Rank 0's canary (its engine sampled it), the same on every rank: the trainer's forward
+        that scores it is collective, and every engine checks the same tokens."""
+        box = [self.refitter.canary_tokens if self.refitter is not None else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def rollout(self):
         """Generate and score one batch (each engine rank its share), with dynamic sampling."""

@@ -212,6 +212,13 @@ class VLLMEngine(RolloutEngine):
             tensor_parallel_size=cfg.tp,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_sleep_mode=True,
+            # Refit-compatible MoE kernels: vLLM 0.32's unquantized oracle
+            # (fused_moe/oracle/unquantized.py, convert_to_unquantized_kernel_format) keeps Triton's
+            # weights in checkpoint layout (only made contiguous), while "auto" may pick FlashInfer
+            # TRT-LLM (pads the intermediate dim, permutes to BlockMajorK in place) or CUTLASS (swaps
+            # w1/w3 halves) on non-Hopper GPUs, and AITER shuffles on ROCm: a refit writing checkpoint
+            # tensors into those would need the same conversion redone. CPU keeps its own re-pack path.
+            moe_backend="triton",
         )
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:

@@ -1,4 +1,4 @@
-"""Worker side of tests/dist/test_entropy.py: `python tests/dist/_entropy_scenarios.py MODE OUT [ARGS...]`.
+"""Worker side of tests/dist/test_entropy_layouts.py: `python tests/dist/_entropy_scenarios.py MODE OUT [ARGS...]`.
 
 One GRPO step (rl.entropy_coef > 0, MTP off as in rl/loop.py) on micro_moe over the same rollout batch:
   reference OUT          world 1: initial checkpoint; the step, with the entropy the loss gets and a

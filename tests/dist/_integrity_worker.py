@@ -1,4 +1,4 @@
-"""Worker of test_checkpoint_integrity.py: `python tests/dist/_integrity_worker.py OUT_DIR` on 2 ranks (dp2).
+"""Worker of test_integrity_resume.py: `python tests/dist/_integrity_worker.py OUT_DIR` on 2 ranks (dp2).
 
 Saves steps 1-3 of micro_moe, then damages them one after another and resumes after each damage
 (every rank resumes; rank 1's shard is damaged too, so the ranks must agree):

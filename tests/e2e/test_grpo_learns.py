@@ -38,7 +38,7 @@ def test_grpo_raises_reward(tmp_path):
     rows = read_metrics(tmp_path / "metrics.jsonl")
     rewards = [r["reward/mean"] for r in rows]
     first, last = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
-    assert all(r["refit/canary_max_err"] <= cfg.rl.canary_tol for r in rows)
+    assert all(r["refit/canary_max_err"] <= 1e-3 for r in rows)  # fp32: even the max is under fp32's mean bound
     assert all(r["mismatch_abs"] < 1e-3 for r in rows)  # vLLM fp32 sampling logprobs == trainer's
     assert all(0 < r["entropy"] <= math.log(cfg.model.vocab_size) for r in rows)  # policy entropy, logged
     assert last > first + 0.1, f"reward did not rise: {rewards}"

@@ -11,9 +11,11 @@ Guarantees:
   exactly (the CPU MoE re-pack bug would fail both); vLLM's full reload, the fallback, does the same;
 - CPU linears compute from a oneDNN copy of their weights, so a write into lm_head.weight alone changes
   nothing, while the same change streamed through a refit shows in the logprobs;
-- the refit canary, fed transformers' logprobs as the trainer's, raises CanaryError naming the version
-  when one expert's weights are corrupted in the stream; that expert's packed slice is the only
-  engine tensor that differs from the uncorrupted weights';
+- the refit canary scores the engine's own sampled continuation of its prompts (resampled after each
+  refit); fed transformers' logprobs as the trainer's, it passes a correct refit and raises
+  CanaryError naming the version when one expert's weights are corrupted in the stream (mean |error|
+  above the fp32 tolerance); that expert's packed slice is the only engine tensor that differs from
+  the uncorrupted weights';
 - a failure inside vLLM mid-generation or mid-refit raises RolloutError naming the phase; the engine is
   rebuilt on its next use and refuses to sample stale weights until it is refitted;
 - beside a multi-rank torch.distributed group (where vLLM would hang) the engine refuses to start.
@@ -30,7 +32,7 @@ from r1_megatron.config.loader import load_card  # noqa: E402
 from r1_megatron.config.schema import RolloutConfig  # noqa: E402
 from r1_megatron.rollout import vllm_cpu_refit  # noqa: E402
 from r1_megatron.rollout.engine import RolloutError, SamplingParams  # noqa: E402
-from r1_megatron.rollout.refit import CanaryError, Refitter, canary_sequences  # noqa: E402
+from r1_megatron.rollout.refit import CanaryError, Refitter, canary_sequences, canary_tolerance  # noqa: E402
 from r1_megatron.rollout.vllm_engine import VLLMEngine  # noqa: E402
 
 TOL = 1e-4
@@ -245,19 +247,23 @@ def test_linear_layers_compute_from_a_packed_copy(models, engine):
 
 def test_canary_catches_one_corrupted_expert(models, engine, fresh_b):
     _, model_b = models["B"]
-    refitter = Refitter(engine, bucket_mb=1.0, canary_tol=1e-3, canary_tokens=CANARY)
+    refitter = Refitter(engine, bucket_mb=1.0, canary_tol=canary_tolerance(torch.float32, torch.float32),
+                        canary_prompts=canary_sequences(vocab_size=512, length=16, count=2, seed=3))
+    tokens = refitter.canary_tokens  # sampled by the engine with the weights it holds before the refit
+    assert [t[:16] for t in tokens] == refitter.canary_prompts and all(len(t) == 32 for t in tokens)
     ok = refitter.refit(iter(hf_weights(models["B"][0]).items()),
                         reference=lambda toks: hf_logprobs(model_b, toks))
-    assert ok["canary_max_err"] <= TOL
+    assert ok["canary_mean_err"] <= ok["canary_max_err"] <= TOL
+    assert refitter.canary_tokens != tokens  # the next canary: sampled from the new weights
 
     weights = hf_weights(models["B"][0])
     name = "model.layers.1.mlp.experts.3.down_proj.weight"
     noise = torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
     weights[name] = weights[name] + 0.5 * noise
-    expected = rf"weights version {ok['version'] + 1}: max \|logprob error\|"
+    expected = rf"weights version {ok['version'] + 1}: mean \|logprob error\|"
     with pytest.raises(CanaryError, match=expected) as err:
-        refitter.refit(iter(weights.items()), reference=hf_logprobs(model_b, CANARY))
-    assert err.value.max_err > 1e-3 and "sequence" in str(err.value)
+        refitter.refit(iter(weights.items()), reference=hf_logprobs(model_b, refitter.canary_tokens))
+    assert err.value.mean_err > refitter.canary_tol and "sequence" in str(err.value)
     assert engine.refit_path == "fast"
     got, want = vllm_params(engine), fresh_b["params"]
     w2 = "model.layers.1.mlp.experts.routed_experts.w2_weight"  # [expert, hidden, ffn], packed per expert
@@ -366,3 +372,23 @@ def test_cuda_sleep_refit_wake_matches_transformers(models):
         assert max_err(eng.logprobs(CANARY), hf_logprobs(model_a, CANARY)) <= TOL
     finally:
         eng.close()
+
+
+def test_cuda_engine_asks_for_the_refit_compatible_moe_backend(models, monkeypatch):
+    """Argument building only (no engine starts): on CUDA the engine asks vLLM for the Triton MoE
+    kernels, whose weights stay in checkpoint layout (see VLLMEngine._llm_kwargs); vLLM takes the
+    name. On CPU no backend is named: vLLM-CPU has one, and our refit re-packs for it."""
+    import dataclasses
+    from typing import get_args
+
+    from vllm.config.kernel import MoEBackend
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    eng = VLLMEngine.__new__(VLLMEngine)
+    eng.model_dir, eng.cfg, eng.device, eng.cpu_custom_ops = models["A"][0], RolloutConfig(), "cuda", ["all"]
+    kw = eng._llm_kwargs()
+    assert kw["moe_backend"] == "triton" and "triton" in get_args(MoEBackend)
+    assert "moe_backend" in {f.name for f in dataclasses.fields(EngineArgs)}
+    eng.device = "cpu"
+    assert "moe_backend" not in eng._llm_kwargs()

@@ -68,6 +68,13 @@ def test_model_cross_checks():
     assert "model.router_topk(9)" in _err("model.router_topk=9")
 
 
+def test_rollout_redundant_experts_refused_training_side_kept():
+    # Defect 11: vLLM's EPLB rebalancing moves experts under a loader that maps by the initial placement.
+    msg = _err("rollout.redundant_experts=2")
+    assert msg.startswith("rollout.redundant_experts(2) > 0") and "rollout.redundant_experts=0" in msg
+    validate(load_config(None, ["model.card=micro_moe", "parallel.ep=2", "parallel.redundant_experts=2"]), 2)
+
+
 def test_missing_card():
     with pytest.raises(ConfigError, match=r"model\.card: no model card 'tiny_mo'.*did you mean 'tiny_moe'"):
         load_config(None, ["model.card=tiny_mo"])

@@ -1,6 +1,6 @@
 """Policy entropy through the trainer (rl/entropy.py, Trainer.train_step(entropy=True), grpo_loss).
 
-Guarantees, at world size 1 (tests/dist/test_entropy.py covers tp2, pp2, tp2 x pp2):
+Guarantees, at world size 1 (tests/dist/test_entropy_layouts.py covers tp2, pp2, tp2 x pp2):
 - `vocab_parallel_entropy` gives the hand-computed H and dH/dx of a two-token case, and equals a full
   torch.log_softmax reference in value and in autograd gradient (float64 gradcheck too);
 - the entropy the trainer hands to the loss equals a full-softmax reference computed from the output

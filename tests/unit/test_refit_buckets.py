@@ -3,7 +3,8 @@
 Guarantees: `bucketize` keeps every (name, tensor) pair, in order, the very same tensor objects; no
 bucket exceeds the size unless it holds one tensor larger than the size alone; buckets are filled
 greedily (a bucket closes only when the next tensor would not fit); bad sizes are refused. The
-canary sequences are deterministic, in range, and the CanaryError message names version and numbers.
+canary sequences are deterministic, in range, and the CanaryError message names version and numbers;
+the default canary tolerance follows the engine's and the trainer's dtypes.
 """
 
 import pytest
@@ -11,7 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r1_megatron.rollout.refit import CanaryError, bucketize, canary_sequences
+from r1_megatron.rollout.refit import (
+    CANARY_TOL,
+    CANARY_TOL_MIXED,
+    CanaryError,
+    bucketize,
+    canary_sequences,
+    canary_tolerance,
+)
 
 
 def _stream(numels: list[int], dtype=torch.float32):
@@ -82,7 +90,18 @@ def test_canary_sequences_are_fixed_and_in_range():
 
 def test_canary_error_message():
     where = "sequence 0, token 5: engine -1 vs trainer -1.25"
-    err = CanaryError(version=7, max_err=0.25, tol=1e-3, where=where)
+    err = CanaryError(version=7, mean_err=0.05, tol=1e-3, max_err=0.25, where=where)
     msg = str(err)
-    assert "weights version 7" in msg and "0.25 > tolerance 0.001" in msg and "sequence 0, token 5" in msg
-    assert (err.version, err.max_err, err.tol) == (7, 0.25, 1e-3)
+    assert "weights version 7" in msg and "mean |logprob error| 0.05 > tolerance 0.001" in msg
+    assert "max 0.25" in msg and "sequence 0, token 5" in msg and "\n" not in msg
+    assert (err.version, err.mean_err, err.tol, err.max_err) == (7, 0.05, 1e-3, 0.25)
+
+
+def test_canary_tolerance_by_dtype():
+    # Same dtype on both sides: fp32 tight, bf16/fp16 looser; mixed dtypes (the engine runs rounded
+    # weights) loosest, in either order.
+    assert canary_tolerance("float32", torch.float32) == CANARY_TOL["float32"] == 1e-3
+    assert canary_tolerance("bfloat16", torch.bfloat16) == CANARY_TOL["bfloat16"] > 10 * CANARY_TOL["float32"]
+    mixed = canary_tolerance("bfloat16", torch.float32)
+    assert mixed == canary_tolerance("float32", "bfloat16") == CANARY_TOL_MIXED
+    assert CANARY_TOL_MIXED > CANARY_TOL["bfloat16"]
