@@ -22,6 +22,8 @@ from r1_megatron.offload import TrainerOffload
 from r1_megatron.model.provider import mtp_disabled
 from r1_megatron.rl import grpo, session
 from r1_megatron.rl.losses import finalize_metrics
+from r1_megatron.rl.mismatch import MaxGap
+from r1_megatron.rl.router_replay import routing_metrics
 from r1_megatron.rl.metrics import MetricsLogger
 
 
@@ -47,9 +49,11 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
         with timer("train"):
             for _epoch in range(rl.ppo_epochs):
                 for mbs, norm in parts:  # rl.num_minibatches optimizer steps
-                    with mtp_disabled(trainer.unwrapped):  # MTP's LM loss on own samples would be SFT
-                        sums = trainer.train_step(mbs, grpo.grpo_loss(rl, norm), entropy=True)
-                    train_metrics = finalize_metrics(sums)
+                    # MTP's LM loss on own samples would be SFT; the routing context replays (rl.router_replay)
+                    gap = MaxGap()
+                    with mtp_disabled(trainer.unwrapped), run.update_routing(mbs) as routing:
+                        sums = trainer.train_step(mbs, gap.wrap(grpo.grpo_loss(rl, norm)), entropy=True)
+                    train_metrics = {**finalize_metrics(sums), **gap.metrics(), **routing_metrics(routing)}
         metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics()}
         if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:
             metrics["eval/accuracy"] = run.evaluate()

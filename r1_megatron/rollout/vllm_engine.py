@@ -57,6 +57,7 @@ import torch
 
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
+from r1_megatron.rollout.routing_capture import RoutingCapture
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
 from r1_megatron.rollout.vllm_process import (
     forget_cached_ropes,
@@ -155,9 +156,12 @@ class VLLMEngine(RolloutEngine):
         device: str = "auto",
         cpu_custom_ops: list[str] | None = None,
         dummy_weights: bool = False,
+        routing: RoutingCapture | None = None,
     ):
         """cpu_custom_ops overrides CPU_CUSTOM_OPS; only the test that shows why the rotary op
-        must stay off should pass it. dummy_weights: build from config.json alone (see module doc)."""
+        must stay off should pass it. dummy_weights: build from config.json alone (see module doc).
+        `routing`: capture each sample's routed experts (router replay)."""
+        self.routing = routing
         self.model_dir = Path(model_dir)
         self.cpu_custom_ops = cpu_custom_ops or CPU_CUSTOM_OPS
         self.cfg = cfg or RolloutConfig()
@@ -217,6 +221,8 @@ class VLLMEngine(RolloutEngine):
         if self.device == "cpu":
             kw["compilation_config"] = {"custom_ops": self.cpu_custom_ops}
             return kw
+        if self.routing is not None:
+            kw["enable_return_routed_experts"] = True
         kw.update(
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_sleep_mode=True,
@@ -258,6 +264,8 @@ class VLLMEngine(RolloutEngine):
                 forget_cached_ropes()
             with comm, rng_kept():
                 self._llm = LLM(**self._llm_kwargs())
+            if self.routing is not None:
+                self.routing.install(self._llm, self.device)
         except Exception as e:
             self._llm = None
             self._dead = True
@@ -317,6 +325,10 @@ class VLLMEngine(RolloutEngine):
         except Exception as e:
             self._dead = True
             raise RolloutError(phase, f"{type(e).__name__}: {e}") from e
+
+    @property
+    def holds_weights(self) -> bool:
+        return self.weight_names is not None
 
     def _require_current_weights(self, phase: str) -> None:
         if self.weight_names is None:
@@ -417,7 +429,7 @@ class VLLMEngine(RolloutEngine):
                     for out in engine.step():
                         if out.finished:
                             i, j = pending.pop(out.request_id)
-                            groups[i][j] = self._sample(out)
+                            groups[i][j] = self._with_routing(out, [self._sample(out)])[0]
                             if len(groups[i]) == requests:
                                 done.append(i)
                     if not done and pending and not engine.has_unfinished_requests():
@@ -436,6 +448,15 @@ class VLLMEngine(RolloutEngine):
         ids = list(comp.token_ids)
         lps = [step[tok].logprob for tok, step in zip(ids, comp.logprobs, strict=True)]
         return GenSample(ids, lps, comp.finish_reason)
+
+    def _with_routing(self, out: Any, samples: list[GenSample]) -> list[GenSample]:
+        """Attach each sample's captured routing (greedy copies share their one sample's)."""
+        if self.routing is not None:
+            routed = self.routing.take(self._llm, out, self.device)
+            per = len(samples) // len(routed)
+            for j, s in enumerate(samples):
+                s.routed_experts = routed[j // per]
+        return samples
 
     def logprobs(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
         from vllm import SamplingParams as VSamplingParams
