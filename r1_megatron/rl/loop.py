@@ -25,6 +25,8 @@ from r1_megatron.config import JobConfig, load_config, save_resolved
 from r1_megatron.offload import TrainerOffload
 from r1_megatron.rl import grpo, session
 from r1_megatron.rl.losses import finalize_metrics
+from r1_megatron.rl.mismatch import MaxGap
+from r1_megatron.rl.router_replay import routing_metrics
 from r1_megatron.rl.metrics import MetricsLogger
 from r1_megatron.rl.mtp import rl_mtp
 
@@ -51,9 +53,12 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
         with timer("train"):
             for _epoch in range(rl.ppo_epochs):
                 for mbs, norm in parts:  # rl.num_minibatches optimizer steps
-                    with rl_mtp(trainer.unwrapped, rl.mtp_loss_coef, rl.mtp_detach_trunk):  # see module doc
-                        sums = trainer.train_step(mbs, grpo.grpo_loss(rl, norm), entropy=True)
-                    train_metrics = finalize_metrics(sums)
+                    # the MTP head per rl.mtp_loss_coef (module doc); the routing context replays (rl.router_replay)
+                    gap = MaxGap()
+                    mtp = rl_mtp(trainer.unwrapped, rl.mtp_loss_coef, rl.mtp_detach_trunk)
+                    with mtp, run.update_routing(mbs) as routing:
+                        sums = trainer.train_step(mbs, gap.wrap(grpo.grpo_loss(rl, norm)), entropy=True)
+                    train_metrics = {**finalize_metrics(sums), **gap.metrics(), **routing_metrics(routing)}
         metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics()}
         metrics.update(getattr(run.engine, "generate_stats", {}))  # tokens/s, draft acceptance (rank 0's engine)
         if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:

@@ -22,13 +22,6 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def hosts_engine(device: torch.device) -> bool:
-    """Whether this rank runs a rollout engine (see grpo.engine_ranks)."""
-    from r1_megatron.rl.grpo import engine_ranks
-
-    return (dist.get_rank() if dist.is_initialized() else 0) in engine_ranks(device)
-
-
 def load_initial_weights(trainer: Trainer, source: str) -> None:
     """Fill a fresh trainer's weights from a checkpoint dir (ours, any layout) or an HF dir (single rank)."""
     if not source:
@@ -97,10 +90,9 @@ def export_hf(trainer: Trainer, out_dir: str | Path, tokenizer_dir: str | Path |
 
 
 def weight_stream(trainer: Trainer, bucket_mb: int):
-    """The refit stream: every rank takes part in the gather. On CPU only rank 0 (the engine's) receives;
-    on GPU every rank's colocated vLLM shard does."""
-    dst = None if trainer.device.type == "cuda" else 0
-    return export_weights(trainer.unwrapped, trainer.cfg.model, bucket_mb * 2**20, dst=dst)
+    """The refit stream: every rank takes part in the gather and receives the full tensors, which its
+    colocated vLLM rank cuts into its own shard."""
+    return export_weights(trainer.unwrapped, trainer.cfg.model, bucket_mb * 2**20)
 
 
 class RunState:
@@ -108,15 +100,22 @@ class RunState:
     pool, prompt stream, refitter. Methods are the loop's verbs (refit, rollout, prepare, ...)."""
 
     def __init__(self, cfg: JobConfig, engine=None, pool=None):
+        """engine/pool: a prebuilt engine (one per rank, tp 1) and reward pool; by default the engine
+        comes from rollout/placement.py, built before the trainer takes any memory."""
         from r1_megatron.data.tokenizer import job_tokenizer
         from r1_megatron.parallel.groups import init_process_groups
         from r1_megatron.rl.grpo import PromptStream
+        from r1_megatron.rollout.placement import build_rollout, colocated_slot
         from r1_megatron.rollout.refit import Refitter, canary_sequences, canary_tolerance
 
         self.cfg = cfg
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_root = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.layout, self.device = init_process_groups(cfg)
+        if engine is None:
+            self.engine, self.slot = build_rollout(cfg, self.device)
+        else:
+            self.engine, self.slot = engine, colocated_slot(1, dist.get_rank(), dist.get_world_size())
         self.tokenizer = job_tokenizer(cfg)
         self.trainer = Trainer(cfg, self.layout, self.device)
         if cfg.rl.share_prompts and not supports_shared_prefix(self.trainer.unwrapped):
@@ -130,24 +129,15 @@ class RunState:
         self.prompts = PromptStream(cfg, self.tokenizer, position=(extra or {}).get("data_position", 0))
         self.reference = Reference(cfg, self.layout, self.device) if cfg.rl.kl_coef > 0 else None
         self.canary_prompts = canary_sequences(cfg.model.vocab_size, cfg.rl.canary_length)
-        self.engine, self.pool = engine, pool
-        if self.engine is None:
-            init_dir = self.run_dir / "rollout_init"
-            export_hf(self.trainer, init_dir, self._tokenizer_dir())  # collective; rank 0 writes
-            if dist.is_initialized():
-                dist.barrier()
-            if hosts_engine(self.device):
-                from r1_megatron.rollout.vllm_engine import VLLMEngine
-
-                self.engine = VLLMEngine(init_dir, cfg.rollout)
-        if hosts_engine(self.device) and self.pool is None:
+        self.pool = pool
+        if self.slot.leader and self.pool is None:  # only an engine's first rank scores
             from r1_megatron.reward.pool import RewardPool
 
             self.pool = RewardPool(cfg.reward)
         tol = cfg.rl.canary_tol if cfg.rl.canary_tol is not None else \
             canary_tolerance(cfg.rollout.dtype, next(self.trainer.unwrapped.parameters()).dtype)
         self.refitter = Refitter(self.engine, cfg.rollout.bucket_mb, tol, self.canary_prompts,
-                                 cfg.rl.canary_length) if self.engine is not None else None
+                                 cfg.rl.canary_length)
         self._bar = None
 
     def _tokenizer_dir(self) -> Path:
@@ -157,23 +147,29 @@ class RunState:
 
     # -- the loop's verbs ---------------------------------------------------------------------
     def refit(self, offload: TrainerOffload | None = None) -> dict:
-        """Stream the trainer's weights into the engine; the canary compares logprobs (SPEC §5). With
+        """Stream the trainer's weights into every engine; the canary compares each engine's logprobs
+        with the trainer's (SPEC §5). A failure on any rank raises the same EngineFailure on all. With
         `offload`, in the order of offload/'s module doc: grads and optimizer state leave before the
         engine wakes its weights, the params once the stream is in, before the KV cache wakes."""
+        from r1_megatron.rollout.placement import agree
+
         tokens = self._canary_tokens()
         reference = canary_reference(self.trainer, tokens)
         if offload is not None:
             offload.state.offload()
         after_load = offload.params.offload if offload is not None else None
-        stream = weight_stream(self.trainer, self.cfg.rollout.bucket_mb)
-        if self.refitter is None:
-            for _ in stream:
-                pass
-            if after_load is not None:
-                after_load()
-            return {}
         self.refitter.canary_tokens = tokens
-        report = self.refitter.refit(stream, reference=reference, after_load=after_load)
+        stream = weight_stream(self.trainer, self.cfg.rollout.bucket_mb)
+        error = None
+        try:
+            report = self.refitter.refit(stream, reference=reference, after_load=after_load)
+        except Exception as e:  # noqa: BLE001 (every rank must learn of it: see agree)
+            error = e
+            for _ in stream:  # each bucket is a collective: finish it so no rank is left waiting
+                pass
+            if after_load is not None and not offload.params.offloaded:
+                after_load()
+        agree(self.slot, error, f"refit to weights version {self.refitter.version}")
         return {"refit/version": report["version"], "refit/bytes": report["bytes"],
                 "refit/seconds": report["seconds"], "refit/canary_mean_err": report["canary_mean_err"],
                 "refit/canary_max_err": report["canary_max_err"],
@@ -188,22 +184,28 @@ class RunState:
         return box[0]
 
     def rollout(self):
-        """Generate and score one batch (each engine rank its share), with dynamic sampling."""
+        """Generate and score one batch (each engine its share of the prompts), with dynamic sampling."""
         from r1_megatron.rl import grpo
         from r1_megatron.rl.advantages import all_equal_groups
         from r1_megatron.rl.types import RolloutBatch
+        from r1_megatron.rollout.placement import agree
 
         rl = self.cfg.rl
-        ranks = grpo.engine_ranks(self.device)
-        me = dist.get_rank() if dist.is_initialized() else 0
         kept: list = []
         rounds = all_equal = seen = 0
         while True:
             need = rl.prompts_per_step - len(kept) // rl.group_size
+            first = self.prompts.position  # stream index of items[0]: seeds the samples of each prompt
             items = self.prompts.take(need)
-            mine = list(range(ranks.index(me), need, len(ranks))) if me in ranks else []
-            local = grpo.generate_and_score(self.engine, self.pool, self.tokenizer, [items[i] for i in mine],
-                                            [seen + i for i in mine], self.cfg) if mine else []
+            mine = self.slot.share(need)
+            local, error = [], None
+            try:
+                pool = self.pool if self.slot.leader else None
+                local = grpo.generate_and_score(self.engine, pool, self.tokenizer, [items[i] for i in mine],
+                                                [seen + i for i in mine], self.cfg, keys=[first + i for i in mine])
+            except Exception as e:  # noqa: BLE001 (every rank must learn of it: see agree)
+                error = e
+            agree(self.slot, error, "rollout")
             batch = RolloutBatch(grpo.gather_samples(local))
             seen, rounds = seen + need, rounds + 1
             flat = all_equal_groups(batch.rewards()[batch.group_index()])
@@ -212,8 +214,7 @@ class RunState:
             kept += (batch if last_round else batch.select_groups([not f for f in flat.tolist()])).samples
             if last_round or len(kept) >= rl.prompts_per_step * rl.group_size:
                 break
-        if self.engine is not None:
-            self.engine.release()  # GPU: vLLM sleeps (weights, KV cache) before the trainer reloads
+        self.engine.release()  # GPU: vLLM sleeps (weights, KV cache) before the trainer reloads
         stats = {"all_equal_frac": all_equal / max(seen, 1), "sampling_rounds": float(rounds)}
         if self.pool is not None:
             stats.update(self.pool.stats(reset=True))  # this rank's pool (rank 0's is logged)
@@ -222,10 +223,11 @@ class RunState:
     def prepare(self, batch):
         """Advantages, then per minibatch: packed microbatches with old (unless fused into the training
         forward, grpo.fuses_old_logprobs) and reference logprobs."""
-        from r1_megatron.rl import grpo
+        from r1_megatron.rl import corrections, grpo, router_replay
         from r1_megatron.rl.advantages import assign_advantages
 
         rl, max_len = self.cfg.rl, self.cfg.rollout.max_new_tokens
+        self.step_routing = {}
         seq_k1 = None
         if rl.kl_in == "reward" and rl.kl_coef > 0:
             seq_k1 = self._sequence_k1(batch)
@@ -234,13 +236,25 @@ class RunState:
         for part in grpo.minibatches(batch, rl.num_minibatches):
             mbs = grpo.microbatches(part, self.cfg.data.seq_length, self.layout.micro_batch_size,
                                     share_prompts=rl.share_prompts)
+            routing = router_replay.StepRouting(self.trainer, mbs, part.samples, rl)
             if not grpo.fuses_old_logprobs(rl):
-                grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
+                with routing.old_pass():
+                    grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
+            self.step_routing[id(mbs)] = (routing, not grpo.fuses_old_logprobs(rl))
             if self.reference is not None and rl.kl_in == "loss":
                 for mb, lp in zip(mbs, self.reference.logprobs(mbs), strict=True):
                     mb.extras["ref_logprobs"] = lp
-            parts.append((mbs, part.loss_norm(max_len)))
+            norm = part.loss_norm(max_len)
+            if corrections.enabled(rl):  # removed tokens leave the numerator and the normalizer
+                adv_metrics.update(corrections.apply_masks(mbs, rl))
+                norm = corrections.masked_norm(mbs, max_len)
+            parts.append((mbs, norm))
         return parts, adv_metrics
+
+    def update_routing(self, mbs):
+        """Context around the update of `mbs` (prepared above): router replay and routing mismatch."""
+        routing, old_pass_ran = self.step_routing[id(mbs)]
+        return routing.update(old_pass_ran)
 
     def _sequence_k1(self, batch) -> torch.Tensor:
         """Per-sequence sum of k1 = log pi_old - log pi_ref over response tokens (KL in the reward)."""
@@ -257,19 +271,18 @@ class RunState:
 
     def evaluate(self, n: int | None = None) -> float:
         """Held-out pass@1 of the trainer's current weights (refit first; mean over rl.eval_samples
-        samples, T=0.6, top-p 0.95); rank 0's value."""
-        from r1_megatron.rl.evaluate import heldout_accuracy
+        samples, T=0.6, top-p 0.95); the same value on every rank."""
+        from r1_megatron.rl.evaluate import heldout_correct
 
         self.refit()
-
-        # Every engine rank runs the same eval (a vLLM TP group must generate together); rank 0's counts.
-        acc = heldout_accuracy(self.engine, self.pool, self.tokenizer, self.cfg, n) if hosts_engine(self.device) else 0.0
-        if self.engine is not None:
-            self.engine.release()
-        box = [acc]
+        # Each engine scores its share of the items (its leader scores); the sums meet on every rank.
+        correct = heldout_correct(self.engine, self.pool if self.slot.leader else None, self.tokenizer,
+                                   self.cfg, n, share=self.slot.share)
+        self.engine.release()
+        total = torch.tensor([sum(correct), len(correct)], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
+            dist.all_reduce(total)
+        return float(total[0] / total[1].clamp(min=1))
 
     def save(self) -> None:
         dist_ckpt.save(self.trainer, self.ckpt_root, extra={"data_position": self.prompts.position})
@@ -290,5 +303,4 @@ class RunState:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-        if self.engine is not None:
-            self.engine.close()
+        self.engine.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,6 +66,7 @@ class GenSample:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    routed_experts: Any = None  # [P + R - 1, moe_layers, topk] logical ids (rollout/routing_capture.py), or None
 
     @property
     def truncated(self) -> bool:
@@ -82,16 +84,25 @@ class RolloutEngine(abc.ABC):
     # bench/refit.py show them). Engines assign a new dict; this shared default stays empty.
     refit_split: dict[str, float] = {}  # noqa: RUF012
 
+    @property
+    def holds_weights(self) -> bool:
+        """Whether generate() may run: False for an engine built with dummy weights, until its first refit."""
+        return True
+
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[GenSample]]:
-        """n samples for each prompt: result[i][j] is sample j of prompt i."""
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 keys: list[int] | None = None) -> list[list[GenSample]]:
+        """n samples for each prompt: result[i][j] is sample j of prompt i.
+
+        keys[i] names prompt i (its index in the prompt stream): with a sampling seed, sample j of
+        prompt i depends only on (seed, keys[i], j), not on which engine or batch generates it."""
 
     def generate_stream(
-        self, prompts: list[list[int]], n: int, sampling: SamplingParams
+        self, prompts: list[list[int]], n: int, sampling: SamplingParams, keys: list[int] | None = None
     ) -> Iterator[tuple[int, list[GenSample]]]:
         """(i, the n samples of prompt i) in the order the groups finish, so that scoring can start
         before the last group is done. Default: every group at the end of `generate`."""
-        yield from enumerate(self.generate(prompts, n, sampling))
+        yield from enumerate(self.generate(prompts, n, sampling, keys))
 
     @abc.abstractmethod
     def logprobs(self, token_ids: list[list[int]]) -> list[torch.Tensor]:

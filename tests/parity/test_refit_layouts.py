@@ -2,9 +2,10 @@
 
 A 4-rank trainer world (tests/parity/_refit_worker.py) builds tiny_moe at (tp2, dp2) and at
 (pp2 split 2+1 layers, ep2, dp2), each from its own seed, and writes for each the refit stream (the
-production gather, rank 0 receiving) and the HF export of the same weights (the export a GRPO run
-builds its engine from). vLLM-CPU cannot live inside a multi-rank group, so the engine runs here, in
-the pytest process, and the stream reaches it through a file instead of in process.
+production gather, which every rank receives) and the HF export of the same weights. The engine runs
+here, in the pytest process, and rank 0's stream reaches it through a file, so that it can be compared
+with a fresh engine loaded from the export (one live engine per process). A GRPO run refits its
+colocated engines in process at these layouts: tests/dist/test_grpo_layouts.py.
 
 Guarantees, for each layout:
 - the stream holds exactly the HF export's tensors: no name missing or extra, the same shapes and values;

