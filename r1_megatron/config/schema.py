@@ -164,6 +164,17 @@ class RLConfig:
     eval_every: int = 0  # steps between held-out evaluations during RL (0: only before and after)
     eval_samples: int = 4  # samples per eval prompt for pass@1 (T=0.6, top-p 0.95, SPEC §8)
     canary_length: int = 16  # canary: random prompt tokens, and tokens the engine samples after them
+    # MTP loss on the policy's own samples during RL (rl/mtp.py; 0: the MTP head is not run in RL steps)
+    mtp_loss_coef: float = 0.0
+    mtp_detach_trunk: bool = True  # the MTP loss trains only the MTP head, never the policy trunk
+
+
+@dataclass
+class SpeculativeConfig:
+    """Self-speculative rollout: vLLM drafts with the model's own MTP head and verifies with the policy."""
+
+    method: Literal["none", "mtp"] = "none"  # none: plain decoding; mtp: vLLM's MTP speculative config
+    num_speculative_tokens: int = 1  # K draft tokens per step (>= 1; more than the MTP layers reuses the last)
 
 
 @dataclass
@@ -183,6 +194,7 @@ class RolloutConfig:
     seed: int = 0  # sampling seed
     redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # MTP self-speculation
     startup_timeout_s: float = 600.0  # multi-rank: how long an engine waits for the other ranks to start theirs
     capture_routing: bool = False  # MoE: capture each sample's routed experts (forced on by rl.router_replay)
 

@@ -116,6 +116,16 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rl.offpolicy_mask_delta({r.offpolicy_mask_delta}) must be >= 0")
     if cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
+    spec = cfg.rollout.speculative
+    if spec.method == "mtp" and not cfg.model.mtp_num_layers:
+        raise ConfigError("rollout.speculative.method(mtp) needs an MTP head, but model.mtp_num_layers is 0")
+    if spec.num_speculative_tokens < 1:
+        raise ConfigError(f"rollout.speculative.num_speculative_tokens({spec.num_speculative_tokens}) must be >= 1")
+    if r.mtp_loss_coef < 0 or (r.mtp_loss_coef > 0 and not cfg.model.mtp_num_layers):
+        raise ConfigError(
+            f"rl.mtp_loss_coef({r.mtp_loss_coef}) must be >= 0, and > 0 needs model.mtp_num_layers "
+            f"({cfg.model.mtp_num_layers}) > 0"
+        )
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p({cfg.rollout.top_p}) must lie in (0, 1]")
     if cfg.rollout.redundant_experts:

@@ -57,6 +57,8 @@ import torch
 
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
+from r1_megatron.rollout import speculative
+from r1_megatron.rollout.vllm_cpu_compat import patch_speculative_sampling
 from r1_megatron.rollout.routing_capture import RoutingCapture
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
 from r1_megatron.rollout.vllm_process import (
@@ -131,15 +133,21 @@ def _repack_cpu_moe(model: torch.nn.Module) -> int:
 
 
 def _reload_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], repack: bool) -> int:
-    """Runs inside the vLLM worker (collective_rpc): in-place reload, then the CPU MoE re-pack."""
+    """Runs inside the vLLM worker (collective_rpc): in-place reload (of the MTP drafter too, see
+    `speculative.reload_drafter`), then the CPU MoE re-pack."""
+    runner = worker.model_runner
+    weights, kept = speculative.tee_drafter_weights(runner, weights)
     worker.reload_weights(weights_iterator=weights)
-    return _repack_cpu_moe(worker.model_runner.get_model()) if repack else 0
+    models = [runner.get_model(), *speculative.reload_drafter(runner, kept)]
+    return sum(_repack_cpu_moe(m) for m in models) if repack else 0
 
 
 def _fast_refit_on_worker(worker: Any, model_dir: Path, names: set[str]) -> CpuFastRefit | None:
-    """Runs inside the vLLM worker (collective_rpc): the fast refit of its model, or None."""
+    """Runs inside the vLLM worker (collective_rpc): the fast refit of its model (and of its MTP
+    drafter when speculating), or None."""
     runner = worker.model_runner
-    return build_fast_refit(runner.get_model(), model_dir, names, runner.model_config.dtype)
+    return build_fast_refit(runner.get_model(), model_dir, names, runner.model_config.dtype,
+                            drafter=speculative.drafter_model(runner))
 
 
 class VLLMEngine(RolloutEngine):
@@ -186,6 +194,7 @@ class VLLMEngine(RolloutEngine):
         self._fast_refit: CpuFastRefit | None = None
         self._fast_refit_tried = False
         self.refit_path = ""  # how the last update_weights loaded: "fast" or "full"
+        self.generate_stats: dict[str, float] = {}  # of the last generate: tokens/s, spec-decode acceptance
         self.world = world_size()
         self._build()
 
@@ -207,6 +216,8 @@ class VLLMEngine(RolloutEngine):
             max_model_len=cfg.max_model_len or None,
             tensor_parallel_size=cfg.tp,
         )
+        if cfg.speculative.method != "none":  # stats on: acceptance comes from vLLM's spec-decode counters
+            kw.update(speculative_config=speculative.vllm_config(cfg.speculative), disable_log_stats=False)
         if self.dummy_weights:
             kw["load_format"] = "dummy"
         if self.world > 1:
@@ -262,6 +273,8 @@ class VLLMEngine(RolloutEngine):
 
             if self.device == "cpu":
                 forget_cached_ropes()
+                if self.cfg.speculative.method != "none":
+                    patch_speculative_sampling()
             with comm, rng_kept():
                 self._llm = LLM(**self._llm_kwargs())
             if self.routing is not None:
@@ -403,6 +416,7 @@ class VLLMEngine(RolloutEngine):
         requests = 1 if sampling.temperature == 0 else n
         pending: dict[str, tuple[int, int]] = {}  # request id -> (prompt, sample)
         groups: list[dict[int, GenSample]] = [{} for _ in prompts]
+        meter = speculative.GenerateMeter(self._llm if self.cfg.speculative.method != "none" else None)
         with self._phase("generate"):
             for i, key in enumerate(prompt_keys):
                 for j in range(requests):
@@ -434,11 +448,13 @@ class VLLMEngine(RolloutEngine):
                                 done.append(i)
                     if not done and pending and not engine.has_unfinished_requests():
                         raise RuntimeError(f"vLLM dropped {len(pending)} requests without finishing them")
+                meter.add(groups[i][j] for i in done for j in range(requests))
                 for i in done:
                     yield i, [groups[i][j % requests] for j in range(n)]
         finally:
             if pending and not self._dead:
                 engine.abort_request(list(pending))
+        self.generate_stats = meter.stats()
 
     @staticmethod
     def _sample(out: Any) -> GenSample:
