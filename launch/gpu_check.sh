@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command GPU smoke check, for a machine with one or more CUDA GPUs (budget: under 10 minutes on
-# one H100; each step has its own time limit and the limits add up to 9.5 minutes).
+# one H100; each step has its own time limit and the limits add up to 10.5 minutes).
 #
 #   bash launch/gpu_check.sh [OUT_DIR]        # default runs/gpu_check; the report is OUT_DIR/report.json
 #
@@ -19,6 +19,8 @@
 #              offload. `model.dtype=bfloat16` is the trainer's dtype key (added on the bf16 branch;
 #              without it this step fails with "unknown key model.dtype").
 #   bench_train_step, bench_rollout   bench/train_step.py and bench/rollout.py, short settings
+#   bench_speculative   bench/speculative.py: MTP self-speculation against plain decoding (greedy
+#              identical, sampled-logprob gap, acceptance, break-even acceptance, RATIO spec_vs_plain)
 #
 # Exit code: 2 when refused, 1 when any step failed, 0 when all passed.
 set -uo pipefail
@@ -81,6 +83,9 @@ step bench_train_step 90 "RATIO|device|logit|median" \
 
 step bench_rollout 90 "RATIO|check:|median|shape" \
   "$R1M_PYTHON" bench/rollout.py --repeats 2
+
+step bench_speculative 60 "RATIO|RESULT|costs|shape" \
+  "$R1M_PYTHON" bench/speculative.py --k 1
 
 "$R1M_PYTHON" - "$OUT" <<'EOF'
 """Collects OUT/steps/* into OUT/report.json and prints one line per step."""

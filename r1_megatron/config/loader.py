@@ -51,9 +51,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 continue
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if origin is Literal:
-        # YAML 1.1 reads a bare off/on (also no/yes) as a bool: give a switch its word back.
         if isinstance(value, bool) and ("on" if value else "off") in get_args(tp):
-            value = "on" if value else "off"
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a bool
         if value not in get_args(tp):
             raise ConfigError(f"{path}: {value!r} is not one of {list(get_args(tp))}")
         return value

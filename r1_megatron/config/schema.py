@@ -141,6 +141,13 @@ class RLConfig:
     overlong: Literal["none", "penalty", "soft_penalty", "mask"] = "none"  # truncated-sample handling
     overlong_buffer: int = 16  # soft penalty ramps over the last buffer tokens
     tis: float | None = None  # truncated importance sampling cap C (None: off)
+    # Off-policy masks (SPEC §10, rl/corrections.py); a removed token leaves the loss and its normalizer.
+    mis: list[float] | None = None  # [low, high]: drop a sequence whose geometric-mean pi_old/pi_rollout is outside
+    icepop: list[float] | None = None  # [low, high] (IcePop: [0.5, 5]): drop a token whose ratio is outside
+    offpolicy_mask_delta: float | None = None  # DeepSeek-V3.2: drop A<0 sequences with KL(rollout||theta) > delta
+    # Router replay (rl/router_replay.py): r3 replays the rollout's expert selection in the trainer's
+    # forward (pi_old and the update); r2 records the trainer's own selection at pi_old and replays it.
+    router_replay: Literal["off", "r2", "r3"] = "off"
     num_minibatches: int = 1  # optimizer steps per rollout batch
     ppo_epochs: int = 1  # passes over the rollout batch
     # log pi_old: "fused" takes it from the training forward itself (detached) when the batch makes one
@@ -157,6 +164,17 @@ class RLConfig:
     eval_every: int = 0  # steps between held-out evaluations during RL (0: only before and after)
     eval_samples: int = 4  # samples per eval prompt for pass@1 (T=0.6, top-p 0.95, SPEC §8)
     canary_length: int = 16  # canary: random prompt tokens, and tokens the engine samples after them
+    # MTP loss on the policy's own samples during RL (rl/mtp.py; 0: the MTP head is not run in RL steps)
+    mtp_loss_coef: float = 0.0
+    mtp_detach_trunk: bool = True  # the MTP loss trains only the MTP head, never the policy trunk
+
+
+@dataclass
+class SpeculativeConfig:
+    """Self-speculative rollout: vLLM drafts with the model's own MTP head and verifies with the policy."""
+
+    method: Literal["none", "mtp"] = "none"  # none: plain decoding; mtp: vLLM's MTP speculative config
+    num_speculative_tokens: int = 1  # K draft tokens per step (>= 1; more than the MTP layers reuses the last)
 
 
 @dataclass
@@ -178,7 +196,9 @@ class RolloutConfig:
     seed: int = 0  # sampling seed
     redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # MTP self-speculation
     startup_timeout_s: float = 600.0  # multi-rank: how long an engine waits for the other ranks to start theirs
+    capture_routing: bool = False  # MoE: capture each sample's routed experts (forced on by rl.router_replay)
     engines: int = 1  # separate placement: engine processes (each on rollout.tp devices of its own on GPU)
     timeout_s: float = 600.0  # separate placement: longest wait on an engine (start, refit, silence mid-rollout)
     # YAML key `rollout.async`. one_step: generation of step k+1 overlaps training of step k (needs separate

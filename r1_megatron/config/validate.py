@@ -108,8 +108,24 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"rl.prompts_per_step({r.prompts_per_step}) must be >= 1")
     if not r.entropy_coef >= 0:  # the loss applies only a positive bonus: anything else would be ignored
         raise ConfigError(f"rl.entropy_coef({r.entropy_coef}) must be >= 0 (0: no entropy bonus)")
+    for key in ("mis", "icepop"):
+        b = getattr(r, key)
+        if b is not None and (len(b) != 2 or not 0 <= b[0] <= b[1]):
+            raise ConfigError(f"rl.{key}({b}) must be [low, high] with 0 <= low <= high")
+    if r.offpolicy_mask_delta is not None and not r.offpolicy_mask_delta >= 0:
+        raise ConfigError(f"rl.offpolicy_mask_delta({r.offpolicy_mask_delta}) must be >= 0")
     if cfg.rollout.max_new_tokens < 1:
         raise ConfigError(f"rollout.max_new_tokens({cfg.rollout.max_new_tokens}) must be >= 1")
+    spec = cfg.rollout.speculative
+    if spec.method == "mtp" and not cfg.model.mtp_num_layers:
+        raise ConfigError("rollout.speculative.method(mtp) needs an MTP head, but model.mtp_num_layers is 0")
+    if spec.num_speculative_tokens < 1:
+        raise ConfigError(f"rollout.speculative.num_speculative_tokens({spec.num_speculative_tokens}) must be >= 1")
+    if r.mtp_loss_coef < 0 or (r.mtp_loss_coef > 0 and not cfg.model.mtp_num_layers):
+        raise ConfigError(
+            f"rl.mtp_loss_coef({r.mtp_loss_coef}) must be >= 0, and > 0 needs model.mtp_num_layers "
+            f"({cfg.model.mtp_num_layers}) > 0"
+        )
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p({cfg.rollout.top_p}) must lie in (0, 1]")
     validate_rollout(cfg)
@@ -137,6 +153,9 @@ def validate_rollout(cfg: JobConfig) -> None:
         raise ConfigError(f"rollout.engines({ro.engines}) must be >= 1")
     if ro.timeout_s <= 0:
         raise ConfigError(f"rollout.timeout_s({ro.timeout_s}) must be > 0")
+    if ro.placement == "separate" and (cfg.rl.router_replay != "off" or ro.capture_routing):
+        raise ConfigError(f"rl.router_replay={cfg.rl.router_replay} / rollout.capture_routing={ro.capture_routing} "
+                          "needs rollout.placement=colocated: separate engines do not capture routing yet")
     if ro.async_ != "off" and ro.placement != "separate":
         raise ConfigError(f"rollout.async={ro.async_} needs rollout.placement=separate (got {ro.placement}): "
                           "colocated engines share the trainer's devices, so generation cannot overlap training")

@@ -70,10 +70,13 @@ def mtp_tensors(m: ModelConfig, main: dict[str, torch.Tensor], seed: int = 0) ->
     return out
 
 
-def make_hf_checkpoint(m: ModelConfig, out_dir: str | Path, seed: int = 0) -> torch.nn.Module:
-    """Save a random transformers model for `m` (plus MTP layers) to out_dir; returns the model."""
+def make_hf_checkpoint(
+    m: ModelConfig, out_dir: str | Path, seed: int = 0, std: float | None = None
+) -> torch.nn.Module:
+    """Save a random transformers model for `m` (plus MTP layers) to out_dir; returns the model.
+    `std` overrides the init std of the main model (wider: logprobs spread over more nats)."""
     out = Path(out_dir)
-    model = hf_model(m, seed)
+    model = hf_model(m, seed, std)
     model.save_pretrained(out)
     if m.mtp_num_layers:
         files = sorted(out.glob("*.safetensors"))

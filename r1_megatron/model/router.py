@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.moe_utils import compute_routing_scores_for_aux_loss
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -36,6 +37,30 @@ def deepseek_v3_select(
     return choice.topk(topk, dim=-1, sorted=False)[1]
 
 
+def replayed_or_own(replay: RouterReplay | None, own: torch.Tensor) -> torch.Tensor:
+    """The experts to use, [tokens, topk]: this router's `own` choice unless megatron-core's RouterReplay
+    (rl/router_replay.py sets it) says otherwise. RECORD records own; REPLAY_FORWARD takes the target
+    set for this forward; inside autograd's backward (activation recompute) the targets are taken in
+    forward order (REPLAY_BACKWARD's list). Target rows < 0 (positions the rollout never routed, e.g.
+    the last response token, padding) keep own. Own is kept on the instance for mismatch metrics."""
+    if replay is None:
+        return own
+    replay.own_topk_idx = own
+    action = replay.router_replay_action
+    if action is None:
+        return own
+    if action == RouterReplayAction.RECORD:
+        replay.record_indices(own)
+        return own
+    in_backward = torch._C._current_graph_task_id() != -1
+    target = replay.replay_backward_list.pop(0) if in_backward else replay.target_topk_idx
+    if target is None or target.shape != own.shape:
+        got = None if target is None else tuple(target.shape)
+        raise ValueError(f"router replay: layer {replay.layer_label} has routing {got} for {tuple(own.shape)} tokens x topk")
+    target = target.to(own.device)
+    return torch.where(target[:, :1] >= 0, target, own)
+
+
 def deepseek_v3_route(
     logits: torch.Tensor,
     expert_bias: torch.Tensor | None,
@@ -44,10 +69,13 @@ def deepseek_v3_route(
     topk_group: int,
     scaling_factor: float,
     norm_topk_prob: bool,
+    replay: RouterReplay | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate weights and routing map, both [tokens, experts], from router logits [tokens, experts]."""
+    """Gate weights and routing map, both [tokens, experts], from router logits [tokens, experts].
+    With `replay`, the selection may be replayed (replayed_or_own); the gates are always recomputed
+    from these logits, so the gate weights get gradients."""
     scores = torch.sigmoid(logits.float())
-    indices = deepseek_v3_select(scores, expert_bias, topk, n_group, topk_group)
+    indices = replayed_or_own(replay, deepseek_v3_select(scores, expert_bias, topk, n_group, topk_group))
     gates = scores.gather(1, indices)
     if norm_topk_prob:
         gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
@@ -90,6 +118,7 @@ class DeepSeekV3Router(TopKRouter):
             self.topk_group,
             self.config.moe_router_topk_scaling_factor or 1.0,
             self.norm_topk_prob,
+            self.router_replay,
         )
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             aux_map, aux_scores = compute_routing_scores_for_aux_loss(

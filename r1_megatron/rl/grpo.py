@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 
 from r1_megatron.config.schema import JobConfig, RLConfig
 from r1_megatron.data.packing import best_fit_decreasing, pack, pack_values
+from r1_megatron.rl import corrections
 from r1_megatron.rl.losses import policy_loss
 from r1_megatron.rl.microbatch import Microbatch, packed_microbatches, shard_for_data_parallel
 from r1_megatron.rl.shared_prompts import EXTRAS, FILL, shared_prompt_microbatches
@@ -103,6 +104,7 @@ def generate_and_score(
                 prompt_ids=list(item["prompt_ids"]),
                 response_ids=list(s.token_ids),
                 rollout_logprobs=list(s.logprobs),
+                routed_experts=s.routed_experts,
                 group_id=group_ids[i],
                 sample_index=j,
                 truncated=s.truncated,
@@ -219,8 +221,10 @@ def attach_logprobs(trainer, mbs: list[Microbatch], name: str) -> None:
 def fuses_old_logprobs(cfg: RLConfig) -> bool:
     """Whether log pi_old comes from the training forward itself (rl.old_logprob_pass, SPEC §1): with one
     optimizer step per rollout batch, the trainer's weights before the update are pi_old, so the
-    separate forward would recompute exactly the logprobs the training forward computes."""
-    return cfg.old_logprob_pass == "fused" and cfg.num_minibatches == 1 and cfg.ppo_epochs == 1
+    separate forward would recompute exactly the logprobs the training forward computes. Not with an
+    off-policy mask (rl/corrections.py): it is fixed from pi_old before the update."""
+    return (cfg.old_logprob_pass == "fused" and cfg.num_minibatches == 1 and cfg.ppo_epochs == 1
+            and not corrections.enabled(cfg))
 
 
 def grpo_loss(cfg: RLConfig, norm: LossNorm):

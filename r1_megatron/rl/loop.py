@@ -7,7 +7,11 @@
   (and old ones, unless the training forward gives them: rl.old_logprob_pass) -> group advantages ->
   packed microbatches -> train_step with the GRPO loss -> log, save.
 
-The MTP head is not trained during RL: its loss on the policy's own samples would be an SFT term.
+The MTP head: by default (rl.mtp_loss_coef = 0) it is not run in RL steps, since its loss on the
+policy's own samples would be an SFT term. When it drafts the rollouts (rollout.speculative) it
+should follow the policy: rl.mtp_loss_coef > 0 adds that loss with the trunk detached
+(rl.mtp_detach_trunk, default), so only the head learns the policy's next-next token and the
+policy's gradients stay those of the GRPO loss (rl/mtp.py); every refit carries the head to vLLM's drafter.
 Departures from the paper are config switches (SPEC §1): Dr. GRPO / leave-one-out baselines,
 clip-higher, dynamic sampling, overlong shaping, TIS, KL in the reward instead of the loss.
 
@@ -33,10 +37,12 @@ from pathlib import Path
 
 from r1_megatron.config import JobConfig, load_config, save_resolved
 from r1_megatron.offload import TrainerOffload
-from r1_megatron.model.provider import mtp_disabled
 from r1_megatron.rl import async_rollout, grpo, session
 from r1_megatron.rl.losses import finalize_metrics
+from r1_megatron.rl.mismatch import MaxGap
+from r1_megatron.rl.router_replay import routing_metrics
 from r1_megatron.rl.metrics import MetricsLogger
+from r1_megatron.rl.mtp import rl_mtp
 
 
 def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
@@ -57,11 +63,15 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
         with timer("train"):
             for _epoch in range(rl.ppo_epochs):
                 for mbs, norm in parts:  # rl.num_minibatches optimizer steps
-                    with mtp_disabled(trainer.unwrapped):  # MTP's LM loss on own samples would be SFT
-                        sums = trainer.train_step(mbs, grpo.grpo_loss(rl, norm), entropy=True)
-                    train_metrics = finalize_metrics(sums)
+                    # the MTP head per rl.mtp_loss_coef (module doc); the routing context replays (rl.router_replay)
+                    gap = MaxGap()
+                    mtp = rl_mtp(trainer.unwrapped, rl.mtp_loss_coef, rl.mtp_detach_trunk)
+                    with mtp, run.update_routing(mbs) as routing:
+                        sums = trainer.train_step(mbs, gap.wrap(grpo.grpo_loss(rl, norm)), entropy=True)
+                    train_metrics = {**finalize_metrics(sums), **gap.metrics(), **routing_metrics(routing)}
         metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics(),
                    **async_rollout.staleness_metrics(batch, step)}
+        metrics.update(getattr(run.engine, "generate_stats", {}))  # tokens/s, draft acceptance (rank 0's engine)
         if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:
             batches.wait()  # the engines finish the next batch before the eval uses them
             metrics["eval/accuracy"] = run.evaluate()

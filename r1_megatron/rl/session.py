@@ -160,7 +160,8 @@ class RunState:
         if offload is not None:
             offload.state.offload()
         after_load = offload.params.offload if offload is not None else None
-        self.refitter.canary_tokens = tokens
+        if self.refitter is not None:
+            self.refitter.canary_tokens = tokens
         stream = weight_stream(self.trainer, self.cfg.rollout.bucket_mb)
         error, report = None, None
         try:
@@ -243,10 +244,11 @@ class RunState:
     def prepare(self, batch):
         """Advantages, then per minibatch: packed microbatches with old (unless fused into the training
         forward, grpo.fuses_old_logprobs) and reference logprobs."""
-        from r1_megatron.rl import grpo
+        from r1_megatron.rl import corrections, grpo, router_replay
         from r1_megatron.rl.advantages import assign_advantages
 
         rl, max_len = self.cfg.rl, self.cfg.rollout.max_new_tokens
+        self.step_routing = {}
         seq_k1 = None
         if rl.kl_in == "reward" and rl.kl_coef > 0:
             seq_k1 = self._sequence_k1(batch)
@@ -255,13 +257,25 @@ class RunState:
         for part in grpo.minibatches(batch, rl.num_minibatches):
             mbs = grpo.microbatches(part, self.cfg.data.seq_length, self.layout.micro_batch_size,
                                     share_prompts=rl.share_prompts)
+            routing = router_replay.StepRouting(self.trainer, mbs, part.samples, rl)
             if not grpo.fuses_old_logprobs(rl):
-                grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
+                with routing.old_pass():
+                    grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
+            self.step_routing[id(mbs)] = (routing, not grpo.fuses_old_logprobs(rl))
             if self.reference is not None and rl.kl_in == "loss":
                 for mb, lp in zip(mbs, self.reference.logprobs(mbs), strict=True):
                     mb.extras["ref_logprobs"] = lp
-            parts.append((mbs, part.loss_norm(max_len)))
+            norm = part.loss_norm(max_len)
+            if corrections.enabled(rl):  # removed tokens leave the numerator and the normalizer
+                adv_metrics.update(corrections.apply_masks(mbs, rl))
+                norm = corrections.masked_norm(mbs, max_len)
+            parts.append((mbs, norm))
         return parts, adv_metrics
+
+    def update_routing(self, mbs):
+        """Context around the update of `mbs` (prepared above): router replay and routing mismatch."""
+        routing, old_pass_ran = self.step_routing[id(mbs)]
+        return routing.update(old_pass_ran)
 
     def _sequence_k1(self, batch) -> torch.Tensor:
         """Per-sequence sum of k1 = log pi_old - log pi_ref over response tokens (KL in the reward)."""
@@ -315,4 +329,5 @@ class RunState:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()

@@ -26,8 +26,8 @@ from r1_megatron.rl.types import RolloutBatch, Sample, sequence_tensors
 
 # The loss's per-token tensors of a packed microbatch (both packings) and their value off the
 # response tokens; token_seq_len divides, so it is never 0.
-EXTRAS = ("advantages", "rollout_logprobs", "token_seq_len")
-FILL = {"advantages": 0.0, "rollout_logprobs": 0.0, "token_seq_len": 1.0}
+EXTRAS = ("advantages", "rollout_logprobs", "token_seq_len", "sample_key")
+FILL = {"advantages": 0.0, "rollout_logprobs": 0.0, "token_seq_len": 1.0, "sample_key": 0.0}
 
 
 @dataclass

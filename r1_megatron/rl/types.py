@@ -38,6 +38,10 @@ class Sample:
     advantage: float = 0.0  # A_i, shared by every response token
     loss_mask: list[float] = field(default_factory=list)  # [R] 1 = token enters the loss; [] means all 1
     policy_version: int = 0  # GRPO steps the weights that sampled it had taken (staleness, rl/async_rollout.py)
+    # Router replay (rl/router_replay.py): vLLM's logical expert ids per input position (prompt and
+    # response; the last response token is never fed back, so P + R - 1 rows), per MoE layer (dense
+    # layers carry none), uint8 [P + R - 1, moe_layers, topk] (int16 above 256 experts). None: not captured.
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
@@ -90,6 +94,8 @@ class SequenceTensors:
     advantages: torch.Tensor  # float
     rollout_logprobs: torch.Tensor  # float
     token_seq_len: torch.Tensor  # float
+    # float: the sample's key (rl/router_replay.py sample_key), so a packed position finds its sample
+    sample_key: torch.Tensor | None = None
 
 
 def sequence_tensors(sample: Sample, pad_id: int = 0, dtype: torch.dtype = torch.float32) -> SequenceTensors:
@@ -109,7 +115,20 @@ def sequence_tensors(sample: Sample, pad_id: int = 0, dtype: torch.dtype = torch
     rollout_logprobs = torch.zeros(p + r, dtype=dtype)
     rollout_logprobs[resp] = torch.tensor(sample.rollout_logprobs, dtype=dtype)
     token_seq_len = torch.full((p + r,), float(sample.num_loss_tokens), dtype=dtype)
-    return SequenceTensors(tokens, labels, loss_mask, advantages, rollout_logprobs, token_seq_len)
+    key = torch.full((p + r,), float(sample_key(sample)), dtype=dtype)
+    return SequenceTensors(tokens, labels, loss_mask, advantages, rollout_logprobs, token_seq_len, key)
+
+
+# Groups and samples a sample key can tell apart; keys stay below 2**24, exact in float32 extras.
+_KEY_STRIDE = 4096
+
+
+def sample_key(sample: Sample) -> int:
+    """1 + group_id * 4096 + sample_index: which sample a packed position belongs to; 0 (none) when
+    group_id >= 4095 or sample_index >= 4096 (router replay then refuses, rl/router_replay.py)."""
+    if not (0 <= sample.group_id < _KEY_STRIDE - 1 and 0 <= sample.sample_index < _KEY_STRIDE):
+        return 0
+    return 1 + sample.group_id * _KEY_STRIDE + sample.sample_index
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,6 +66,7 @@ class GenSample:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    routed_experts: Any = None  # [P + R - 1, moe_layers, topk] logical ids (rollout/routing_capture.py), or None
 
     @property
     def truncated(self) -> bool:
@@ -81,6 +83,11 @@ class RolloutEngine(abc.ABC):
     # Seconds per part of the last update_weights, for engines that measure them (the refit log and
     # bench/refit.py show them). Engines assign a new dict; this shared default stays empty.
     refit_split: dict[str, float] = {}  # noqa: RUF012
+
+    @property
+    def holds_weights(self) -> bool:
+        """Whether generate() may run: False for an engine built with dummy weights, until its first refit."""
+        return True
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,

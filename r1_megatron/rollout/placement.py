@@ -91,6 +91,20 @@ def engine_config_dir(cfg: JobConfig) -> Path:
     return out
 
 
+def routing_capture(cfg: JobConfig, hf_dir: Path):
+    """The rollout's routing capture for router replay / routing-mismatch metrics (MoE models), or None."""
+    import json
+
+    from r1_megatron.rollout.routing_capture import RoutingCapture
+
+    if cfg.rl.router_replay == "off" and not cfg.rollout.capture_routing:
+        return None
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    if "n_routed_experts" not in hf:
+        raise ValueError(f"rl.router_replay={cfg.rl.router_replay!r} / rollout.capture_routing: {hf_dir} is not an MoE model")
+    return RoutingCapture.for_hf_config(hf)
+
+
 def build_rollout(cfg: JobConfig, device: torch.device):
     """(the engine this rank takes part in, its EngineSlot). Collective: every rank calls it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -111,7 +125,9 @@ def build_rollout(cfg: JobConfig, device: torch.device):
     slot = colocated_slot(cfg.rollout.tp, rank, world)
     from r1_megatron.rollout.vllm_engine import VLLMEngine
 
-    engine = VLLMEngine(engine_config_dir(cfg), cfg.rollout, device=device.type, dummy_weights=True)
+    config_dir = engine_config_dir(cfg)
+    engine = VLLMEngine(config_dir, cfg.rollout, device=device.type, dummy_weights=True,
+                        routing=routing_capture(cfg, config_dir))
     engine.release()  # GPU: asleep until the first refit (dummy weights are never used); CPU: no-op
     return engine, slot
 

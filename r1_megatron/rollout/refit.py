@@ -158,7 +158,17 @@ class Refitter:
         self.canary_prompts = canary_prompts
         self.canary_new_tokens = canary_new_tokens
         self.version = engine.weights_version
-        self.canary_tokens = self.sample_canary() if canary_prompts else None
+        self.canary_tokens = self.first_canary() if canary_prompts else None
+
+    def first_canary(self) -> list[list[int]]:
+        """The canary of the first refit. An engine built with dummy weights (colocated placement) has
+        nothing to sample from yet, so its first check scores a fixed pseudo-random continuation."""
+        if self.engine.holds_weights:
+            return self.sample_canary()
+        assert self.canary_prompts is not None
+        tail = canary_sequences(max(max(p) for p in self.canary_prompts) + 1, self.canary_new_tokens,
+                                len(self.canary_prompts), seed=1)
+        return [p + t for p, t in zip(self.canary_prompts, tail, strict=True)]
 
     def sample_canary(self) -> list[list[int]]:
         """Each canary prompt followed by a continuation the engine samples now (temperature 1)."""

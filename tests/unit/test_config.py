@@ -110,3 +110,13 @@ def test_resume_refuses_another_config(tmp_path):
     assert config_from_resolved(save_resolved(longer, run)) == longer  # more steps, reporting, layout
     fresh = load_config(None, ["model.card=tiny_moe", "seed=5", "checkpoint.resume=false"])
     assert config_from_resolved(save_resolved(fresh, run)) == fresh
+
+
+def test_yaml_off_is_the_off_choice_not_a_bool(tmp_path):
+    """YAML 1.1 reads a bare `off` as False; a choice that has "off" gets "off" (rl.router_replay)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("rl:\n  router_replay: off\n")
+    assert load_config(path).rl.router_replay == "off"
+    assert load_config(None, ["rl.router_replay=off"]).rl.router_replay == "off"
+    with pytest.raises(ConfigError, match=r"rl.kl_in: False is not one of"):
+        load_config(None, ["rl.kl_in=off"])
