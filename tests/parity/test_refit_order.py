@@ -14,7 +14,6 @@ the trainer's storages really are freed (size 0) on CPU too. Guarantees, for `Ru
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
