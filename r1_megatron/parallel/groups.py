@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -92,8 +93,10 @@ def init_process_groups(
     backend = backend_for(cfg.parallel, device)
     if not dist.is_initialized():
         if init_method is None and world_size == 1 and "MASTER_ADDR" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # One process outside torchrun: a file store in a fresh directory. A TCP store would need a
+            # free port (a race with other jobs), and writing MASTER_PORT into os.environ leaked the
+            # still-bound port into every subprocess started later (EADDRINUSE in CI).
+            init_method = "file://" + os.path.join(tempfile.mkdtemp(prefix="r1m-store-"), "store")
         dist.init_process_group(
             backend,
             init_method=init_method or "env://",
@@ -133,10 +136,3 @@ def destroy_process_groups() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

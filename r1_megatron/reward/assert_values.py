@@ -6,7 +6,9 @@ top-level `assert` is split here, before anything runs:
 - probes: the sub-expressions that hold no expected value and no judgement, such as `f(2)`, `x` or
   `f([3, 1, 2]).count(1)` (arguments of the candidate's calls are its inputs). They are evaluated in the
   sandbox, and their values leave it serialized (`encode`, in sandbox_runner.py), as plain data only:
-  int, float, str, bool, None, and list, tuple, dict, set of those, exact types (no subclasses); also
+  int, float, str, bytes, bool, None, and list, tuple, dict, set, frozenset, and the standard library's
+  OrderedDict, Counter, defaultdict (rebuilt as a dict) and deque of those, exact types (no
+  subclasses); also
   a range, and a built-in iterator (a generator, map, ...) as its items. Nothing of the result object
   runs for that: no `__eq__`, `__hash__`, `__repr__`, `__len__` or `__bool__`.
 - the rest, with the expected values (literals, type names), every comparison and truth test, and the
@@ -25,6 +27,7 @@ A probe that names a setup variable reads it inside the sandbox.
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import math
 import operator
@@ -132,17 +135,22 @@ def plan(code: str) -> AssertPlan:
     return out
 
 
+_MAPPINGS = {"dict": dict, "OrderedDict": collections.OrderedDict,
+             "Counter": lambda pairs: collections.Counter(dict(pairs))}
+
+
 def decode(value: Any) -> Any:
     """A probe value from the sandbox's encoding back to plain data; Untrusted for a rejected one."""
     if isinstance(value, dict):
         ((tag, items),) = value.items()
         if tag == "untrusted":
             raise Untrusted(str(items))
-        if tag == "dict":
-            return {decode(k): decode(v) for k, v in items}
+        if tag in _MAPPINGS:
+            return _MAPPINGS[tag]((decode(k), decode(v)) for k, v in items)
         if tag == "range":
             return range(*items)
-        kind = {"list": list, "tuple": tuple, "set": set, "iter": lambda x: iter(list(x))}[tag]
+        kind = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset, "bytes": bytes,
+                "deque": collections.deque, "iter": lambda x: iter(list(x))}[tag]
         return kind(decode(v) for v in items)
     return value
 

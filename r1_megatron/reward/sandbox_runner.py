@@ -26,6 +26,7 @@ namespace's init it also ignores signals sent from inside: a test cannot kill it
 """
 
 import builtins
+import collections
 import ctypes
 import io
 import json
@@ -76,8 +77,18 @@ _ITERATORS = (
 )
 
 
+# The standard library's containers an honest answer returns, taken before the candidate runs (it cannot
+# rebind them here), each with the tag it leaves under. They are read by dict's and deque's own C
+# iteration and rebuilt as the same kind outside (a defaultdict as a dict: its factory stays behind), so
+# they compare as they did in Python (Counter({'a': 1}) == {'a': 1}, deque([1]) != [1]).
+_DICT_KINDS = {dict: "dict", collections.defaultdict: "dict", collections.OrderedDict: "OrderedDict",
+               collections.Counter: "Counter"}
+_DEQUE = collections.deque
+
+
 def encode(value: object, depth: int = 0) -> object:
-    """A JSON-able copy of plain data: int, float, str, bool, None, and list, tuple, dict, set of those,
+    """A JSON-able copy of plain data: int, float, str, bytes, bool, None, and list, tuple, dict, set,
+    frozenset, and the stdlib's OrderedDict, Counter, defaultdict (as a dict) and deque of those,
     containers tagged ({"list": [...]}, {"dict": [[k, v], ...]}); also a range, and a built-in iterator
     as the list of its items ({"iter": [...]}). Exact types only, found by type() and walked by the
     built-in containers' own iteration: nothing of a result object (its __eq__, __hash__, __repr__,
@@ -87,11 +98,15 @@ def encode(value: object, depth: int = 0) -> object:
         return value
     if kind is range:
         return {"range": [value.start, value.stop, value.step]}
+    if kind is bytes:
+        return {"bytes": list(value)}
     if depth < 100:
-        if kind is list or kind is tuple or kind is set:
+        if kind is list or kind is tuple or kind is set or kind is frozenset:
             return {kind.__name__: [encode(v, depth + 1) for v in value]}
-        if kind is dict:
-            return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in dict.items(value)]}
+        if kind is _DEQUE:
+            return {"deque": [encode(v, depth + 1) for v in list(value)]}
+        if kind in _DICT_KINDS:
+            return {_DICT_KINDS[kind]: [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in dict.items(value)]}
         if kind in _ITERATORS:
             return {"iter": [encode(v, depth + 1) for v in value]}
     raise TypeError(kind.__qualname__ if depth < 100 else "nested deeper than 100")

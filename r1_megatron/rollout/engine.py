@@ -123,3 +123,13 @@ class RolloutEngine(abc.ABC):
 
     def close(self) -> None:
         """Drop the engine for good (default: nothing to free)."""
+
+
+def prompt_keys(keys: list[int] | list[str] | None, call: int, count: int) -> list[str]:
+    """The key each prompt's seeds derive from: the caller's (a prompt's index in its stream), else
+    (call number, position) so repeated prompts and repeated calls still get different samples."""
+    if keys is None:
+        return [f"call{call}:{i}" for i in range(count)]
+    if len(keys) != count:
+        raise ValueError(f"generate: {len(keys)} keys for {count} prompts")
+    return [str(k) for k in keys]

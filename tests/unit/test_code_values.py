@@ -69,6 +69,14 @@ HONEST = (
     "def nothing():\n    return None\n"
     "def steps(n):\n    return range(n)\n"
     "def halve(x):\n    return x / 2\n"
+    "import collections\n"
+    "def counts(s):\n    return collections.Counter(s)\n"
+    "def ordered(n):\n    return collections.OrderedDict((i, i) for i in range(n))\n"
+    "def grouped(n):\n    out = collections.defaultdict(list)\n    for i in range(n):\n"
+    "        out[i % 2].append(i)\n    return out\n"
+    "def window(n):\n    return collections.deque(range(n))\n"
+    "def frozen(n):\n    return frozenset(range(n))\n"
+    "def raw(n):\n    return bytes(range(n))\n"
 )
 # (test, passes): the verdict of python itself, running the asserts on these functions.
 CASES = [
@@ -106,6 +114,16 @@ CASES = [
     ("assert all(sq(i) == i * i for i in range(4))", True),  # runs inside: a comprehension
     ("assert sq(2) == 4\nassert sq(3) == 0", False),
     ("assert float('inf') > sq(10 ** 5)", True),
+    # the standard library's containers and bytes compare as python compares them
+    ("assert counts('aab') == {'a': 2, 'b': 1}", True),
+    ("assert counts('aab') == {'a': 1, 'b': 2}", False),
+    ("assert ordered(2) == {1: 1, 0: 0}", True),
+    ("assert grouped(3) == {0: [0, 2], 1: [1]}", True),
+    ("assert window(3) == [0, 1, 2]", False),  # a deque is not a list
+    ("assert list(window(3)) == [0, 1, 2]", True),
+    ("assert frozen(3) == {0, 1, 2}", True),
+    ("assert raw(3) == b'\\x00\\x01\\x02'", True),
+    ("assert raw(2) == b'ab'", False),
 ]
 
 
