@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +42,7 @@ def main(out: str, mode: str, overrides: list[str]) -> None:
         batches.append(batch)
         if mode == "kill" and len(batches) == cfg.rl.steps - 1:  # the next rollout is the last step's
             (Path(run.engine.model_dir) / "config.json").write_text("{}")  # so a restart cannot load
-            threading.Thread(target=_kill_when_generating, args=(run.engine,), daemon=True).start()
+            _kill_when_generating(run.engine)
         return batch, kept
 
     run.rollout = recording
@@ -70,12 +68,17 @@ def main(out: str, mode: str, overrides: list[str]) -> None:
 
 
 def _kill_when_generating(engine) -> None:
-    """Kill engine 0 once its next generate call is under way."""
-    calls = engine._calls
-    while engine._calls == calls:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    engine._procs[0].process.kill()
+    """Kill engine 0 right after its next generate request is sent: mid-rollout whatever the load."""
+    send, killed = engine._send, []
+
+    def send_then_kill(e: int, msg: tuple) -> None:
+        send(e, msg)
+        if e == 0 and msg[0] == "generate" and not killed:
+            killed.append(engine._procs[0].pid)
+            engine._procs[0].process.kill()
+            engine._procs[0].process.join(30)
+
+    engine._send = send_then_kill
 
 
 if __name__ == "__main__":

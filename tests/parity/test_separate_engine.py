@@ -13,7 +13,6 @@ Guarantees:
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 
 import pytest
@@ -76,17 +75,22 @@ def test_separate_engines_sample_like_the_in_process_engine(dirs):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def _kill_when_busy(sep: SeparateEngine, e: int) -> threading.Thread:
-    """Kill engine e's process as soon as a generate call is on its way (from another thread)."""
-    pid = sep._procs[e].pid
+def _kill_when_busy(sep: SeparateEngine, e: int) -> tuple[list[int], int]:
+    """Kill engine e's process right after its next generate request is sent: the request is in
+    flight, so the kill is mid-rollout whatever the machine's load (a timer could fire after the
+    engine already answered). Returns (the pids killed, the pid before)."""
+    pid, killed = sep._procs[e].pid, []
+    send = sep._send
 
-    def kill():
-        time.sleep(0.3)
-        sep._procs[e].process.kill()
+    def send_then_kill(index: int, msg: tuple) -> None:
+        send(index, msg)
+        if index == e and msg[0] == "generate" and not killed:
+            killed.append(sep._procs[e].pid)
+            sep._procs[e].process.kill()
+            sep._procs[e].process.join(30)
 
-    thread = threading.Thread(target=kill)
-    thread.start()
-    return thread, pid
+    sep._send = send_then_kill
+    return killed, pid
 
 
 def test_killed_engine_is_restarted_and_its_prompts_reissued(dirs):
@@ -97,10 +101,9 @@ def test_killed_engine_is_restarted_and_its_prompts_reissued(dirs):
         calls = sep._calls
         want = _pairs(sep.generate(PROMPTS, 3, SAMPLING))
         sep._calls = calls  # the same call number again: the same seeds
-        thread, pid = _kill_when_busy(sep, 1)
+        killed, pid = _kill_when_busy(sep, 1)
         got = _pairs(sep.generate(PROMPTS, 3, SAMPLING))
-        thread.join()
-        assert sep.restarts == 1 and sep._procs[1].pid != pid
+        assert killed == [pid] and sep.restarts == 1 and sep._procs[1].pid != pid
         assert got == want  # the restarted engine reloaded the refit from the shared buffer
     finally:
         sep.close()
@@ -113,11 +116,11 @@ def test_engine_that_cannot_restart_fails_with_its_name(dirs, tmp_path):
     sep = SeparateEngine(copy, CFG, threads=1)
     try:
         (copy / "config.json").write_text("{}")  # a restart now fails to load
-        thread, _ = _kill_when_busy(sep, 1)
+        killed, pid = _kill_when_busy(sep, 1)
         start = time.monotonic()
         with pytest.raises(RolloutError, match=r"rollout engine 1 .*could not start"):
             sep.generate(PROMPTS, 3, SAMPLING)
-        thread.join()
+        assert killed == [pid]
         assert time.monotonic() - start < 2 * CFG.timeout_s
     finally:
         sep.close()
