@@ -20,18 +20,15 @@ loss coefficients) and is checked against config.json on every architecture fiel
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from r1_megatron.checkpoint import hf, hf_io, mcore_io
-from r1_megatron.checkpoint import integrity
 from r1_megatron.checkpoint.integrity import CheckpointError
-from r1_megatron.config.loader import ConfigError, load_card
+from r1_megatron.config.loader import load_card
 from r1_megatron.config.schema import ModelConfig
 
 _COMMON = ("arch", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
@@ -222,40 +219,3 @@ def _mcore_to_hf_parallel(
             pass
     dist.barrier()
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="r1m convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="direction", required=True)
-    a = sub.add_parser("hf-to-mcore", help="HF directory -> megatron dist checkpoint")
-    a.add_argument("--hf", required=True, help="HF directory (config.json + safetensors)")
-    a.add_argument("--out", required=True, help="output directory")
-    a.add_argument("--card", default=None, help="model card for the fields HF does not store")
-    for flag in ("--tp", "--pp", "--ep"):
-        a.add_argument(flag, type=int, default=1, help=f"megatron {flag[2:]} size of the split (torchrun)")
-    b = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF directory")
-    b.add_argument("--ckpt", required=True, help="megatron checkpoint directory written by r1m")
-    b.add_argument("--out", required=True, help="output directory")
-    b.add_argument("--tokenizer", default=None, help="directory with tokenizer files (default: --ckpt)")
-    b.add_argument("--max-shard-mb", type=float, default=2048, help="safetensors shard size (MiB)")
-    for flag in ("--tp", "--pp", "--ep"):
-        b.add_argument(flag, type=int, default=1, help=f"megatron {flag[2:]} size for the load (torchrun)")
-    for p in (a, b):
-        p.add_argument("--verify", choices=integrity.VERIFY_MODES, default="full",
-                       help="check the input files against their manifest: full (checksums), size, off")
-    args = parser.parse_args(argv)
-    try:
-        layout = (args.tp, args.pp, args.ep)
-        if args.direction == "hf-to-mcore":
-            out = hf_to_mcore(args.hf, args.out, args.card, layout, args.verify)
-        else:
-            out = mcore_to_hf(args.ckpt, args.out, args.tokenizer, args.max_shard_mb, layout, args.verify)
-    except (hf.ConversionError, ConfigError, CheckpointError) as e:
-        print(f"r1m convert: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

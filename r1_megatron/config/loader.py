@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from r1_megatron.config.schema import JobConfig, ModelConfig
+from r1_megatron.config.schema import ConfigError, JobConfig, ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = Path(os.environ.get("R1M_MODELS_DIR", REPO_ROOT / "models"))
@@ -25,10 +25,6 @@ CONFIGS_DIR = Path(os.environ.get("R1M_CONFIGS_DIR", REPO_ROOT / "configs"))
 
 # Keys named elsewhere (issues, other systems) -> where they live here.
 MOVED = {"rl.max_bad_steps": "optim.max_bad_steps", "rl.skip_nonfinite": "optim.skip_nonfinite"}
-
-
-class ConfigError(ValueError):
-    """A config problem, stated in one line that names the key."""
 
 
 def _type_name(tp: Any) -> str:

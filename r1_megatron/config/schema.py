@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+class ConfigError(ValueError):
+    """A config problem, stated in one line that names the key."""
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the network (SPEC §3). Loaded from a model card."""

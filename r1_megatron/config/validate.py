@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from r1_megatron.config.loader import ConfigError
-from r1_megatron.config.schema import JobConfig
-from r1_megatron.data.tokenizer import has_tokenizer_files
+from pathlib import Path
+
+from r1_megatron.config.schema import ConfigError, JobConfig
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether `directory` holds an HF tokenizer (tokenizer.json or tokenizer_config.json)."""
+    return (Path(directory) / "tokenizer.json").is_file() or (Path(directory) / "tokenizer_config.json").is_file()
 
 
 def _divides(a_key: str, a: int, b_key: str, b: int) -> None:

@@ -13,7 +13,7 @@ are skipped. ``strict=True`` raises on the first bad line instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,11 +89,12 @@ def validate_record(record: Any, kind: str) -> tuple[dict | None, str | None]:
     return dict(record), None
 
 
-def read_jsonl(path: str | Path, kind: str, *, strict: bool = False) -> tuple[list[dict], list[JsonlError]]:
-    """Read a `kind` JSONL file: (good items in file order, errors for the bad lines)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown JSONL kind '{kind}'; known: {list(KINDS)}")
-    items: list[dict] = []
+def read_lines(
+    path: str | Path, check: Callable[[Any], tuple[dict | None, str | None]], *, strict: bool = False
+) -> tuple[list[tuple[int, dict]], list[JsonlError]]:
+    """Every non-blank line of a JSONL file, parsed and passed to `check(record) -> (item, reason)`:
+    ((line number, item) for the lines it accepts, in file order; errors for the others)."""
+    items: list[tuple[int, dict]] = []
     errors: list[JsonlError] = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -104,15 +105,23 @@ def read_jsonl(path: str | Path, kind: str, *, strict: bool = False) -> tuple[li
             except json.JSONDecodeError as e:
                 record, reason = None, f"invalid JSON ({e.msg} at column {e.colno})"
             else:
-                record, reason = validate_record(record, kind)
+                record, reason = check(record)
             if reason is None:
-                items.append(record)
+                items.append((number, record))
                 continue
             error = JsonlError(str(path), number, reason)
             if strict:
                 raise JsonlFormatError(str(error))
             errors.append(error)
     return items, errors
+
+
+def read_jsonl(path: str | Path, kind: str, *, strict: bool = False) -> tuple[list[dict], list[JsonlError]]:
+    """Read a `kind` JSONL file: (good items in file order, errors for the bad lines)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown JSONL kind '{kind}'; known: {list(KINDS)}")
+    items, errors = read_lines(path, lambda record: validate_record(record, kind), strict=strict)
+    return [item for _, item in items], errors
 
 
 def write_jsonl(path: str | Path, items: Iterable[dict]) -> int:

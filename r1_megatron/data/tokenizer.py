@@ -24,6 +24,7 @@ from typing import Any
 
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig
+from r1_megatron.config.validate import has_tokenizer_files
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -169,10 +170,6 @@ def build_tokenizer(out_dir: str | Path) -> list[Path]:
                         encoding="utf-8")
         paths.append(path)
     return paths
-
-
-def has_tokenizer_files(directory: str | Path) -> bool:
-    return (Path(directory) / "tokenizer.json").is_file() or (Path(directory) / "tokenizer_config.json").is_file()
 
 
 def load_tokenizer(path: str | Path | None = None) -> Any:

@@ -17,13 +17,12 @@ line, and the good lines are kept. The code tests of a prompt file ("assert ..."
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r1_megatron.config.schema import SandboxConfig
-from r1_megatron.data.jsonl import JsonlError, validate_record
+from r1_megatron.data.jsonl import JsonlError, read_lines, validate_record
 from r1_megatron.reward.registry import RewardResult, get
 
 if TYPE_CHECKING:  # the reward workers unpickle TaskScorer from this module: keep torch out of them
@@ -71,28 +70,20 @@ def extract_final(response: str, item: dict) -> str | None:
     return None if item_kind(item) == "code" else extract_answer(response)
 
 
+def _prompt_or_code(record: Any) -> tuple[dict | None, str | None]:
+    """A line with "tests" is a code task, any other a math prompt."""
+    return validate_record(record, "code" if isinstance(record, dict) and "tests" in record else "prompt")
+
+
 def read_prompt_file(path: str | Path) -> tuple[list[dict], list[JsonlError]]:
     """Math prompts and code tasks from one JSONL file: (good items with ids, errors for bad lines)."""
-    items: list[dict] = []
-    errors: list[JsonlError] = []
+    numbered, errors = read_lines(path, _prompt_or_code)
     stem = Path(path).stem
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(JsonlError(str(path), number, f"invalid JSON ({e.msg} at column {e.colno})"))
-                continue
-            kind = "code" if isinstance(record, dict) and "tests" in record else "prompt"
-            item, reason = validate_record(record, kind)
-            if reason is not None:
-                errors.append(JsonlError(str(path), number, reason))
-                continue
-            item.setdefault("id", f"{stem}:{number}")
-            item.setdefault("task", "code" if kind == "code" else "math")
-            items.append(item)
+    items = []
+    for number, item in numbered:
+        item.setdefault("id", f"{stem}:{number}")
+        item.setdefault("task", "code" if "tests" in item else "math")
+        items.append(item)
     return items, errors
 
 

@@ -16,10 +16,10 @@ from megatron.core.models.gpt import GPTModel
 
 from r1_megatron.config.schema import ModelConfig, ParallelConfig
 from r1_megatron.model.config import transformer_config
-from r1_megatron.model.redundant import use_redundant_layer
+from r1_megatron.moe.redundant import use_redundant_layer
 from r1_megatron.model.specs import decoder_block_spec, mtp_block_spec
 from r1_megatron.parallel import compat_cpu
-from r1_megatron.parallel.replicas import mark_primaries, tie_replica_weights
+from r1_megatron.moe.replicas import mark_primaries, tie_replica_weights
 
 
 def build_model(
@@ -49,7 +49,7 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     block = decoder_block_spec(cfg, m, gpu, vp_stage=vp_stage)
     redundant = parallel is not None and parallel.redundant_experts > 0
-    if redundant:  # R = E + redundant physical expert slots per MoE layer (model/redundant.py)
+    if redundant:  # R = E + redundant physical expert slots per MoE layer (moe/redundant.py)
         use_redundant_layer(block, m.num_experts + parallel.redundant_experts, m.first_k_dense)
     model = GPTModel(
         config=cfg,

@@ -13,16 +13,12 @@ NCCL (every sbatch runs it as the preflight). Each failed check prints one line 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata as md
 import importlib.util
-import json
 import os
-import platform
-import sys
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -349,38 +345,3 @@ def preflight(devices: bool) -> list[str]:
         # NGC's torch is a pre-release build (2.13.0a0+...); its release tuple must equal vLLM's pin.
         out.append(f"vLLM {vllm} was built for torch=={built_for}, but torch is {torch_version}")
     return out + _te_failures()
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="r1m doctor", description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--require-gpu",
-        action="store_true",
-        help="exit 1 unless the pinned GPU stack and a CUDA device are here",
-    )
-    mode.add_argument(
-        "--require-stack",
-        action="store_true",
-        help="exit 1 unless the pinned GPU stack is installed (no device)",
-    )
-    args = ap.parse_args(argv)
-    comps, flags = collect()
-    summary = _summary(comps, flags)
-    failures = preflight(devices=args.require_gpu) if args.require_gpu or args.require_stack else []
-    if args.json:
-        report = {"components": [asdict(c) for c in comps], **flags, "summary": summary, "failures": failures}
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"python {platform.python_version()} on {platform.platform()}")
-        for c in comps:
-            print(f"  {c.name:<19} {c.version or '-':<24} {c.status:<9} {c.effect}")
-        print(summary)
-    for line in failures:
-        print(f"r1m doctor: FAILED: {line}", file=sys.stderr)
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,10 +32,7 @@ mismatch on policy, so rl.tis is required). The log reports async/staleness_{mea
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from r1_megatron.config import JobConfig, load_config, save_resolved
+from r1_megatron.config import JobConfig
 from r1_megatron.offload import TrainerOffload
 from r1_megatron.rl import async_rollout, grpo, session
 from r1_megatron.rl.losses import finalize_metrics
@@ -83,15 +80,3 @@ def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
     run.save(batches.data_position)
     log.close()
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`r1m train CONFIG [key=value ...]` (also under torchrun, any layout)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        print("usage: r1m train CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    cfg = load_config(argv[0], argv[1:])
-    save_resolved(cfg, Path(cfg.logging.run_dir))
-    train(cfg)
-    return 0

@@ -57,7 +57,7 @@ from r1_megatron.config.schema import JobConfig, ParallelConfig
 from r1_megatron.model import precision
 from r1_megatron.model.attention import SharedPrefixParams
 from r1_megatron.model.provider import build_model, mtp_disabled
-from r1_megatron.parallel.replicas import ReplicaManager
+from r1_megatron.moe.replicas import ReplicaManager
 from r1_megatron.rl.entropy import capture_entropy
 from r1_megatron.rl.microbatch import Microbatch
 from r1_megatron.rl.nonfinite import OBJECTIVE, StepGuard

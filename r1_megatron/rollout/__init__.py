@@ -1,1 +1,1 @@
-"""Rollout: the engine interface, vLLM, weight export for refits, and EPLB expert placement."""
+"""Rollout: the engine interface, vLLM, and weight export for refits (EPLB placement is in moe/)."""

@@ -36,7 +36,7 @@ from megatron.core import parallel_state
 
 from r1_megatron.checkpoint import hf
 from r1_megatron.config.schema import ModelConfig
-from r1_megatron.model.redundant import export_slots
+from r1_megatron.moe.redundant import export_slots
 
 _LOCAL_EXPERT = re.compile(r"^(?P<pre>.*\.experts\.local_experts\.)(?P<j>\d+)(?P<post>\..*)$")
 _GROUPED_EXPERT = re.compile(r"^(?P<pre>.*\.experts\.linear_fc[12]\.weight)(?P<j>\d+)(?P<post>)$")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _scenarios import all_logprobs, build, exported, job_config, save_rank0, sft_step, start  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from r1_megatron.model.redundant import redundant_layers, slot_params  # noqa: E402
+from r1_megatron.moe.redundant import redundant_layers, slot_params  # noqa: E402
 from r1_megatron.parallel.device import seed_all  # noqa: E402
 from r1_megatron.parallel.groups import resolve_layout  # noqa: E402
 

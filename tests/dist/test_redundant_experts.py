@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _launch import check_ok, launch  # noqa: E402
 
-from r1_megatron.rollout.eplb import rebalance_experts  # noqa: E402
+from r1_megatron.moe.eplb import rebalance_experts  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve().parent / "_redundant_scenarios.py")
 TOL = 1e-5

@@ -101,7 +101,7 @@ def _vote(answers: list[str | None]) -> str | None:
 
 
 def test_eval_cli_report_on_vllm(model_dir, tmp_path, capsys):
-    from r1_megatron.eval.cli import main
+    from r1_megatron.cli.eval import main
 
     prompts = tmp_path / "set.jsonl"
     lines = [json.dumps(item) for item in ITEMS]
@@ -140,7 +140,7 @@ def test_eval_cli_report_on_vllm(model_dir, tmp_path, capsys):
 
 
 def test_rejection_cli_on_vllm(model_dir, tmp_path, capsys):
-    from r1_megatron.distill.rejection import main
+    from r1_megatron.cli.rejection import main
 
     prompts, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     lines = [json.dumps(item) for item in ITEMS]

@@ -1,6 +1,6 @@
 """Test-only baseline: the deepseek-ai/EPLB algorithm exactly as SPEC §4 describes it.
 
-It is written independently of `r1_megatron.rollout.eplb` so that the placement there can be
+It is written independently of `r1_megatron.moe.eplb` so that the placement there can be
 compared against it. Unlike ours, it may put two replicas of one expert on the same GPU
 (deepseek-ai/EPLB issue #22). Shapes: load [L, E]; phy2log [L, R]; logcnt [L, E].
 Ties break towards the lowest index, as torch's min/argmax do in the original.

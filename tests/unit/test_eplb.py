@@ -25,8 +25,8 @@ import pytest
 import torch
 
 import eplb_reference as ref
-from r1_megatron.rollout import eplb
-from r1_megatron.rollout.eplb_cli import main as cli_main
+from r1_megatron.moe import eplb
+from r1_megatron.cli.eplb import main as cli_main
 
 # gpu_loads sums the same per-slot loads in a different order for the two placements.
 FLOAT_TOL = 1e-12

@@ -243,7 +243,7 @@ def test_prompt_file_bad_lines_reported_good_lines_kept(tmp_path):
     (["--model", "{tmp}"], "one of the arguments --prompts --task is required"),
 ])
 def test_eval_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
-    from r1_megatron.eval.cli import main
+    from r1_megatron.cli.eval import main
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_:

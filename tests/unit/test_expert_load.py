@@ -1,4 +1,4 @@
-"""Expert load statistics (rollout/expert_load.py), world size 1.
+"""Expert load statistics (moe/expert_load.py), world size 1.
 
 Guarantees: per-step counts are the routing maps' column sums and the moving average follows
 ema_1 = load_1, ema_t = d * ema_{t-1} + (1 - d) * load_t (hand-computed); the state round-trips and
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from r1_megatron.config.loader import load_card
-from r1_megatron.rollout.expert_load import ExpertLoad
+from r1_megatron.moe.expert_load import ExpertLoad
 
 
 def _map(rows: list[list[int]], experts: int = 4) -> torch.Tensor:

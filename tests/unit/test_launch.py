@@ -193,7 +193,7 @@ def test_missing_rank_times_out():
 
 
 def test_doctor_reports_this_machine(capsys):
-    from r1_megatron.plan.doctor import main
+    from r1_megatron.cli.doctor import main
 
     assert main(["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -216,7 +216,7 @@ def test_doctor_reports_this_machine(capsys):
 
 
 def test_doctor_survives_broken_packages(monkeypatch, tmp_path, capsys):
-    from r1_megatron.plan.doctor import main
+    from r1_megatron.cli.doctor import main
 
     # transformer-engine without CUDA fails at import with an OSError from the loader; PyPI's "apex"
     # is an unrelated package; a grouped_gemm whose extension raises a RuntimeError.

@@ -11,7 +11,7 @@ import torch
 
 from r1_megatron.config import ConfigError, load_card
 from r1_megatron.plan import GiB, Layout, Precision, Workload, count_params, plan
-from r1_megatron.plan.cli import main as plan_main
+from r1_megatron.cli.plan import main as plan_main
 from r1_megatron.plan.memory import activation_bytes_per_token, kv_bytes_per_token
 
 

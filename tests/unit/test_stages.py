@@ -19,7 +19,8 @@ import textwrap
 import pytest
 
 from r1_megatron.config.loader import ConfigError, load_config
-from r1_megatron.pipeline import load_pipeline, main
+from r1_megatron.cli.pipeline import main
+from r1_megatron.pipeline import load_pipeline
 from r1_megatron.rl.stages import Context
 
 GOOD = """

@@ -151,7 +151,7 @@ def test_max_bad_steps_config(world):
 
 
 def test_cli_prints_the_stop_as_one_line(monkeypatch, capsys):
-    import r1_megatron.rl.loop as loop
+    import r1_megatron.cli.train as loop
     from r1_megatron.cli import main
 
     def stop(argv):

@@ -1,6 +1,6 @@
 """Keeping redundant expert replicas identical, and moving them (SPEC §3 "Redundant hotspot experts").
 
-Layout: a RedundantMoELayer (model/redundant.py) holds R physical slots over the EP group, EP rank
+Layout: a RedundantMoELayer (moe/redundant.py) holds R physical slots over the EP group, EP rank
 g holding slots [g*R/ep, (g+1)*R/ep); slot s computes logical expert phy2log[s]. Each slot has its
 own parameters (SequentialMLP's local_experts[j], or TE grouped GEMM's weight{j}).
 
@@ -15,7 +15,7 @@ marked `shared`, megatron's flag for "do not count twice"), so clipping also mat
 Rebalancing. `apply_placement` gathers every slot's weights and Adam moments over EP, takes each
 logical expert's values from its first old replica, and writes them into its new slots: the model
 computes the same function before and after. ReplicaManager runs it every `rebalance_every` steps
-with a placement planned by EPLB from the moving-average loads (rollout/expert_load.py).
+with a placement planned by EPLB from the moving-average loads (moe/expert_load.py).
 
 Where it departs from a production implementation: the gathers move all R slots to every EP rank
 (simple and exact; an all-to-all of just the moved slots would be cheaper at scale), and the
@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 
-from r1_megatron.model.redundant import RedundantMoELayer, redundant_layers, slot_params
+from r1_megatron.moe.redundant import RedundantMoELayer, redundant_layers, slot_params
 from r1_megatron.parallel.collectives import all_reduce_
-from r1_megatron.rollout.eplb import Placement, rebalance_experts
-from r1_megatron.rollout.expert_load import ExpertLoad
+from r1_megatron.moe.eplb import Placement, rebalance_experts
+from r1_megatron.moe.expert_load import ExpertLoad
 
 def _gather_slots(local: list[torch.Tensor], group: dist.ProcessGroup) -> torch.Tensor:
     """[R, ...]: every EP rank's local slot tensors, in slot order (an exact copy on every rank)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from r1_megatron.rollout import eplb
+from r1_megatron.moe import eplb
 
 
 def _read_load(path: str) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""`r1m` entry point. Each subcommand lives in its own module and is imported only when used,
+"""`r1m` entry point. Each subcommand lives in its own module of this package (the command-line layer:
+argument parsing and exit codes, over the library packages) and is imported only when used,
 so `r1m reward ...` does not pay for importing megatron-core or vLLM.
 
 Every subcommand also runs as `python -m r1_megatron.cli <subcommand> ...` (for torchrun).
@@ -11,19 +12,19 @@ import sys
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("r1_megatron.demo", "main", "the tiny CPU GRPO demo (SFT base, GRPO, eval, curve)"),
-    "train": ("r1_megatron.rl.loop", "main", "GRPO training from a job config (torchrun-able)"),
-    "sft": ("r1_megatron.rl.cli", "sft_main", "SFT on a JSONL of prompt/response pairs (torchrun-able)"),
-    "score": ("r1_megatron.checkpoint.score", "main", "per-token logprobs of token ids under a checkpoint"),
-    "convert": ("r1_megatron.checkpoint.convert", "main", "hf-to-mcore / mcore-to-hf checkpoint conversion"),
-    "reward": ("r1_megatron.reward.cli", "main", "score one response (math) or program (code)"),
-    "eplb": ("r1_megatron.rollout.eplb_cli", "main", "plan redundant-expert placement from loads"),
-    "pipeline": ("r1_megatron.pipeline", "main", "run a multi-stage R1 recipe config"),
-    "eval": ("r1_megatron.eval.cli", "main", "pass@1 / cons@k of a checkpoint on a prompt set"),
-    "rejection": ("r1_megatron.distill.rejection", "main", "rejection-sample a checkpoint into an SFT JSONL"),
-    "plan": ("r1_megatron.plan.cli", "main", "memory/communication plan for a config and layout"),
-    "doctor": ("r1_megatron.plan.doctor", "main", "report which GPU-path components are available"),
-    "validate": ("r1_megatron.config.cli", "main", "load and check a job config, print the resolved result"),
+    "demo": ("r1_megatron.cli.demo", "main", "the tiny CPU GRPO demo (SFT base, GRPO, eval, curve)"),
+    "train": ("r1_megatron.cli.train", "main", "GRPO training from a job config (torchrun-able)"),
+    "sft": ("r1_megatron.cli.train", "sft_main", "SFT on a JSONL of prompt/response pairs (torchrun-able)"),
+    "score": ("r1_megatron.cli.score", "main", "per-token logprobs of token ids under a checkpoint"),
+    "convert": ("r1_megatron.cli.convert", "main", "hf-to-mcore / mcore-to-hf checkpoint conversion"),
+    "reward": ("r1_megatron.cli.reward", "main", "score one response (math) or program (code)"),
+    "eplb": ("r1_megatron.cli.eplb", "main", "plan redundant-expert placement from loads"),
+    "pipeline": ("r1_megatron.cli.pipeline", "main", "run a multi-stage R1 recipe config"),
+    "eval": ("r1_megatron.cli.eval", "main", "pass@1 / cons@k of a checkpoint on a prompt set"),
+    "rejection": ("r1_megatron.cli.rejection", "main", "rejection-sample a checkpoint into an SFT JSONL"),
+    "plan": ("r1_megatron.cli.plan", "main", "memory/communication plan for a config and layout"),
+    "doctor": ("r1_megatron.cli.doctor", "main", "report which GPU-path components are available"),
+    "validate": ("r1_megatron.cli.validate", "main", "load and check a job config, print the resolved result"),
 }
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module, func, _ = COMMANDS[name]
     from r1_megatron.checkpoint.integrity import CheckpointError
-    from r1_megatron.config.loader import ConfigError
+    from r1_megatron.config.schema import ConfigError
 
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
@@ -60,6 +61,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1m {name}: {e}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

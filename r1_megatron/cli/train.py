@@ -3,6 +3,8 @@
   r1m sft CONFIG [key=value ...]
   torchrun --nproc-per-node 4 -m r1_megatron.cli sft configs/micro_moe_sft.yaml parallel.tp=2 parallel.pp=2
 
+`r1m train CONFIG [key=value ...]` runs GRPO (rl/loop.py) the same way.
+
 The layout is checked against the world size before any process group starts, so a bad layout gives
 the same one-line error on every rank and every rank exits non-zero (no collective is left waiting).
 """
@@ -10,6 +12,7 @@ the same one-line error on every rank and every rank exits non-zero (no collecti
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from r1_megatron.config.loader import ConfigError
 
@@ -45,3 +48,18 @@ def sft_main(argv: list[str]) -> int:
         return 2
     return 0
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`r1m train CONFIG [key=value ...]` (also under torchrun, any layout)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        print("usage: r1m train CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    from r1_megatron.config import load_config, save_resolved
+    from r1_megatron.rl.loop import train
+
+    cfg = load_config(argv[0], argv[1:])
+    save_resolved(cfg, Path(cfg.logging.run_dir))
+    train(cfg)
+    return 0

@@ -2,11 +2,11 @@
 
 The router still scores the E logical experts (its gate, expert bias, aux loss and token counts are
 the logical ones). Between routing and dispatch every (token t, logical expert e) pair is moved to
-one physical slot, replica (t mod logcnt[e]) of e (rollout/eplb.py `replica_slots`, t = the token's
+one physical slot, replica (t mod logcnt[e]) of e (moe/eplb.py `replica_slots`, t = the token's
 index on this rank). From there on megatron's own dispatcher and experts run unchanged, built for R
 experts: EP rank g holds slots [g*R/ep, (g+1)*R/ep), slot s computing logical expert phy2log[s].
 
-Replicas of one expert hold identical weights (parallel/replicas.py keeps them so: it sums their
+Replicas of one expert hold identical weights (moe/replicas.py keeps them so: it sums their
 gradients before every optimizer step and moves weights and optimizer state on a rebalance). So the
 layer computes exactly the no-redundancy function, only with the expert FLOPs spread differently.
 
@@ -27,7 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from r1_megatron.rollout.eplb import Placement, rebalance_experts, replica_slots
+from r1_megatron.moe.eplb import Placement, rebalance_experts, replica_slots
 
 # TE grouped GEMM experts name slot j's weight `weight{j}`.
 _GROUPED = re.compile(r"^(?P<pre>.*\D)(?P<j>\d+)$")

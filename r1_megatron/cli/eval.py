@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from r1_megatron.cli.sampling import add_source_args, check_model, open_engine, report_inputs
 from r1_megatron.config.schema import RewardConfig, RolloutConfig
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1m eval", description="pass@1 / cons@k of a checkpoint")
-    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json + safetensors)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help='JSONL of {"prompt", "answer"} and/or {"prompt", "tests"}')
-    src.add_argument("--task", choices=["arithmetic", "countdown"], help="a built-in task (eval split)")
-    p.add_argument("--n", type=int, default=64, help="prompts drawn from --task (default 64)")
+    add_source_args(p, "HF checkpoint directory (config.json + safetensors)", "eval", 64)
     p.add_argument("--template", default="compact", help="prompt template of --task (default compact)")
     p.add_argument("--seed", type=int, default=0, help="task draw and sampling seed (default 0)")
     p.add_argument("--k", type=int, default=4, help="samples per prompt (default 4)")
@@ -54,8 +50,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.timeout <= 0:
         p.error(f"need --temperature >= 0, 0 < --top-p <= 1, --timeout > 0; got {args.temperature}, "
                 f"{args.top_p}, {args.timeout}")
-    if not (Path(args.model) / "config.json").is_file():
-        p.error(f"--model {args.model}: no config.json there (need an HF checkpoint directory)")
+    check_model(p, args.model)
     if args.prompts and not Path(args.prompts).is_file():
         p.error(f"--prompts {args.prompts}: no such file")
 
@@ -80,23 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         items, input_errors = load_items(args)
     except ValueError as e:
         parser.error(str(e))
-    for message in input_errors:
-        print(f"r1m eval: skipped {message}", file=sys.stderr)
-    if not items:
-        print(f"r1m eval: no valid prompts in {args.prompts}", file=sys.stderr)
+    if not report_inputs("r1m eval", items, input_errors, args.prompts):
         return 1
 
-    from r1_megatron.data.tokenizer import load_tokenizer
     from r1_megatron.eval.runner import eval_sampling, evaluate, format_table
-    from r1_megatron.rollout.vllm_engine import VLLMEngine
 
-    try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model)
-    except FileNotFoundError as e:
-        parser.error(f"--tokenizer: {e}")
-    sampling = eval_sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
     rollout = RolloutConfig(seed=args.seed, max_model_len=args.max_model_len)
-    engine = VLLMEngine(args.model, rollout, args.device)
+    tokenizer, engine = open_engine(parser, args, rollout)
+    sampling = eval_sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
     try:
         report = evaluate(engine, tokenizer, items, k=args.k, sampling=sampling, chat=args.chat,
                           keep_text=not args.no_text,
