@@ -1,1 +1,16 @@
 """r1-megatron: DeepSeek-R1 GRPO on megatron-core."""
+
+import warnings
+
+# Every import of megatron-core by this package passes through here first. Without transformer-engine
+# and apex (always so on CPU; docs/cpu_platform.md) megatron-core 0.16.1 warns at import, from five
+# modules, that it falls back to torch implementations; the fallbacks are what the CPU path is built
+# on (parallel/compat_cpu.py), and `r1m doctor` reports what is installed. Its own default
+# `cuda_graph_scope="full"` warns at every model build. Only these exact messages are silenced.
+for _message in (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed. Falling back to Torch Norm",
+    "full scope is deprecated",
+):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+del _message
