@@ -4,6 +4,7 @@
   design documents that live outside the repository (the old spec, design and platform notes).
 - Every `docs/<name>.md` such a file names exists, and every `docs/<name>.md#anchor` names a heading
   of that file (GitHub's anchor rule: lower case, punctuation dropped, spaces to hyphens).
+- Every fix in compat_cpu.py's FIXES table names a test that exists and is listed in its docstring.
 """
 
 import re
@@ -65,3 +66,13 @@ def test_links_between_docs_resolve():
             elif anchor and anchor not in _anchors(path):
                 missing.append(f"{doc.name}: {path.name} has no section #{anchor}")
     assert not missing, "\n".join(missing)
+
+
+def test_every_cpu_fix_names_a_test_that_exists():
+    from r1_megatron.parallel import compat_cpu
+
+    doc = compat_cpu.__doc__
+    for fix in compat_cpu.FIXES:
+        path, name = fix.test.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), f"compat_cpu fix {fix.name}: no test {fix.test}"
+        assert f" {fix.name}: " in doc, f"compat_cpu's docstring does not list the fix {fix.name}"
