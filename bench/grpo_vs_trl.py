@@ -14,8 +14,8 @@ How each side runs:
   logprobs, loss and gradient as a copy per response, tests/unit/test_shared_prompts.py);
 - TRL: `GRPOTrainer` with `use_cpu=True`, `bf16=False`, generating with transformers' `generate`
   (`use_vllm=False`). TRL's vLLM mode is left out on purpose: on vLLM-CPU its weight sync does not
-  re-pack the MoE experts, so the engine would sample from wrong weights (platform notes, "Weight
-  update in place"). One TRL step is one batch of 64 sequences (per_device_train_batch_size=64,
+  re-pack the MoE experts, so the engine would sample from wrong weights (docs/cpu_platform.md,
+  "Weight updates in place"). One TRL step is one batch of 64 sequences (per_device_train_batch_size=64,
   gradient_accumulation_steps=1, so steps_per_generation=1). With one update per batch both sides
   take pi_old from the training forward (TRL: num_iterations=1; ours: rl.old_logprob_pass=fused).
 
@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     PHASES, BenchRun, load_average, make_hf_dir, mean, our_config, phase_times, quiet_vllm, read_metrics,
+    require_extra,
 )
 
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of our loop's config")
     args = parser.parse_args(argv)
+    require_extra("trl", "datasets")
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_vllm()

@@ -1,1 +1,21 @@
 """r1-megatron: DeepSeek-R1 GRPO on megatron-core."""
+
+import warnings
+
+# Every import of megatron-core and vLLM by this package passes through here first. Without
+# transformer-engine and apex (always so on CPU; docs/cpu_platform.md) megatron-core 0.16.1 warns at
+# import, from five modules, that it falls back to torch implementations; the fallbacks are what the
+# CPU path is built on (parallel/compat_cpu.py), and `r1m doctor` reports what is installed. Its own
+# default `cuda_graph_scope="full"` warns at every model build. Only these exact messages are silenced.
+for _message in (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed. Falling back to Torch Norm",
+    "full scope is deprecated",
+):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+del _message
+# vLLM 0.32's kernel dispatcher reads every attribute of torch.distributed when an engine starts,
+# the deprecated alias `reduce_op` among them.
+warnings.filterwarnings(
+    "ignore", message="`torch.distributed.reduce_op` is deprecated", category=FutureWarning
+)

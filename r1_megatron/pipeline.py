@@ -1,4 +1,4 @@
-"""`r1m pipeline CONFIG [--out DIR] [key=value ...]`: the R1 recipe as a list of stages (SPEC §8).
+"""`r1m pipeline CONFIG [--out DIR] [key=value ...]`: the R1 recipe as stages (docs/architecture.md).
 
 A pipeline YAML names a job config every stage starts from, and the stages:
 

@@ -72,7 +72,7 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # under it (vLLM's and HF's ~/.cache, triton's ~/.triton) go to the node's local /tmp instead.
 export XDG_CACHE_HOME=${XDG_CACHE_HOME:-/tmp/r1m-cache-$SLURM_JOB_ID}
 export TRITON_HOME=${TRITON_HOME:-$XDG_CACHE_HOME}
-# vLLM as a library inside the trainer process, sharing the GPU (SPEC §7).
+# vLLM as a library inside the trainer process, sharing the GPU (docs/architecture.md#rollout-placement).
 export VLLM_ENABLE_V1_MULTIPROCESSING=${VLLM_ENABLE_V1_MULTIPROCESSING:-0}
 
 # Preemption / time limit: Slurm sends USR1 (see --signal in the sbatch header); requeue this job.

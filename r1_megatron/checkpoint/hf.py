@@ -1,4 +1,4 @@
-"""The ONE name table between megatron-core and Hugging Face (SPEC §5), plus the fused-weight splits.
+"""The ONE megatron-core <-> Hugging Face name table (docs/hf_format.md), plus the fused-weight splits.
 
 Export (mcore -> HF), import (HF -> mcore), the converter CLI and the rollout refit all read the rules
 below. A rule maps one megatron parameter (pattern with {i}/{e} placeholders, relative to a layer when

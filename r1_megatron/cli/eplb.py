@@ -1,4 +1,4 @@
-"""`r1m eplb plan`: redundant-expert placement from measured loads (SPEC §4).
+"""`r1m eplb plan`: redundant-expert placement from measured loads (docs/architecture.md#redundant-experts).
 
     r1m eplb plan --load LOAD.json --slots R --gpus G --nodes N --groups K --out PLAN.json
 

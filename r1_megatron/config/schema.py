@@ -1,4 +1,4 @@
-"""The typed config tree. Every field has a one-line docstring comment; defaults follow SPEC.md.
+"""The typed config tree. Every field has a one-line docstring comment; docs/grpo.md explains the RL defaults.
 
 A job config (configs/*.yaml) names a model card (models/*.yaml) under `model.card` and may override
 any card field next to it. Sections: model, parallel, optim, rl, rollout, reward, checkpoint, offload,
@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of the network (SPEC §3). Loaded from a model card."""
+    """Architecture of the network (docs/architecture.md#model). Loaded from a model card."""
 
     card: str = ""  # name of the model card in models/ (or a path to a YAML file)
     arch: Literal["deepseek_v3", "qwen2", "llama"] = "deepseek_v3"  # network family
@@ -125,7 +125,7 @@ class OptimConfig:
 
 @dataclass
 class RLConfig:
-    """GRPO (SPEC §1)."""
+    """GRPO (docs/grpo.md)."""
 
     steps: int = 10  # GRPO steps
     prompts_per_step: int = 8  # prompts per rollout batch
@@ -145,7 +145,7 @@ class RLConfig:
     overlong: Literal["none", "penalty", "soft_penalty", "mask"] = "none"  # truncated-sample handling
     overlong_buffer: int = 16  # soft penalty ramps over the last buffer tokens
     tis: float | None = None  # truncated importance sampling cap C (None: off)
-    # Off-policy masks (SPEC §10, rl/corrections.py); a removed token leaves the loss and its normalizer.
+    # Off-policy masks (docs/grpo.md, rl/corrections.py); a removed token leaves the loss and its normalizer.
     mis: list[float] | None = None  # [low, high]: drop a sequence whose geometric-mean pi_old/pi_rollout is outside
     icepop: list[float] | None = None  # [low, high] (IcePop: [0.5, 5]): drop a token whose ratio is outside
     offpolicy_mask_delta: float | None = None  # DeepSeek-V3.2: drop A<0 sequences with KL(rollout||theta) > delta
@@ -166,7 +166,7 @@ class RLConfig:
     canary_tol: float | None = None
     entropy_coef: float = 0.0  # entropy bonus (0: off)
     eval_every: int = 0  # steps between held-out evaluations during RL (0: only before and after)
-    eval_samples: int = 4  # samples per eval prompt for pass@1 (T=0.6, top-p 0.95, SPEC §8)
+    eval_samples: int = 4  # samples per eval prompt for pass@1 (T=0.6, top-p 0.95, docs/architecture.md)
     canary_length: int = 16  # canary: random prompt tokens, and tokens the engine samples after them
     # MTP loss on the policy's own samples during RL (rl/mtp.py; 0: the MTP head is not run in RL steps)
     mtp_loss_coef: float = 0.0
@@ -212,7 +212,7 @@ class RolloutConfig:
 
 @dataclass
 class SandboxConfig:
-    """Limits for untrusted code (SPEC §2)."""
+    """Limits for untrusted code (docs/grpo.md#rewards)."""
 
     wall_seconds: float = 10.0  # wall-clock kill
     cpu_seconds: int = 5  # RLIMIT_CPU
@@ -230,7 +230,7 @@ class SandboxConfig:
 
 @dataclass
 class RewardConfig:
-    """Reward components and the scoring pool (SPEC §2)."""
+    """Reward components and the scoring pool (docs/grpo.md#rewards)."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
     num_workers: int = 2  # scoring processes
@@ -242,7 +242,7 @@ class RewardConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Distributed checkpoints (SPEC §6)."""
+    """Distributed checkpoints (docs/architecture.md#checkpoints-and-offload)."""
 
     dir: str = ""  # where checkpoints go (default: <run_dir>/checkpoints)
     save_every: int = 0  # steps between saves (0: only at the end)
@@ -254,7 +254,7 @@ class CheckpointConfig:
 
 @dataclass
 class OffloadConfig:
-    """Moving the training state off the device between phases (SPEC §7)."""
+    """Moving the training state off the device between phases (docs/architecture.md)."""
 
     enabled: bool = True  # offload params/grads/optimizer during rollout
     pin_memory: bool = True  # pinned host buffers (GPU only)
@@ -291,6 +291,7 @@ class LoggingConfig:
     wandb_project: str = ""  # log to wandb when set
     log_every: int = 1  # steps between metric lines
     progress: bool = True  # show a progress bar
+    verbose: bool = False  # vLLM logs at INFO (default WARNING: its INFO lines break the progress bar)
 
 
 @dataclass

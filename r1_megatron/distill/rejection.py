@@ -1,4 +1,4 @@
-"""Rejection sampling (SPEC §8, R1 recipe stage 3, and distillation traces): sample k responses per
+"""Rejection sampling (R1 stage 3 and distillation traces, docs/architecture.md): sample k responses per
 prompt from a checkpoint, keep the ones the verifiers accept, mix in non-reasoning data, write SFT pairs.
 
     records, report = rejection_sample(engine, tokenizer, items, RejectionConfig(k=4), sampling,

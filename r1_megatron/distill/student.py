@@ -1,6 +1,6 @@
 """Distillation traces, SFT on prompt/response pairs with the megatron trainer, and the HF export.
 
-Distillation (SPEC §8) runs it on a dense student (a Qwen2 / Llama card) over the teacher's verified
+Distillation (docs/architecture.md) runs it on a dense student (Qwen2/Llama card) over the teacher's verified
 traces; the R1 recipe's cold-start and rejection-sampling stages run the very same code on the MoE
 policy. The steps:
 

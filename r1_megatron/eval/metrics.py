@@ -1,4 +1,4 @@
-"""Evaluation metrics over k sampled responses per prompt (SPEC §8 "Evaluation"): pure functions.
+"""Evaluation metrics over k sampled responses per prompt (docs/architecture.md): pure functions.
 
 - pass@1: the mean correctness of the k samples of a prompt, averaged over prompts (DeepSeek-R1 §3).
 - cons@k: the correctness of the majority-vote answer among the k samples' extracted answers.

@@ -1,4 +1,4 @@
-"""Evaluate a policy: k samples per prompt at T = 0.6, top-p 0.95 (SPEC §8), checked by the
+"""Evaluate a policy: k samples per prompt at T = 0.6, top-p 0.95 (docs/architecture.md), checked by the
 rule-based verifiers, summarized as pass@1, cons@k and pass@k.
 
     report = evaluate(engine, tokenizer, items, k=4, sampling=eval_sampling(max_tokens=512))
@@ -45,7 +45,7 @@ EVAL_TOP_P = 0.95
 
 def eval_sampling(max_tokens: int = 512, temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P,
                   seed: int | None = 0) -> SamplingParams:
-    """The SPEC's eval sampling (T 0.6, top-p 0.95), stopping at EOS."""
+    """The documented eval sampling (T 0.6, top-p 0.95), stopping at EOS."""
     return SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
 
 

@@ -2,7 +2,7 @@
 
 The card says what the network is; the optional ParallelConfig says how megatron splits it (megatron
 keeps both in one config object, so they meet here and nowhere else). `gpu` picks the production
-flags (fusions, grouped GEMM); the CPU flags avoid every CUDA-only kernel (notes/platform.md).
+flags (fusions, grouped GEMM); the CPU flags avoid every CUDA-only kernel (docs/cpu_platform.md).
 """
 
 from __future__ import annotations

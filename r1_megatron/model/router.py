@@ -1,4 +1,4 @@
-"""DeepSeek-V3's router on top of megatron-core's TopKRouter (SPEC §3).
+"""DeepSeek-V3's router on top of megatron-core's TopKRouter (docs/architecture.md#model).
 
     s = sigmoid(logits)                                   (fp32)
     choice = s + e_score_correction_bias                  (the aux-free expert bias)

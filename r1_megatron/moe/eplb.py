@@ -1,4 +1,4 @@
-"""Redundant-expert placement (SPEC §3 "Redundant hotspot experts", §4), after deepseek-ai/EPLB.
+"""Redundant-expert placement (docs/architecture.md#redundant-experts), after deepseek-ai/EPLB.
 
 Input: load[L, E] (tokens per logical expert and MoE layer), R physical slots, G GPUs, n nodes,
 K expert groups. GPU g holds physical slots [g*R/G, (g+1)*R/G). The policy is the reference's:
@@ -22,7 +22,7 @@ Where this departs from the reference:
   {e0, e1} | {e0, e2} = 3.5 | 2.5. tests/unit/test_eplb.py checks this by brute force, and checks
   that on skewed (Zipf) loads we are never worse than the reference.
 
-Replica load model (SPEC §3): a token routed to expert e goes to replica (token index mod
+Replica load model (docs/architecture.md): a token routed to expert e goes to replica (token index mod
 logcnt[e]), so every replica of e carries load[e] / logcnt[e].
 """
 

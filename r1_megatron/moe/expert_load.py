@@ -1,4 +1,4 @@
-"""Expert load statistics: tokens per logical expert per MoE layer, as EPLB's input (SPEC §3, §4).
+"""Expert load statistics: tokens per logical expert per MoE layer, as EPLB's input (docs/architecture.md).
 
 Counts come from the routers themselves: a forward hook on every decoder router adds the routing
 map's column sums ([E] tokens routed to each logical expert) to this step's counts. Only forwards

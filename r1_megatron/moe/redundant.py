@@ -1,4 +1,4 @@
-"""Redundant hotspot experts (SPEC §3): megatron's MoELayer with R >= E physical expert slots.
+"""Redundant hotspot experts (docs/architecture.md): megatron's MoELayer with R >= E physical expert slots.
 
 The router still scores the E logical experts (its gate, expert bias, aux loss and token counts are
 the logical ones). Between routing and dispatch every (token t, logical expert e) pair is moved to

@@ -1,4 +1,4 @@
-"""Keeping redundant expert replicas identical, and moving them (SPEC §3 "Redundant hotspot experts").
+"""Keeping redundant expert replicas identical, and moving them (docs/architecture.md#redundant-experts).
 
 Layout: a RedundantMoELayer (moe/redundant.py) holds R physical slots over the EP group, EP rank
 g holding slots [g*R/ep, (g+1)*R/ep); slot s computes logical expert phy2log[s]. Each slot has its

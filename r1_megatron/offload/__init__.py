@@ -1,4 +1,4 @@
-"""Move the training state off the device between phases and bring it back bit-exactly (SPEC §7).
+"""Move the training state off the device between phases and bring it back bit-exactly (docs/architecture.md).
 
 We work on *storages*, not tensors: megatron's DDP keeps every `main_grad` (and, with the distributed
 optimizer, every param) as a view into one flat buffer, so offloading per tensor would copy shared

@@ -1,33 +1,28 @@
 """The ONE place that makes megatron-core 0.16.1 run on CPU with gloo.
 
-megatron-core assumes a CUDA device in a few dozen spots (notes/platform.md lists them). On a machine
-without one, `activate()` installs the fixes below; on a CUDA machine it does nothing, so the GPU path
-runs megatron-core exactly as shipped. Every fix has a test in tests/unit/test_compat_cpu.py that
-(a) asserts the upstream behaviour it works around is still there, so a megatron upgrade that fixes it
-upstream makes a test fail and the patch can be dropped, and (b) exercises the patched path.
+megatron-core assumes a CUDA device in a few dozen spots (docs/cpu_platform.md lists them). On a machine
+without one, `activate()` installs every fix in FIXES; on a CUDA machine it does nothing, so the GPU path
+runs megatron-core exactly as shipped. Every fix names its test (tests/unit/test_compat_cpu.py and
+tests/unit/test_compat_cpu_parallel.py), which (a) asserts the upstream behaviour it works around is
+still there, so a megatron upgrade that fixes it upstream makes a test fail and the patch can be
+dropped, and (b) exercises the patched path.
 
 Not patched here, because config flags or layer specs cover it (see r1_megatron/model/):
 `use_cpu_initialization`, every `*_fusion=False`, `moe_grouped_gemm=False`, an SDPA core attention for
 MLA (the local DotProductAttention rejects MLA's k/v channels), and an RMSNorm that accepts sequence
 parallelism (the torch norm asserts it is off).
 
-The fixes, by kind:
-1. `_CpuTorch`: upstream modules that ask for `torch.cuda.current_device()` or write `device="cuda"`
-   get a module-scoped `torch` whose device requests resolve to the CPU. The real `torch` module is
-   never modified; only the listed megatron modules see the proxy.
-2. The RNG tracker keeps CUDA generator states; on CPU it keeps CPU generator states instead.
-3. Modules that probe for transformer-engine with an import that succeeds without it (MagicMock
-   classes) get `HAVE_TE = False`; `moe_utils.te_general_gemm` is defined as None where the failed
-   import left it undefined (a NameError in the router gating otherwise).
-4. The alltoall token dispatcher's split sizes reach `all_to_all_single` as tensors on CPU (the numpy
-   conversion only happens for CUDA tensors): they are converted to numpy as on GPU.
-5. `clip_grad_by_total_norm_fp32` / `get_grad_norm_fp32` use apex/TE multi-tensor kernels and
-   `device='cuda'` buffers: on CPU they are computed with torch ops.
-6. `TopKRouter._apply_expert_bias` is wrapped in torch.compile (megatron's jit_fuser); on CPU inductor
-   spends seconds per process compiling this two-line in-place add, so the plain function is used.
-7. `LanguageModule.setup_embeddings_and_output_layer` moves the embedding shared between the first and
-   last pipeline stage (PP > 1 with MTP or tied embeddings) with `.cuda()` before its all-reduce; the
-   all-reduce is done on the CPU tensor instead.
+The fixes (FIXES holds each one's reason and test; listed in the order activate() installs them):
+1. cuda_device_modules: the modules in CUDA_DEVICE_MODULES see a module-scoped `torch` (`_CpuTorch`)
+   whose device requests resolve to the CPU; the real `torch` module is never modified.
+2. rng_tracker: megatron's RNG tracker keeps CPU generator states instead of CUDA ones.
+3. te_probe: MLA's `HAVE_TE` is False without transformer-engine; `moe_utils.te_general_gemm` is None.
+4. alltoall_split_sizes: the alltoall dispatcher's split sizes become numpy arrays, as on GPU.
+5. grad_norm: grad norm and clipping in plain torch ops (no apex/TE multi-tensor kernels).
+6. shared_embedding: the embedding shared by the first and last pipeline stage is all-reduced on CPU.
+7. expert_bias_uncompiled: the expert-bias add runs uncompiled (inductor spends seconds on it).
+8. mla_down_proj: MLA's down-projections run at full width under TP > 1 with sequence parallelism.
+9. float16_optimizer: the bf16 optimizer sees CUDA type names for CPU tensors while it is built.
 """
 
 from __future__ import annotations
@@ -36,8 +31,8 @@ import contextlib
 import importlib
 import math
 import types
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 
@@ -75,6 +70,10 @@ CUDA_DEVICE_MODULES: dict[str, str] = {
         "the torch_dist save preloads tensors to host and then calls torch.cuda.synchronize()",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver":
         "the save's global success check all-reduces a flag allocated on cuda",
+    "megatron.core.distributed.param_and_grad_buffer":
+        "DDP allocates its contiguous grad (and param) buffers on torch.cuda.current_device()",
+    "megatron.core.optimizer.optimizer":
+        "FP32Optimizer keeps its loss scale in a torch.tensor(..., device='cuda')",
 }
 
 
@@ -167,11 +166,7 @@ class _cpu_torch_device(metaclass=_DeviceMeta):  # noqa: N801 - stands in for to
         return torch.device("cpu") if dev.type == "cuda" else dev
 
 
-# ---------------------------------------------------------------------------------------------
 # RNG: megatron's tracker forks CUDA generator states; on CPU it forks the CPU generator.
-# ---------------------------------------------------------------------------------------------
-
-
 def _get_cpu_rng_state(device: Any = None, clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     return torch.get_rng_state()
 
@@ -208,11 +203,7 @@ def _make_cpu_tracker_class(base: type) -> type:
     return CpuRNGStatesTracker
 
 
-# ---------------------------------------------------------------------------------------------
 # Grad norm / clipping without apex or TE multi-tensor kernels.
-# ---------------------------------------------------------------------------------------------
-
-
 def _get_grad_norm_fp32(
     grads_for_norm, norm_type=2, grad_stats_parallel_group=None, data_parallel_group=None
 ):
@@ -253,11 +244,7 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
                 to_local_if_dtensor(g).mul_(clip_coeff)
 
 
-# ---------------------------------------------------------------------------------------------
 # Alltoall dispatcher: split sizes reach all_to_all_single as numpy arrays, as they do on GPU.
-# ---------------------------------------------------------------------------------------------
-
-
 def _maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
     """Upstream converts to numpy only for CUDA tensors; CPU split sizes stay tensors and
     all_to_all_single raises a TypeError. Convert them too."""
@@ -266,11 +253,7 @@ def _maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream
     return tensor
 
 
-# ---------------------------------------------------------------------------------------------
 # Shared embedding across pipeline stages (PP > 1 with MTP or tied embeddings).
-# ---------------------------------------------------------------------------------------------
-
-
 class _NoDistTorch(types.ModuleType):
     """`torch` as seen by language_module while its setup runs: distributed looks uninitialized."""
 
@@ -299,108 +282,6 @@ def _make_setup_embeddings(original: Any) -> Any:
             torch.distributed.all_reduce(weight.data, group=self.embd_group)
 
     return setup_embeddings_and_output_layer
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def cuda_in_use() -> bool:
-    """True when this process runs megatron-core on a CUDA device (then nothing is patched)."""
-    return torch.cuda.is_available()
-
-
-def is_active() -> bool:
-    return _ACTIVE
-
-
-def _replace(owner: Any, attr: str, value: Any) -> None:
-    """Set owner.attr = value, remembering what was there (REPLACED) so tests can check upstream."""
-    key = f"{getattr(owner, '__name__', owner)}.{attr}"
-    REPLACED.setdefault(key, getattr(owner, attr, _MISSING))
-    setattr(owner, attr, value)
-
-
-def activate() -> bool:
-    """Install the CPU fixes once. A no-op when CUDA is available. Returns whether they are active."""
-    global _ACTIVE
-    if _ACTIVE:
-        return True
-    if cuda_in_use():
-        return False
-
-    cpu_torch = _CpuTorch()
-    for name in CUDA_DEVICE_MODULES:
-        _replace(importlib.import_module(name), "torch", cpu_torch)
-
-    import megatron.core.tensor_parallel.random as tp_random
-
-    _replace(tp_random, "_get_cuda_rng_state", _get_cpu_rng_state)
-    _replace(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state)
-    _replace(tp_random, "CudaRNGStatesTracker", _make_cpu_tracker_class(tp_random.CudaRNGStatesTracker))
-    # Drop a tracker built before activation, so the next get_cuda_rng_tracker() makes a CPU one.
-    tp_random.initialize_rng_tracker(force_reset=True)
-
-    import megatron.core.transformer.multi_latent_attention as mla
-
-    if not _have_te():
-        # extensions.transformer_engine imports without TE (its classes are MagicMocks), so MLA sets
-        # HAVE_TE = True and then isinstance(linear_proj, TELinear) raises a TypeError.
-        _replace(mla, "HAVE_TE", False)
-
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        # The failed TE import leaves the name undefined; RouterGatingLinearFunction tests it for None.
-        _replace(moe_utils, "te_general_gemm", None)
-
-    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
-
-    _replace(token_dispatcher, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)
-
-    import megatron.core.optimizer.clip_grads as clip_grads
-    import megatron.core.optimizer.optimizer as optimizer
-
-    for module in (clip_grads, optimizer):
-        _replace(module, "get_grad_norm_fp32", _get_grad_norm_fp32)
-        _replace(module, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
-
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-
-    _replace(
-        LanguageModule,
-        "setup_embeddings_and_output_layer",
-        _make_setup_embeddings(LanguageModule.setup_embeddings_and_output_layer),
-    )
-
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    compiled = TopKRouter.__dict__["_apply_expert_bias"]
-    _replace(TopKRouter, "_apply_expert_bias", getattr(compiled, "_torchdynamo_orig_callable", compiled))
-
-    _ACTIVE = True
-    return True
-
-
-def _have_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# =============================================================================================
-# Parallel-training additions (data parallelism and the optimizer), owned by the trainer
-# (parallel/groups.py, rl/train_step.py, checkpoint/dist.py) and tested in
-# tests/unit/test_compat_cpu_parallel.py. Module-level, so activate() above picks them up when it runs.
-# =============================================================================================
-
-CUDA_DEVICE_MODULES.update({
-    "megatron.core.distributed.param_and_grad_buffer":
-        "DDP allocates its contiguous grad (and param) buffers on torch.cuda.current_device()",
-    "megatron.core.optimizer.optimizer":
-        "FP32Optimizer keeps its loss scale in a torch.tensor(..., device='cuda')",
-})
 
 
 def _down_proj_forward(
@@ -469,21 +350,148 @@ def _float16_optimizer_init_on_cpu(original: Any) -> Any:
     return __init__
 
 
-_PARALLEL_ACTIVE = False
-_activate_model_fixes = activate
+def cuda_in_use() -> bool:
+    """True when this process runs megatron-core on a CUDA device (then nothing is patched)."""
+    return torch.cuda.is_available()
 
 
-def activate() -> bool:  # noqa: F811 - extends activate() above with this section's fixes
-    """Install every CPU fix (above, then this section's) once; a no-op when CUDA is available."""
-    global _PARALLEL_ACTIVE
-    if not _activate_model_fixes():
+def is_active() -> bool:
+    return _ACTIVE
+
+
+def _replace(owner: Any, attr: str, value: Any) -> None:
+    """Set owner.attr = value, remembering what was there (REPLACED) so tests can check upstream."""
+    key = f"{getattr(owner, '__name__', owner)}.{attr}"
+    REPLACED.setdefault(key, getattr(owner, attr, _MISSING))
+    setattr(owner, attr, value)
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
         return False
-    if not _PARALLEL_ACTIVE:
-        from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+    return True
 
-        _replace(MLASelfAttention, "__init__", _mla_init_with_full_width_down_proj(MLASelfAttention.__init__))
-        from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params as F16
 
-        _replace(F16, "__init__", _float16_optimizer_init_on_cpu(F16.__init__))
-        _PARALLEL_ACTIVE = True
+def _fix_cuda_device_modules() -> None:
+    cpu_torch = _CpuTorch()
+    for name in CUDA_DEVICE_MODULES:
+        _replace(importlib.import_module(name), "torch", cpu_torch)
+
+
+def _fix_rng_tracker() -> None:
+    import megatron.core.tensor_parallel.random as tp_random
+
+    _replace(tp_random, "_get_cuda_rng_state", _get_cpu_rng_state)
+    _replace(tp_random, "_set_cuda_rng_state", _set_cpu_rng_state)
+    _replace(tp_random, "CudaRNGStatesTracker", _make_cpu_tracker_class(tp_random.CudaRNGStatesTracker))
+    # Drop a tracker built before activation, so the next get_cuda_rng_tracker() makes a CPU one.
+    tp_random.initialize_rng_tracker(force_reset=True)
+
+
+def _fix_te_probe() -> None:
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    if not _have_te():
+        # extensions.transformer_engine imports without TE (its classes are MagicMocks), so MLA sets
+        # HAVE_TE = True and then isinstance(linear_proj, TELinear) raises a TypeError.
+        _replace(mla, "HAVE_TE", False)
+
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        # The failed TE import leaves the name undefined; RouterGatingLinearFunction tests it for None.
+        _replace(moe_utils, "te_general_gemm", None)
+
+
+def _fix_alltoall_split_sizes() -> None:
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+    _replace(token_dispatcher, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)
+
+
+def _fix_grad_norm() -> None:
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+
+    for module in (clip_grads, optimizer):
+        _replace(module, "get_grad_norm_fp32", _get_grad_norm_fp32)
+        _replace(module, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+
+
+def _fix_shared_embedding() -> None:
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _replace(
+        LanguageModule,
+        "setup_embeddings_and_output_layer",
+        _make_setup_embeddings(LanguageModule.setup_embeddings_and_output_layer),
+    )
+
+
+def _fix_expert_bias_uncompiled() -> None:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    compiled = TopKRouter.__dict__["_apply_expert_bias"]
+    _replace(TopKRouter, "_apply_expert_bias", getattr(compiled, "_torchdynamo_orig_callable", compiled))
+
+
+def _fix_mla_down_proj() -> None:
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    _replace(MLASelfAttention, "__init__", _mla_init_with_full_width_down_proj(MLASelfAttention.__init__))
+
+
+def _fix_float16_optimizer() -> None:
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params as F16
+
+    _replace(F16, "__init__", _float16_optimizer_init_on_cpu(F16.__init__))
+
+
+class Fix(NamedTuple):
+    """One CPU fix: its name, why upstream needs it on CPU, the test that pins it, and its installer."""
+
+    name: str
+    why: str
+    test: str
+    install: Callable[[], None]
+
+
+_T = "tests/unit/test_compat_cpu.py::"
+_TP = "tests/unit/test_compat_cpu_parallel.py::"
+# The one table of fixes, in install order (the module docstring describes each).
+FIXES: list[Fix] = [
+    Fix("cuda_device_modules", "listed modules ask for torch.cuda devices, streams and buffers",
+        _T + "test_listed_modules_still_ask_for_cuda_and_see_the_cpu_proxy", _fix_cuda_device_modules),
+    Fix("rng_tracker", "the tracker forks CUDA generator states",
+        _T + "test_rng_tracker_forks_cpu_states", _fix_rng_tracker),
+    Fix("te_probe", "MLA sees HAVE_TE with MagicMock TE classes; te_general_gemm is undefined",
+        _T + "test_mla_te_probe_and_router_gemm", _fix_te_probe),
+    Fix("alltoall_split_sizes", "CPU split sizes reach all_to_all_single as tensors",
+        _T + "test_alltoall_split_sizes_become_numpy", _fix_alltoall_split_sizes),
+    Fix("grad_norm", "grad norm and clipping use apex/TE kernels and cuda buffers",
+        _T + "test_grad_norm_and_clip_without_cuda", _fix_grad_norm),
+    Fix("shared_embedding", "the stage-shared embedding moves with .cuda() before its all-reduce",
+        _T + "test_two_ranks_tp_sp_ep_and_pp_match_single_rank", _fix_shared_embedding),
+    Fix("expert_bias_uncompiled", "inductor compiles a two-line add for seconds per process",
+        _T + "test_single_rank_training_step_through_megatron_schedule", _fix_expert_bias_uncompiled),
+    Fix("mla_down_proj", "TP>1 with sequence parallelism drops the other ranks' rope-key grads",
+        _TP + "test_mla_down_projections_upstream_path_still_drops_rope_key_grads", _fix_mla_down_proj),
+    Fix("float16_optimizer", "the bf16 optimizer sorts params by CUDA tensor type names only",
+        "tests/unit/test_precision.py::test_upstream_float16_optimizer_rejects_cpu_tensors",
+        _fix_float16_optimizer),
+]
+
+
+def activate() -> bool:
+    """Install every fix in FIXES once. A no-op when CUDA is available. Returns whether they are active."""
+    global _ACTIVE
+    if _ACTIVE:
+        return True
+    if cuda_in_use():
+        return False
+    for fix in FIXES:
+        fix.install()
+    _ACTIVE = True
     return True

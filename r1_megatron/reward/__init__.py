@@ -1,4 +1,4 @@
-"""Rule-based rewards (SPEC §2): registered components, their weighted total, and the scoring pool.
+"""Rule-based rewards (docs/grpo.md): registered components, their weighted total, and the scoring pool.
 
 The total is sum_k w_k * r_k over the components named in `reward.weights` that apply to the sample.
 What each component is scored against comes from the sample's ground truth:

@@ -1,4 +1,4 @@
-"""Assert-style code tests judged by value, outside the sandbox (SPEC §2 "code").
+"""Assert-style code tests judged by value, outside the sandbox (docs/grpo.md#rewards).
 
 An assert test is python run after the candidate's program. Run as is, it lets the candidate's objects
 judge themselves: a result whose `__eq__` always returns True passes `assert f(2) == 4`. So each

@@ -1,4 +1,4 @@
-"""Code reward (SPEC §2 "code"): run the response's last fenced python block against test cases.
+"""Code reward (docs/grpo.md#rewards): run the response's last fenced python block against test cases.
 
 A test case is {"stdin": str, "stdout": str} (stdin may be absent: empty input) or {"assert": str}
 (python run after the program, in its namespace). An stdin test passes when the program exits 0 and

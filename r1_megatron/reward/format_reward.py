@@ -1,4 +1,4 @@
-"""Format reward (SPEC §2): 1 when the response is exactly one `<think>…</think>` block followed by a
+"""Format reward (docs/grpo.md): 1 when the response is exactly one `<think>…</think>` block followed by a
 non-empty answer part, else 0.
 
 Who opens the think block: the R1-Zero template (and DeepSeek-R1's chat template) end the prompt with

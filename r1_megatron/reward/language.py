@@ -1,4 +1,4 @@
-"""Language-consistency reward (SPEC §2, DeepSeek-R1 §2.3.3): the share of the chain-of-thought's words
+"""Language-consistency reward (docs/grpo.md, DeepSeek-R1 §2.3.3): the share of the chain-of-thought's words
 that are written in the target language's script, in [0, 1].
 
 How words are counted (by Unicode script, no model, no network):

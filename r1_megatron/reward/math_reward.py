@@ -1,4 +1,4 @@
-"""Accuracy reward for math (SPEC §2): the last balanced `\\boxed{…}` (or `\\fbox{…}`), else the last
+"""Accuracy reward for math (docs/grpo.md): the last balanced `\\boxed{…}` (or `\\fbox{…}`), else the last
 `<answer>…</answer>`, checked against the ground truth by math-verify, with sympy as the fallback.
 
 Decisions worth knowing:

@@ -1,4 +1,4 @@
-"""Asynchronous reward scoring in worker processes with a hard per-item timeout (SPEC §2).
+"""Asynchronous reward scoring in worker processes with a hard per-item timeout (docs/grpo.md#rewards).
 
     pool = RewardPool(cfg.reward)
     ticket = pool.submit([(response, ground_truth), ...])   # returns at once; workers start scoring

@@ -1,4 +1,4 @@
-"""Run untrusted Python against test cases, contained (SPEC §2 "Sandbox").
+"""Run untrusted Python against test cases, contained (docs/grpo.md#rewards).
 
 Isolation levels, strongest first. `isolation_level()` says which one is active, and it is logged once.
 - "bwrap": bubblewrap with new user, pid, net, ipc, uts and cgroup namespaces, and no further user

@@ -1,4 +1,4 @@
-"""Group-relative advantages (SPEC §1) as pure tensor functions, plus one function that applies them.
+"""Group-relative advantages (docs/grpo.md) as pure tensor functions, plus one function that applies them.
 
 Rewards come as a [num_groups, G] matrix (`RolloutBatch.group_index` gives the layout).
 Order of operations in `assign_advantages`: overlong reward shaping, then KL-in-reward, then
@@ -7,7 +7,7 @@ baseline and (optional) std normalization.
 Choices where the papers leave room:
 - `baseline` and `std_normalize` compose: leave-one-out subtracts mean(r_{j!=i}), and with
   std_normalize still on, divides by the group std, so (r_i - mean_{-i}) = G/(G-1) (r_i - mean).
-  Set std_normalize: false for the plain RLOO advantage the SPEC states.
+  Set std_normalize: false for the plain RLOO advantage.
 - `overlong: penalty` replaces a truncated sample's reward by -1. `soft_penalty` is DAPO's length
   penalty, added to the reward of every sample whose length reaches into the last `buffer` tokens.
   `mask` keeps the truncated sample's reward in its group's statistics (as DAPO's overlong

@@ -1,4 +1,4 @@
-"""Off-policy masks for the training-inference mismatch (SPEC §10), as pure tensor functions.
+"""Off-policy masks for the training-inference mismatch (docs/grpo.md), as pure tensor functions.
 
 Each mask decides, from the trainer's log pi_old and vLLM's log pi_rollout, which loss tokens stay:
 
@@ -16,7 +16,7 @@ Each mask decides, from the trainer's log pi_old and vLLM's log pi_rollout, whic
   normalizer (`LossNorm`) as well as the numerator, and so that any split into microbatches or DP
   ranks gives the same gradient. With one update per rollout batch the two are the same.
 
-A removed token leaves both the loss numerator and its normalizer (SPEC §10): `apply_masks` zeroes
+A removed token leaves both the loss numerator and its normalizer (docs/grpo.md): `apply_masks` zeroes
 the microbatches' loss_mask, recounts each sequence's loss tokens (token_seq_len), and `masked_norm`
 recounts the global LossNorm over all DP ranks. The fraction each mask removes is logged (as a
 fraction of the loss tokens before masking; a token removed by two masks counts in both).

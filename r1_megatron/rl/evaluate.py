@@ -1,5 +1,5 @@
 """Held-out accuracy during RL: pass@1 as the mean correctness over k samples per prompt at
-T = 0.6, top-p 0.95 (SPEC §8), on the task's eval split, scored by the same reward pool."""
+T = 0.6, top-p 0.95 (docs/architecture.md), on the task's eval split, scored by the same reward pool."""
 
 from __future__ import annotations
 

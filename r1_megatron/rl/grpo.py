@@ -133,7 +133,7 @@ def gather_samples(local: list[Sample]) -> list[Sample]:
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Reward, accuracy, format and length statistics of one rollout batch (SPEC §1 "Logged")."""
+    """Reward, accuracy, format and length statistics of one rollout batch (docs/grpo.md)."""
     rewards = batch.rewards()
     lengths = batch.response_lengths().float()
     out = {
@@ -219,7 +219,7 @@ def attach_logprobs(trainer, mbs: list[Microbatch], name: str) -> None:
 
 
 def fuses_old_logprobs(cfg: RLConfig) -> bool:
-    """Whether log pi_old comes from the training forward itself (rl.old_logprob_pass, SPEC §1): with one
+    """Whether log pi_old comes from the training forward itself (rl.old_logprob_pass, docs/grpo.md): with one
     optimizer step per rollout batch, the trainer's weights before the update are pi_old, so the
     separate forward would recompute exactly the logprobs the training forward computes. Not with an
     off-policy mask (rl/corrections.py): it is fixed from pi_old before the update."""

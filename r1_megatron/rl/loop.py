@@ -12,7 +12,7 @@ policy's own samples would be an SFT term. When it drafts the rollouts (rollout.
 should follow the policy: rl.mtp_loss_coef > 0 adds that loss with the trunk detached
 (rl.mtp_detach_trunk, default), so only the head learns the policy's next-next token and the
 policy's gradients stay those of the GRPO loss (rl/mtp.py); every refit carries the head to vLLM's drafter.
-Departures from the paper are config switches (SPEC §1): Dr. GRPO / leave-one-out baselines,
+Departures from the paper are config switches (docs/grpo.md): Dr. GRPO / leave-one-out baselines,
 clip-higher, dynamic sampling, overlong shaping, TIS, KL in the reward instead of the loss.
 
 One step off policy (rollout.async: one_step, separate engines; rl/async_rollout.py): the engines

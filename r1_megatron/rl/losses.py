@@ -1,4 +1,4 @@
-"""The GRPO per-token policy loss (SPEC §1) as pure tensor functions, registered by name.
+"""The GRPO per-token policy loss (docs/grpo.md) as pure tensor functions, registered by name.
 
 Layout-free: every per-token input has the same shape ([B, T] padded rows, [1, T] packed rows, or
 flat), and positions with loss_mask == 0 (prompt, padding, other sequences' boundaries) drop out.

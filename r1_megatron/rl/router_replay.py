@@ -1,4 +1,4 @@
-"""Router replay (SPEC §10) and the rollout-vs-trainer routing mismatch.
+"""Router replay (docs/grpo.md#router-replay) and the rollout-vs-trainer routing mismatch.
 
 `rl.router_replay: r3` makes every MoE layer of the trainer's forward (log pi_old and the update)
 select exactly the experts vLLM selected while sampling (`Sample.routed_experts`: logical ids per

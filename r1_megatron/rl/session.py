@@ -43,7 +43,7 @@ def load_initial_weights(trainer: Trainer, source: str) -> None:
 
 
 class Reference:
-    """The frozen policy at the start of RL. It lives on the host between its forwards (SPEC §7):
+    """The frozen policy at the start of RL. It lives on the host between its forwards (docs/architecture.md):
     its storages are offloaded except inside `logprobs`. Forward-only: the model chunk in the
     training dtype with no DDP grad buffers, optimizer or schedule; the same forward_logprobs path."""
 
@@ -150,7 +150,7 @@ class RunState:
     # -- the loop's verbs ---------------------------------------------------------------------
     def refit(self, offload: TrainerOffload | None = None) -> dict:
         """Stream the trainer's weights into every engine; the canary compares each engine's logprobs
-        with the trainer's (SPEC §5). A failure on any rank raises the same EngineFailure on all. With
+        with the trainer's (docs/hf_format.md). A failure on any rank raises one EngineFailure on all. With
         `offload`, in the order of offload/'s module doc: grads and optimizer state leave before the
         engine wakes its weights, the params once the stream is in, before the KV cache wakes."""
         from r1_megatron.rollout.placement import agree

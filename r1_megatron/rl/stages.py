@@ -1,4 +1,4 @@
-"""The stages of the R1 recipe (SPEC §8) and what each one reads and writes.
+"""The stages of the R1 recipe (docs/architecture.md#the-r1-recipe) and what each one reads and writes.
 
 Every stage writes DIR/<name>/ and returns a record (kept in done.json) naming its outputs, relative
 to DIR. Kinds:

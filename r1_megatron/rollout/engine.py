@@ -1,4 +1,4 @@
-"""The rollout engine interface: what the GRPO loop asks of any generator (DESIGN "Interfaces").
+"""The rollout engine interface: what the GRPO loop asks of any generator (docs/architecture.md#interfaces).
 
 Four verbs carry a step: `generate` (or `generate_stream`) samples G responses per prompt with the
 logprob of every sampled token, `update_weights` takes the trainer's weights as a stream of (HF name,

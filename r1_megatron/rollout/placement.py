@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig
+from r1_megatron.rollout.vllm_process import vllm_log_level
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def build_rollout(cfg: JobConfig, device: torch.device):
     """(the engine this rank takes part in, its EngineSlot). Collective: every rank calls it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    vllm_log_level(cfg.logging.verbose)  # before vLLM is imported; spawned engines inherit it
     if cfg.rollout.placement == "separate":
         slot, engine, error = separate_slot(rank), None, None
         if slot.leader:

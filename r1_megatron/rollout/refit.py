@@ -5,7 +5,7 @@ groups them into buckets of at most `rollout.bucket_mb`, so at most one bucket o
 is alive on the trainer side while the engine consumes it. Tensors are never split: the engine
 loads whole tensors, so one larger than a bucket travels alone in its own bucket.
 
-After the load, a canary (SPEC §5) scores tokens with the engine and compares them against the
+After the load, a canary (docs/hf_format.md) scores tokens with the engine and compares them against the
 trainer's logprobs of the same tokens. The tokens are the model's own: a continuation the engine
 sampled (temperature 1) for fixed random prompts with the previous weights, at the end of the
 previous refit (or when the Refitter was built), so the check needs no extra wake-up of the engine.

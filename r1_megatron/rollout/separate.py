@@ -16,7 +16,7 @@ Weights:
   reused by every later refit: the trainer copies the stream into it and sends each engine a short
   ("load", version); the engine loads from views of the same buffer
   through VLLMEngine.update_weights (the fast in-place refit, else reload_weights plus the CPU MoE
-  re-pack). Measured 1.8 ms for 20 MiB (notes/platform.md), against 60-90 ms for pickled tensors.
+  re-pack). Measured 1.8 ms for 20 MiB (docs/cpu_platform.md), against 60-90 ms for pickled tensors.
 - GPU: vLLM's weight-transfer API (`weight_transfer_config` backend nccl): rank 0 broadcasts each
   refit bucket to every engine worker over one NCCL group. Written against vLLM 0.32, not run here.
 

@@ -17,7 +17,7 @@ Any failure answers ("error", phase, message); the trainer decides whether to re
 
 The trainer's environment is inherited, and vLLM reads torchrun's variables (RANK, WORLD_SIZE,
 MASTER_*) to decide that it runs under an external launcher. They are dropped before vLLM is
-imported (notes/platform.md "An engine in its own spawned process").
+imported (docs/cpu_platform.md#other-things-to-know).
 """
 
 from __future__ import annotations

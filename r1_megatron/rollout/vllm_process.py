@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import random
 from collections.abc import Iterator
@@ -13,6 +14,19 @@ from typing import Any
 import torch
 
 from r1_megatron.rollout.engine import RolloutError
+
+
+def vllm_log_level(verbose: bool = False) -> str:
+    """Set the level vLLM logs at, before vLLM is imported: WARNING, or INFO with logging.verbose.
+
+    vLLM 0.32 reads VLLM_LOGGING_LEVEL (vllm/envs.py) when `vllm.logger` is first imported and builds
+    its "vllm" logger from it. At its default INFO it prints a line per engine event, one of them
+    "Successfully reset prefix cache" after every refit, which breaks the progress bar. A level the
+    user set in VLLM_LOGGING_LEVEL wins, and the first call in a process decides; the "vllm" logger's
+    own level is set too, in case vLLM was imported before. Returns the level in force."""
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING").upper()
+    logging.getLogger("vllm").setLevel(level)
+    return level
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Redundant hotspot experts (SPEC §3) on 2 and 4 gloo ranks, micro_moe card, fp32.
+"""Redundant hotspot experts (docs/architecture.md) on 2 and 4 gloo ranks, micro_moe card, fp32.
 
 Guarantees:
 - EP 2 with 2 redundant slots computes the no-redundancy model: the same loss and grad norm each

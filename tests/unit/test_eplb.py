@@ -1,4 +1,4 @@
-"""EPLB placement (SPEC §3, §4) against hand-computed cases, brute force and the reference algorithm.
+"""EPLB placement (docs/architecture.md) against hand-computed cases, brute force and the reference algorithm.
 
 Guarantees:
 - balanced_packing, replicate and pack_replicas give the hand-computed results on tiny inputs.

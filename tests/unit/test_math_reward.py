@@ -75,7 +75,7 @@ CASES = [
     (r"Therefore, \boxed{7} apples remain.", "7", True),
     ("<answer>It is 8</answer>", "7", False),
     ("<think>6 is wrong</think><answer>6</answer>", "7", False),
-    # SPEC §2: a box anywhere wins over <answer>, even a box inside the think block
+    # docs/grpo.md#rewards: a box anywhere wins over <answer>, even a box inside the think block
     (r"<think>I get \boxed{3}</think><answer>5</answer>", "3", True),
     # several boxes: the last balanced one counts
     (r"\boxed{1} wait, actually \boxed{2}", "2", True),
