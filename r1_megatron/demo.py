@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     sft_cfg = dataclasses.replace(cfg, optim=sft_optim)
     base_root = sft_base(sft_cfg, out, sft_steps)
     from r1_megatron.rl import loop
-    from r1_megatron.rl.metrics import plot_curve, read_metrics
+    from r1_megatron.train.metrics import plot_curve, read_metrics
     from r1_megatron.rl.session import RunState, export_hf, is_rank0
 
     rl_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=str(base_root)))

@@ -138,7 +138,7 @@ def _hf_to_mcore_parallel(
     from r1_megatron.checkpoint import hf_shard, integrity
     from r1_megatron.checkpoint.dist import inference_config
     from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     tp, pp, ep = layout
     job = inference_config(cfg, tp=tp, pp=pp, ep=ep)

@@ -53,7 +53,7 @@ from r1_megatron.checkpoint.mcore_io import CARD_FILE, read_card
 from r1_megatron.config.schema import JobConfig, ModelConfig, ParallelConfig
 from r1_megatron.parallel.device import seed_all
 from r1_megatron.rl.nonfinite import first_nonfinite_weight
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.trainer import Trainer
 
 LATEST = "latest"
 CONFIG_FILE = "config.yaml"

@@ -54,9 +54,9 @@ def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step:
     from r1_megatron.checkpoint import dist as dist_ckpt
     from r1_megatron.data.tokenizer import job_tokenizer
     from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.microbatch import shard_for_data_parallel
+    from r1_megatron.train.microbatch import shard_for_data_parallel
     from r1_megatron.rl.sft import SFTData, local_loss_tokens, sft_loss, tokenize_pairs
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     if not pairs:
         raise ValueError("SFT: no prompt/response pairs to train on")

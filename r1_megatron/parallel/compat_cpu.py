@@ -391,7 +391,7 @@ def _have_te() -> bool:
 
 # =============================================================================================
 # Parallel-training additions (data parallelism and the optimizer), owned by the trainer
-# (parallel/groups.py, rl/train_step.py, checkpoint/dist.py) and tested in
+# (parallel/groups.py, train/trainer.py, checkpoint/dist.py) and tested in
 # tests/unit/test_compat_cpu_parallel.py. Module-level, so activate() above picks them up when it runs.
 # =============================================================================================
 

@@ -13,8 +13,8 @@ from r1_megatron.checkpoint import dist as dist_ckpt
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.model.attention import supports_shared_prefix
 from r1_megatron.offload import Offloader, TrainerOffload, model_tensors
-from r1_megatron.rl.microbatch import Microbatch
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.microbatch import Microbatch
+from r1_megatron.train.trainer import Trainer
 from r1_megatron.rollout.weight_export import export_weights
 
 

@@ -2,7 +2,7 @@
 
 Loss: token-mean negative log-likelihood over the *global* batch (all microbatches of all DP ranks),
 counting only response tokens: each microbatch contributes sum(-logp * mask) / N_global, so the
-trainer's summed objective is the same for any split (see rl/train_step.py).
+trainer's summed objective is the same for any split (see train/trainer.py).
 
 Data: prompt/response pairs (a JSONL with "prompt" and "response", or the built-in task's worked
 solutions) are tokenized with the chat template, packed best-fit into rows of data.seq_length tokens,
@@ -20,7 +20,7 @@ import torch
 
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.data.packing import pack
-from r1_megatron.rl.microbatch import Microbatch, packed_microbatches
+from r1_megatron.train.microbatch import Microbatch, packed_microbatches
 
 
 def sft_loss(num_tokens: float):
@@ -135,7 +135,7 @@ def run_sft(cfg: JobConfig, tokenizer=None) -> dict[str, float]:
     from r1_megatron.data.tokenizer import check_vocab, job_tokenizer
     from r1_megatron.distill.student import train_sft
     from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.metrics import MetricsLogger
+    from r1_megatron.train.metrics import MetricsLogger
 
     tok = tokenizer or job_tokenizer(cfg)
     check_vocab(tok, cfg)

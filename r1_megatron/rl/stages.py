@@ -315,7 +315,7 @@ def _trained(ctx: Context, trainer, result, spec: StageSpec, job: JobConfig, d: 
 
 
 def _sft_log(job: JobConfig, d: Path):
-    from r1_megatron.rl.metrics import MetricsLogger
+    from r1_megatron.train.metrics import MetricsLogger
 
     logger = MetricsLogger(job.logging, d)
 

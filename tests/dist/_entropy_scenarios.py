@@ -61,7 +61,7 @@ def grpo_step(trainer, record_logits: bool = False) -> dict:
 
 def reference(out: Path) -> None:
     from r1_megatron.checkpoint import dist as ckpt
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     cfg = job_config()
     layout, device = start(cfg)

@@ -87,7 +87,7 @@ def resume(out: Path, spec: str, refuse: bool) -> None:
 
 def gpu(out: Path) -> None:
     from r1_megatron.checkpoint import dist as ckpt
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     layout, device = start(gpu_config(True))
     trainer = Trainer(gpu_config(True), layout, device)

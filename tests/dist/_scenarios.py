@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from r1_megatron.config.loader import load_config  # noqa: E402
 from r1_megatron.config.schema import JobConfig  # noqa: E402
 from r1_megatron.data.packing import pack  # noqa: E402
-from r1_megatron.rl.microbatch import packed_microbatches, shard_for_data_parallel  # noqa: E402
+from r1_megatron.train.microbatch import packed_microbatches, shard_for_data_parallel  # noqa: E402
 from r1_megatron.rl.sft import local_loss_tokens, sft_loss  # noqa: E402
 
 CONFIG = "configs/micro_moe_sft.yaml"
@@ -98,7 +98,7 @@ def start(cfg: JobConfig):
 def build(cfg: JobConfig, world: int):
     from r1_megatron.parallel.device import seed_all
     from r1_megatron.parallel.groups import resolve_layout, set_layout
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     layout = resolve_layout(cfg, world)
     set_layout(layout)
@@ -120,7 +120,7 @@ def reference(out: Path) -> None:
 
     cfg = job_config()
     layout, device = start(cfg)
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     trainer = Trainer(cfg, layout, device)
     init = ckpt.save(trainer, out / "init")

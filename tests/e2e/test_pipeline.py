@@ -115,7 +115,7 @@ def test_student_export_matches_transformers(recipe):
     from r1_megatron.model.provider import forward_logits
     from r1_megatron.parallel.groups import init_process_groups
     from r1_megatron.rl.session import load_initial_weights
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     _, out, _ = recipe
     cfg = config_from_resolved(out / "distill" / "config.resolved.yaml")

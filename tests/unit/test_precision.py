@@ -30,7 +30,7 @@ from r1_megatron.plan import GiB, Layout
 from r1_megatron.plan.memory import stage_weights
 from r1_megatron.plan.report import plan_job
 from r1_megatron.rl.sft import local_loss_tokens, sft_loss
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.trainer import Trainer
 from tests.dist._scenarios import global_batch
 
 CONFIG = "configs/micro_moe_sft.yaml"

@@ -27,7 +27,7 @@ from r1_megatron.parallel.groups import resolve_layout
 from r1_megatron.rl.nonfinite import NonFiniteError
 from r1_megatron.rl.session import Reference
 from r1_megatron.rl.sft import local_loss_tokens, sft_loss
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.trainer import Trainer
 from tests.dist._scenarios import global_batch
 
 CONFIG = "configs/micro_moe_sft.yaml"
