@@ -27,14 +27,14 @@ from r1_megatron.config.loader import CONFIGS_DIR
 def sft_base(cfg, out: Path, steps: int) -> Path:
     """Train the weak base from random init (resumable); returns its checkpoint root."""
     from r1_megatron.data.tasks import make_items, sft_pairs
-    from r1_megatron.distill.student import train_sft
+    from r1_megatron.train.sft import train_sft
     from r1_megatron.rl.grpo import task_kwargs
 
     items = make_items(n=cfg.data.sft_examples, **task_kwargs(cfg, "train"))
     pairs = sft_pairs(items, seed=cfg.data.seed, wrong_fraction=cfg.data.sft_wrong_fraction)
     job = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, dir=str(out / "sft_checkpoints")))
 
-    from r1_megatron.rl.session import is_rank0
+    from r1_megatron.train.metrics import is_rank0
 
     def log(step: int, metrics: dict) -> None:
         if is_rank0() and (step % 25 == 1 or step == steps):
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     sft_cfg = dataclasses.replace(cfg, optim=sft_optim)
     base_root = sft_base(sft_cfg, out, sft_steps)
     from r1_megatron.rl import loop
-    from r1_megatron.train.metrics import plot_curve, read_metrics
-    from r1_megatron.rl.session import RunState, export_hf, is_rank0
+    from r1_megatron.rl.session import RunState
+    from r1_megatron.train.metrics import is_rank0, plot_curve, read_metrics
+    from r1_megatron.train.weights import export_hf
 
     rl_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=str(base_root)))
     run = RunState(rl_cfg)

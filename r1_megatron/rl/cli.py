@@ -36,7 +36,7 @@ def sft_main(argv: list[str]) -> int:
         cfg = load_config(path, overrides)
         resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # fails here, before any collective
         from r1_megatron.parallel.groups import destroy_process_groups
-        from r1_megatron.rl.sft import run_sft
+        from r1_megatron.train.sft import run_sft
 
         run_sft(cfg)  # starts the process groups (distill/student.py train_sft)
         destroy_process_groups()

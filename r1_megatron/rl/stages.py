@@ -304,7 +304,7 @@ def _teacher_hf(ctx: Context, source: dict | None, job: JobConfig) -> Path:
 
 def _trained(ctx: Context, trainer, result, spec: StageSpec, job: JobConfig, d: Path) -> dict:
     """Export the trained policy and measure its pass@1 (eval_prompts > 0)."""
-    from r1_megatron.distill.student import export_hf
+    from r1_megatron.train.weights import export_hf
 
     hf = export_hf(trainer, d / "hf")
     record = {"outputs": {"checkpoint": ctx.rel(result.checkpoint), "hf": ctx.rel(hf)},
@@ -328,31 +328,18 @@ def _sft_log(job: JobConfig, d: Path):
 
 
 def _sft(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import train_sft
+    from r1_megatron.train.sft import load_pairs, train_sft
 
     logger, log = _sft_log(job, d)
     try:
-        trainer, result = train_sft(job, task_pairs(job), spec.steps, spec.pairs_per_step, log)
+        trainer, result = train_sft(job, load_pairs(job), spec.steps, spec.pairs_per_step, log)
     finally:
         logger.close()
     return _trained(ctx, trainer, result, spec, job, d)
 
 
-def task_pairs(job: JobConfig) -> list[dict]:
-    """Cold-start SFT pairs: data.train_file, else data.sft_examples worked solutions of the task."""
-    if job.data.train_file:
-        from r1_megatron.data.jsonl import read_jsonl
-
-        return read_jsonl(job.data.train_file, "sft", strict=True)[0]
-    from r1_megatron.data.tasks import make_items, sft_pairs
-    from r1_megatron.rl.grpo import task_kwargs
-
-    items = make_items(n=job.data.sft_examples, **task_kwargs(job, "train"))
-    return sft_pairs(items, seed=job.data.seed, wrong_fraction=job.data.sft_wrong_fraction)
-
-
 def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import export_hf
+    from r1_megatron.train.weights import export_hf
     from r1_megatron.rl import loop, session
 
     run = session.RunState(job)  # resumes from checkpoint.dir/latest, else loads checkpoint.load
@@ -373,7 +360,7 @@ def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict |
 
 def _sft_on(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, records: list[dict]) -> dict:
     """SFT the stage's model on `records` (logged to the stage dir); the stage record of the result."""
-    from r1_megatron.distill.student import train_sft
+    from r1_megatron.train.sft import train_sft
 
     logger, log = _sft_log(job, d)
     try:
@@ -384,7 +371,7 @@ def _sft_on(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, records: lis
 
 
 def _rejection(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import sample_traces
+    from r1_megatron.distill.traces import sample_traces
 
     records, counts = sample_traces(spec, job, _teacher_hf(ctx, source, job), d)
     out = _sft_on(ctx, spec, job, d, records)
@@ -393,7 +380,7 @@ def _rejection(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: d
 
 
 def _distill(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import sample_traces
+    from r1_megatron.distill.traces import sample_traces
 
     if spec.traces:
         from r1_megatron.data.jsonl import read_jsonl

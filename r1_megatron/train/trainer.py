@@ -302,12 +302,3 @@ class Trainer:
                 dist.broadcast(lp, src=src, group=group)
             result.append(lp[:, : orig.shape[1]].cpu())
         return result
-
-    # ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Non-sharded trainer state that goes into every checkpoint (step and LR schedule)."""
-        return {"step": self.step, "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.scheduler.load_state_dict(state["scheduler"])

@@ -149,7 +149,7 @@ def equivalence(out: Path) -> None:
 
 
 def checkpoint(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = job_config(ep=2, redundant_experts=4)
     start(cfg)

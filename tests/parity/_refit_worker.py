@@ -58,7 +58,8 @@ def export(out: Path, tag: str, spec: str) -> None:
 
     from r1_megatron.parallel.device import seed_all
     from r1_megatron.parallel.groups import init_process_groups, resolve_layout, set_layout
-    from r1_megatron.rl.session import export_hf, weight_stream
+    from r1_megatron.rl.session import weight_stream
+    from r1_megatron.train.weights import export_hf
     from r1_megatron.train.trainer import Trainer
 
     cfg = job_config(tag, spec)

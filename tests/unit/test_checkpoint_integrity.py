@@ -23,7 +23,7 @@ import torch
 
 from r1_megatron.checkpoint import dist as dist_ckpt
 from r1_megatron.checkpoint import integrity
-from r1_megatron.checkpoint.convert import hf_to_mcore, mcore_to_hf
+from r1_megatron.train.convert_job import hf_to_mcore, mcore_to_hf
 from r1_megatron.config.loader import load_card
 from r1_megatron.model.provider import build_model
 from r1_megatron.model.random_hf import make_hf_checkpoint

@@ -67,7 +67,7 @@ def score_file(
     ckpt: str | Path, input_path: str | Path, output_path: str | Path, verify: str = "full"
 ) -> int:
     """Score every line; returns the number of lines written."""
-    from r1_megatron.checkpoint.convert import load_any
+    from r1_megatron.train.convert_job import load_any
 
     model, cfg = load_any(ckpt, verify=verify)
     model.eval()
@@ -94,7 +94,7 @@ def score_file_parallel(
     import torch.distributed as dist
 
     from r1_megatron.checkpoint import mcore_io
-    from r1_megatron.checkpoint.dist import open_for_inference
+    from r1_megatron.train.forward import ForwardModel
     from r1_megatron.train.microbatch import Microbatch
 
     if not mcore_io.is_mcore_dir(ckpt):
@@ -103,7 +103,7 @@ def score_file_parallel(
     requests = list(read_requests(input_path, vocab))  # every line checked before any collective
     tp, pp, ep = layout
     try:
-        trainer = open_for_inference(ckpt, tp=tp, pp=pp, ep=ep, verify=verify)
+        trainer = ForwardModel.open(ckpt, tp=tp, pp=pp, ep=ep, verify=verify).trainer
     except CheckpointError as e:
         raise ConversionError(str(e)) from e
     mbs = []
