@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "convert": ("r1_megatron.train.convert_job", "main", "hf-to-mcore / mcore-to-hf checkpoint conversion"),
     "reward": ("r1_megatron.reward.cli", "main", "score one response (math) or program (code)"),
     "eplb": ("r1_megatron.rollout.eplb_cli", "main", "plan redundant-expert placement from loads"),
-    "pipeline": ("r1_megatron.pipeline", "main", "run a multi-stage R1 recipe config"),
+    "pipeline": ("r1_megatron.pipeline.run", "main", "run a multi-stage R1 recipe config"),
     "eval": ("r1_megatron.eval.cli", "main", "pass@1 / cons@k of a checkpoint on a prompt set"),
     "rejection": ("r1_megatron.distill.rejection", "main", "rejection-sample a checkpoint into an SFT JSONL"),
     "plan": ("r1_megatron.plan.cli", "main", "memory/communication plan for a config and layout"),

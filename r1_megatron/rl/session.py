@@ -238,7 +238,7 @@ class RunState:
     def evaluate(self, n: int | None = None) -> float:
         """Held-out pass@1 of the trainer's current weights (refit first; mean over rl.eval_samples
         samples, T=0.6, top-p 0.95); the same value on every rank."""
-        from r1_megatron.rl.evaluate import heldout_correct
+        from r1_megatron.eval.runner import heldout_correct
 
         self.refit()
         # Each engine scores its share of the items (its leader scores); the sums meet on every rank.

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1_megatron.pipeline import main
+from r1_megatron.pipeline.run import main
 
 OVERRIDES = """
 base: demo_cpu
