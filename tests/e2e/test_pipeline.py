@@ -150,7 +150,7 @@ class Interrupted(RuntimeError):
 
 
 def _interrupt_after_save(monkeypatch, stage_dir: Path, step: int) -> None:
-    """Make checkpoint.dist.save raise right after it commits `stage_dir`'s checkpoint of `step`."""
+    """Make train.checkpointing.save raise right after it commits `stage_dir`'s checkpoint of `step`."""
     from r1_megatron.train import checkpointing as dist_ckpt
 
     real = dist_ckpt.save

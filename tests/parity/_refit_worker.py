@@ -7,7 +7,7 @@ it builds the tiny_moe trainer from seed SEEDS[tag] and writes, through the prod
                        list of (HF name, tensor) pairs. In a GRPO run it goes into the colocated engines in
                        process (tests/dist/test_grpo_layouts.py); here the file carries it to an engine
                        in the pytest process, to compare against a fresh engine there.
-  OUT/<tag>_hf/        the HF export of the same weights (rl/session.py `export_hf`, which builds the
+  OUT/<tag>_hf/        the HF export of the same weights (train/weights.py `export_hf`, which builds the
                        engine's initial checkpoint in a GRPO run).
 """
 

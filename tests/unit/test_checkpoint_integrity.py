@@ -127,7 +127,7 @@ def test_truncated_download_without_manifest_is_named_from_its_header(dirs, tmp_
 
 
 def test_initial_weights_load_names_the_damaged_file(dirs, tmp_path):
-    """What `checkpoint.load` runs (rl/session.py load_initial_weights) for a megatron directory."""
+    """What `checkpoint.load` runs (train/weights.py load_initial_weights) for a megatron directory."""
     ckpt = shutil.copytree(dirs["mcore"], tmp_path / "ckpt")
     shard = _shard(ckpt)
     _damage(shard, "flip")
