@@ -22,7 +22,7 @@ from r1_megatron.config import JobConfig, load_config
 from r1_megatron.config.loader import load_card
 from r1_megatron.model.random_hf import make_hf_checkpoint
 from r1_megatron.rl import session
-from r1_megatron.rl.metrics import read_metrics
+from r1_megatron.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("refit", "rollout", "logprobs", "train")

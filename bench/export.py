@@ -76,10 +76,10 @@ def _check(trainer, exported: dict[str, torch.Tensor]) -> None:
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from r1_megatron.checkpoint.dist import inference_config
+    from r1_megatron.train.forward import inference_config
     from r1_megatron.config.loader import load_card
     from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
     from r1_megatron.rollout.weight_export import export_weights
 
     cfg = inference_config(load_card(args.card), tp=2, ep=2)

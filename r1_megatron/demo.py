@@ -20,19 +20,14 @@ from pathlib import Path
 
 def sft_base(cfg, out: Path, steps: int) -> Path:
     """Train the weak base from random init (resumable); returns its checkpoint root."""
-    from r1_megatron.data.tasks import make_items, sft_pairs
-    from r1_megatron.distill.student import train_sft
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.train.metrics import is_rank0
+    from r1_megatron.train.sft import load_pairs, train_sft
 
-    items = make_items(n=cfg.data.sft_examples, **task_kwargs(cfg, "train"))
-    pairs = sft_pairs(items, seed=cfg.data.seed, wrong_fraction=cfg.data.sft_wrong_fraction)
     job = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, dir=str(out / "sft_checkpoints")))
-
-    from r1_megatron.rl.session import is_rank0
 
     def log(step: int, metrics: dict) -> None:
         if is_rank0() and (step % 25 == 1 or step == steps):
             print(f"sft step {step}/{steps} loss {metrics['loss']:.4f}", flush=True)
 
-    _, result = train_sft(job, pairs, steps, cfg.data.sft_pairs_per_step, log=log)
+    _, result = train_sft(job, load_pairs(cfg), steps, cfg.data.sft_pairs_per_step, log=log)
     return result.checkpoint

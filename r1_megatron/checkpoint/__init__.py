@@ -1,2 +1,3 @@
-"""Checkpoints: the HF name table (hf.py), HF directories (hf_io.py), megatron dist_checkpointing
-(mcore_io.py), conversion and scoring (their `r1m convert` / `r1m score` commands are in cli/)."""
+"""Checkpoint formats: the HF name table (hf.py), the model card against an HF config (hf_card.py),
+HF directories (hf_io.py, hf_shard.py), megatron dist_checkpointing (mcore_io.py, dist.py) and file
+integrity (integrity.py). The jobs that build models to convert or score are train/'s."""

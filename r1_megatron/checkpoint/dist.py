@@ -1,4 +1,7 @@
-"""Distributed training checkpoints: save, resume, reshard (megatron dist_checkpointing, torch_dist).
+"""Distributed training checkpoints: save, load, reshard (megatron dist_checkpointing, torch_dist).
+
+What is saved comes in as a TrainState (model chunks, optimizer, scheduler, step, ...); the Trainer's
+own save / load / resume, which build it, are train/checkpointing.py.
 
 A checkpoint root holds one directory per saved step and a `latest` pointer:
 
@@ -36,7 +39,9 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,14 +51,12 @@ from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, 
 from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedObject
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.utils import unwrap_model
 
 from r1_megatron.checkpoint import integrity
 from r1_megatron.checkpoint.integrity import CheckpointError, CorruptCheckpoint
-from r1_megatron.checkpoint.mcore_io import CARD_FILE, read_card
-from r1_megatron.config.schema import JobConfig, ModelConfig, ParallelConfig
-from r1_megatron.parallel.device import seed_all
-from r1_megatron.rl.nonfinite import first_nonfinite_weight
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.checkpoint.mcore_io import CARD_FILE
+from r1_megatron.config.schema import JobConfig, ParallelConfig
 
 LATEST = "latest"
 CONFIG_FILE = "config.yaml"
@@ -65,6 +68,29 @@ _OPTIMIZER_METADATA = {"chained_optim_avoid_prefix": True,
                        "distrib_optim_sharding_type": "fully_sharded_model_space"}
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """One rank's share of a training checkpoint, handed over as torchtitan's CheckpointManager takes
+    it: the model chunks, the optimizer and the LR scheduler (both None: forward-only, weights only),
+    the job config (model card, seed, checkpoint options), this run's layout, the optimizer steps
+    taken (`load` sets it), and the redundant-expert state (state_dict / load_state_dict; None
+    without routed experts), and the reseed used when a checkpoint of another layout loads."""
+
+    model: list[torch.nn.Module]
+    optimizer: Any | None
+    scheduler: Any | None
+    cfg: JobConfig
+    layout: ParallelConfig
+    step: int = 0
+    replicas: Any | None = None
+    reseed: Callable[[int], None] | None = None  # seeds every generator (parallel/device.py seed_all)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The GPTModel of this stage, under any DDP / Float16Module wrapper."""
+        return unwrap_model(self.model[0])
 
 
 def step_dir_name(step: int) -> str:
@@ -111,8 +137,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _layout_key(trainer: Trainer) -> dict:
-    p = trainer.layout
+def _layout_key(train_state: TrainState) -> dict:
+    p = train_state.layout
     return {"world": dist.get_world_size(), "tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp, "dp": p.dp}
 
 
@@ -123,22 +149,22 @@ def model_sharded_state_dict(model: torch.nn.Module) -> dict:
     return model.sharded_state_dict(metadata={"dp_cp_group": dp_cp_group})
 
 
-def _sharded_state(trainer: Trainer) -> dict:
-    state = {"model": model_sharded_state_dict(trainer.unwrapped)}
+def _sharded_state(train_state: TrainState) -> dict:
+    state = {"model": model_sharded_state_dict(train_state.unwrapped)}
     # One RNG object per global rank: it only means something at the same layout.
     rank, world = dist.get_rank(), dist.get_world_size()
     state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
     return state
 
 
-def _optimizer_state(trainer: Trainer, model_sd: dict, *, loading: bool) -> tuple[dict, dict]:
+def _optimizer_state(train_state: TrainState, model_sd: dict, *, loading: bool) -> tuple[dict, dict]:
     """megatron's sharded optimizer state of this rank, and its sharded tensors numbered in order.
 
     Only the tensors go into the checkpoint, where their keys and global offsets place them at any
     layout; the rest of the structure (param groups by position, the chained optimizer's list) is
     this layout's, so the loader takes it from its own optimizer and restores the Adam step apart.
     (A dict, not a list: dist_checkpointing merges lists by length with the saved common state.)"""
-    local = trainer.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIMIZER_METADATA)
+    local = train_state.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIMIZER_METADATA)
     return local, dict(enumerate(v for v in nested_values(local) if isinstance(v, ShardedBase)))
 
 
@@ -157,7 +183,7 @@ def _adam_step(optimizer) -> int:
     return max(steps)
 
 
-def _load_optimizer(trainer: Trainer, local: dict, requested: dict, loaded: dict, step: int) -> None:
+def _load_optimizer(train_state: TrainState, local: dict, requested: dict, loaded: dict, step: int) -> None:
     """Fill this layout's optimizer state structure with the loaded tensors and the Adam step, then
     load it. The step goes where each megatron optimizer reads it on load: `common_step` in the state
     of a plain optimizer over torch's Adam (megatron copies it to every parameter), `step` in every
@@ -172,7 +198,7 @@ def _load_optimizer(trainer: Trainer, local: dict, requested: dict, loaded: dict
         return value
 
     filled = dict_list_map_outplace(fill, local)
-    subs = _sub_optimizers(trainer.optimizer)
+    subs = _sub_optimizers(train_state.optimizer)
     parts = [filled] if len(subs) == 1 else [filled[i] for i in range(len(subs))]
     for sub, part in zip(subs, parts):
         inner = part.get("optimizer", part)  # the Float16 and distributed optimizers wrap torch's dict
@@ -181,45 +207,44 @@ def _load_optimizer(trainer: Trainer, local: dict, requested: dict, loaded: dict
         else:
             for group in inner["param_groups"]:
                 group["step"] = step
-    trainer.optimizer.load_state_dict(filled)
+    train_state.optimizer.load_state_dict(filled)
 
 
-def _refuse_fresh_optimizer(trainer: Trainer, path: Path, why: str) -> None:
+def _refuse_fresh_optimizer(train_state: TrainState, path: Path, why: str) -> None:
     """One loud line: refused unless checkpoint.allow_fresh_optimizer."""
     line = f"{path}: {why}, so a resume would restart Adam (moments and step) from zero"
-    if not trainer.cfg.checkpoint.allow_fresh_optimizer:
+    if not train_state.cfg.checkpoint.allow_fresh_optimizer:
         raise CheckpointError(f"{line}; set checkpoint.allow_fresh_optimizer=true to accept that")
     if dist.get_rank() == 0:
         log.warning("RESUMING WITH A FRESH OPTIMIZER: %s (checkpoint.allow_fresh_optimizer=true)", line)
 
 
-def _reseed(trainer: Trainer, saved: dict | None) -> None:
+def _reseed(train_state: TrainState, saved: dict | None) -> None:
     """Per-rank RNG streams do not map onto another layout: reseed deterministically instead."""
-    seed = (trainer.cfg.seed + 1_000_003 * trainer.step) % 2**31
-    seed_all(seed)
+    seed = (train_state.cfg.seed + 1_000_003 * train_state.step) % 2**31
+    train_state.reseed(seed)
     if dist.get_rank() == 0:
         log.warning("RNG not restored: checkpoint layout %s, this run %s; reseeded from (seed %d, step %d)",
-                    saved, _layout_key(trainer), trainer.cfg.seed, trainer.step)
+                    saved, _layout_key(train_state), train_state.cfg.seed, train_state.step)
 
 
 def save(
-    trainer: Trainer,
+    train_state: TrainState,
     root: str | Path,
     *,
     extra: dict | None = None,
     on_written: Callable[[Path], None] | None = None,
     with_optimizer: bool = True,
 ) -> Path:
-    """Save `trainer` (model, optimizer, RNG, step, schedule) plus `extra` (e.g. the data position)
-    under `root` as step_<trainer.step>; collective over all ranks. Returns the final directory.
+    """Save `train_state` (model, optimizer, RNG, step, schedule) plus `extra` (e.g. the data position)
+    under `root` as step_<train_state.step>; collective over all ranks. Returns the final directory.
     with_optimizer=False writes no optimizer state (a smaller, weights-and-schedule checkpoint).
 
     `on_written(tmp_dir)` runs on every rank after the shards are written and before the commit
     (tests use it to kill a process mid-save)."""
     root = Path(root)
-    name = step_dir_name(trainer.step)
+    name = step_dir_name(train_state.step)
     tmp, final = root / f".tmp-{name}", root / name
-    _refuse_nonfinite(trainer, root, name)
     rank = dist.get_rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -227,24 +252,24 @@ def save(
             shutil.rmtree(stale)  # left by a crashed save (one job writes a root at a time)
         tmp.mkdir()
     dist.barrier()
-    state = _sharded_state(trainer)
+    state = _sharded_state(train_state)
     if with_optimizer:
-        state["optimizer"] = _optimizer_state(trainer, state["model"], loading=False)[1]
-        state[OPTIMIZER_STEP] = _adam_step(trainer.optimizer)
-    state["trainer"] = trainer.state_dict()
+        state["optimizer"] = _optimizer_state(train_state, state["model"], loading=False)[1]
+        state[OPTIMIZER_STEP] = _adam_step(train_state.optimizer)
+    state["trainer"] = {"step": train_state.step, "scheduler": train_state.scheduler.state_dict()}
     state["extra"] = dict(extra or {})
-    state["layout"] = _layout_key(trainer)
-    if trainer.replicas is not None:  # expert loads and the redundant-expert placement
-        state["replicas"] = trainer.replicas.state_dict()
+    state["layout"] = _layout_key(train_state)
+    if train_state.replicas is not None:  # expert loads and the redundant-expert placement
+        state["replicas"] = train_state.replicas.state_dict()
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
     dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
-    written = integrity.gather_digests(tmp, checksum=trainer.cfg.checkpoint.verify == "full")
+    written = integrity.gather_digests(tmp, checksum=train_state.cfg.checkpoint.verify == "full")
     if on_written is not None:
         on_written(tmp)
     dist.barrier()
     if rank == 0:
-        (tmp / CARD_FILE).write_text(yaml.safe_dump(dataclasses.asdict(trainer.cfg.model), sort_keys=False))
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(trainer.cfg), sort_keys=False))
+        (tmp / CARD_FILE).write_text(yaml.safe_dump(dataclasses.asdict(train_state.cfg.model), sort_keys=False))
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(dataclasses.asdict(train_state.cfg), sort_keys=False))
         integrity.write_manifest(tmp, written)
         _fsync_tree(tmp)
         if final.exists():
@@ -255,20 +280,10 @@ def save(
     return final
 
 
-def _refuse_nonfinite(trainer: Trainer, root: Path, name: str) -> None:
-    """Never write weights that hold a NaN/Inf (collective: every rank refuses alike)."""
-    bad = first_nonfinite_weight(trainer.unwrapped)
-    if bad is not None:
-        pointer = root / LATEST
-        previous = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
-        raise CheckpointError(f"{root / name}: refusing to save non-finite weights (first: {bad[1]} on "
-                              f"rank {bad[0]}); {pointer} still names {previous}")
-
-
 def load(
-    trainer: Trainer, path: str | Path, *, with_optimizer: bool = True, verify: str | None = None
+    train_state: TrainState, path: str | Path, *, with_optimizer: bool = True, verify: str | None = None
 ) -> dict:
-    """Load a checkpoint directory (any layout) into `trainer`; returns the caller's `extra` state.
+    """Load a checkpoint directory (any layout) into `train_state`; returns the caller's `extra` state.
 
     Weights, step and LR schedule always load, and with_optimizer the optimizer state too, resharded
     to this layout; a checkpoint without it is refused unless checkpoint.allow_fresh_optimizer.
@@ -278,16 +293,16 @@ def load(
     path = Path(path)
     if not (path / "metadata.json").is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no metadata.json)")
-    integrity.verify(path, verify or trainer.cfg.checkpoint.verify)
+    integrity.verify(path, verify or train_state.cfg.checkpoint.verify)
     common = dist_checkpointing.load_common_state_dict(str(path))
-    same_layout = common.get("layout") == _layout_key(trainer)
-    with_optimizer = with_optimizer and trainer.optimizer is not None
+    same_layout = common.get("layout") == _layout_key(train_state)
+    with_optimizer = with_optimizer and train_state.optimizer is not None
     if with_optimizer and OPTIMIZER_STEP not in common:
-        _refuse_fresh_optimizer(trainer, path, "the checkpoint holds no optimizer state that maps onto a layout")
+        _refuse_fresh_optimizer(train_state, path, "the checkpoint holds no optimizer state that maps onto a layout")
         with_optimizer = False
-    sharded = _sharded_state(trainer)
+    sharded = _sharded_state(train_state)
     if with_optimizer:
-        local, requested = _optimizer_state(trainer, sharded["model"], loading=True)
+        local, requested = _optimizer_state(train_state, sharded["model"], loading=True)
         sharded["optimizer"] = dict(requested)  # dist_checkpointing rewrites the dict it is given
     if not same_layout:
         del sharded["rng"]
@@ -296,17 +311,18 @@ def load(
     except Exception as e:  # dist_checkpointing raises many types; name the path and the cause
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: cannot load into this model/layout: {first}") from e
-    _apply_model_state(trainer.unwrapped, state["model"], path)
+    _apply_model_state(train_state.unwrapped, state["model"], path)
     if with_optimizer:
-        _load_optimizer(trainer, local, requested, state["optimizer"], int(common[OPTIMIZER_STEP]))
-    if "trainer" in common and trainer.scheduler is not None:
-        trainer.load_state_dict(common["trainer"])
-    if trainer.replicas is not None and "replicas" in common:  # after the weights and the optimizer:
-        trainer.replicas.load_state_dict(common["replicas"])  # a re-plan moves both
+        _load_optimizer(train_state, local, requested, state["optimizer"], int(common[OPTIMIZER_STEP]))
+    if "trainer" in common and train_state.scheduler is not None:
+        train_state.step = int(common["trainer"]["step"])
+        train_state.scheduler.load_state_dict(common["trainer"]["scheduler"])
+    if train_state.replicas is not None and "replicas" in common:  # after the weights and the optimizer:
+        train_state.replicas.load_state_dict(common["replicas"])  # a re-plan moves both
     if same_layout:
         _set_rng_state(state["rng"])
-    elif trainer.optimizer is not None:  # training goes on at another layout (not forward-only use)
-        _reseed(trainer, common.get("layout"))
+    elif train_state.optimizer is not None:  # training goes on at another layout (not forward-only use)
+        _reseed(train_state, common.get("layout"))
     extra = dict(common.get("extra", {}))
     extra["_rng_restored"] = same_layout
     extra["_optimizer_restored"] = with_optimizer
@@ -365,12 +381,6 @@ def newest_intact(root: str | Path, verify: str = "full") -> Path | None:
     raise CorruptCheckpoint(f"{root}: no intact checkpoint to resume from; the latest: {damage}")
 
 
-def resume(trainer: Trainer, root: str | Path) -> dict | None:
-    """Load `root`'s newest intact checkpoint if there is one; returns its extra state, or None."""
-    path = newest_intact(root, trainer.cfg.checkpoint.verify)
-    return None if path is None else load(trainer, path, verify="off")  # checked just now
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -395,26 +405,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def inference_config(card: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1) -> JobConfig:
-    """A job config that runs `card` at (tp, pp, ep) for forward use (scoring, conversion)."""
-    parallel = ParallelConfig(
-        tp=tp, pp=pp, ep=ep, etp=tp if ep == 1 else 1, sequence_parallel=tp > 1, dispatcher="alltoall"
-    )
-    return JobConfig(model=card, parallel=parallel)
-
-
-def open_for_inference(
-    ckpt_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1, verify: str = "full"
-) -> Trainer:
-    """Start this process's groups (torchrun environment) at (tp, pp, ep) and build its model chunk,
-    loaded from a megatron checkpoint of any layout (weights only). Collective over all ranks."""
-    from r1_megatron.parallel.groups import init_process_groups
-
-    cfg = inference_config(read_card(ckpt_dir), tp=tp, pp=pp, ep=ep)
-    layout, device = init_process_groups(cfg)
-    trainer = Trainer(cfg, layout, device, for_training=False)
-    load(trainer, ckpt_dir, with_optimizer=False, verify=verify)
-    return trainer
-

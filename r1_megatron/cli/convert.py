@@ -3,7 +3,7 @@
   r1m convert hf-to-mcore --hf DIR --out DIR [--card NAME] [--tp N --pp N --ep N] [--verify MODE]
   r1m convert mcore-to-hf --ckpt DIR --out DIR [--tokenizer DIR] [--max-shard-mb N] [--tp N --pp N --ep N]
 
-The conversion itself is checkpoint/convert.py.
+The conversion itself is train/convert_job.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from r1_megatron.checkpoint import hf, integrity
-from r1_megatron.checkpoint.convert import hf_to_mcore, mcore_to_hf
+from r1_megatron.train.convert_job import hf_to_mcore, mcore_to_hf
 from r1_megatron.checkpoint.integrity import CheckpointError
 from r1_megatron.config.loader import ConfigError
 

@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     sft_cfg = dataclasses.replace(cfg, optim=sft_optim)
     base_root = sft_base(sft_cfg, out, sft_steps)
     from r1_megatron.rl import loop
-    from r1_megatron.rl.metrics import plot_curve, read_metrics
-    from r1_megatron.rl.session import RunState, export_hf, is_rank0
+    from r1_megatron.rl.session import RunState
+    from r1_megatron.train.metrics import is_rank0, plot_curve, read_metrics
+    from r1_megatron.train.weights import export_hf
 
     rl_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=str(base_root)))
     run = RunState(rl_cfg)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from r1_megatron.config.loader import ConfigError
-from r1_megatron.pipeline import load_pipeline, run
+from r1_megatron.pipeline.run import run
+from r1_megatron.pipeline.spec import load_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
   r1m score --ckpt DIR --input IN.jsonl --output OUT.jsonl [--tp N --pp N --ep N]
 
-The scoring itself is checkpoint/score.py.
+The scoring itself is train/score_job.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 from r1_megatron.checkpoint.hf import ConversionError
 from r1_megatron.checkpoint.integrity import VERIFY_MODES, CheckpointError
-from r1_megatron.checkpoint.score import ScoreInputError, score_file, score_file_parallel
+from r1_megatron.train.score_job import ScoreInputError, score_file, score_file_parallel
 from r1_megatron.config.loader import ConfigError
 
 

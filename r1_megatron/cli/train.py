@@ -25,7 +25,7 @@ def _split_args(argv: list[str], prog: str) -> tuple[str, list[str]] | None:
 
 
 def sft_main(argv: list[str]) -> int:
-    """`r1m sft CONFIG [key=value ...]`: SFT (rl/sft.py run_sft) from a job config."""
+    """`r1m sft CONFIG [key=value ...]`: SFT (train/sft.py run_sft) from a job config."""
     import os
 
     args = _split_args(list(argv), "r1m sft")
@@ -39,9 +39,9 @@ def sft_main(argv: list[str]) -> int:
         cfg = load_config(path, overrides)
         resolve_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # fails here, before any collective
         from r1_megatron.parallel.groups import destroy_process_groups
-        from r1_megatron.rl.sft import run_sft
+        from r1_megatron.train.sft import run_sft
 
-        run_sft(cfg)  # starts the process groups (distill/student.py train_sft)
+        run_sft(cfg)  # starts the process groups (train/sft.py train_sft)
         destroy_process_groups()
     except (ConfigError, FileNotFoundError) as e:
         print(f"r1m sft: {e}", file=sys.stderr)

@@ -151,6 +151,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+merge, read_yaml = _merge, _read_yaml  # public: a pipeline config's files read and merge the same way
+
+
 def resolve_dict(data: dict, overrides: list[str] | None = None) -> dict:
     """Apply overrides and expand `model.card` into the card's fields (job fields win)."""
     data = _merge(data, parse_overrides(overrides or []))

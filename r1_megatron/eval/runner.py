@@ -1,5 +1,6 @@
-"""Evaluate a policy: k samples per prompt at T = 0.6, top-p 0.95 (docs/architecture.md), checked by the
-rule-based verifiers, summarized as pass@1, cons@k and pass@k.
+"""Evaluate a policy: k samples per prompt at T = 0.6, top-p 0.95 (docs/grpo.md), checked by the
+rule-based verifiers, summarized as pass@1, cons@k and pass@k; and the held-out accuracy a GRPO run
+measures on its own engine and reward pool (`heldout_correct`).
 
     report = evaluate(engine, tokenizer, items, k=4, sampling=eval_sampling(max_tokens=512))
     print(format_table(report))
@@ -24,9 +25,10 @@ reward pool: at most k(k-1)/2 checks per prompt, fewer when answers repeat.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from r1_megatron.config.schema import RewardConfig
+from r1_megatron.config.schema import JobConfig, RewardConfig
 from r1_megatron.eval.metrics import majority_vote, mean_pass_at_k, pass_at_1
 from r1_megatron.eval.scoring import (
     Generation,
@@ -91,6 +93,39 @@ def evaluate(
     report["sampling"] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                           "max_tokens": sampling.max_tokens, "seed": sampling.seed}
     return report
+
+
+def heldout_items(cfg: JobConfig, tokenizer, n: int | None = None) -> list[dict]:
+    """The first n (default data.num_eval) items of the job's eval split, with their prompt ids."""
+    from r1_megatron.data.chat import encode_prompt
+    from r1_megatron.data.tasks import make_items
+    from r1_megatron.rl.grpo import task_kwargs
+
+    items = make_items(n=n or cfg.data.num_eval, **task_kwargs(cfg, "eval"))
+    for item in items:
+        item["prompt_ids"] = encode_prompt(tokenizer, item["prompt"], chat=cfg.data.chat)
+    return items
+
+
+def heldout_correct(engine, pool, tokenizer, cfg: JobConfig, n: int | None = None,
+                    share: Callable[[int], list[int]] | None = None) -> list[float]:
+    """Held-out accuracy during RL: the 'accuracy' reward component of each of cfg.rl.eval_samples
+    samples per prompt (eval sampling, seed cfg.seed + 7), scored by the run's own reward pool, for
+    the prompts `share(len(items))` picks (default: all). Each prompt's samples are seeded by its
+    index, so an item scores the same whichever engine generates it. pool None: generate only, return []."""
+    from r1_megatron.rl.grpo import ground_truth
+
+    items = heldout_items(cfg, tokenizer, n)
+    picked = share(len(items)) if share is not None else list(range(len(items)))
+    items = [items[i] for i in picked]
+    sampling = eval_sampling(cfg.rollout.max_new_tokens, seed=cfg.seed + 7)
+    prompts = [it["prompt_ids"] for it in items]
+    outs = engine.generate(prompts, n=cfg.rl.eval_samples, sampling=sampling, keys=picked)
+    if pool is None:
+        return []
+    pairs = [(tokenizer.decode(s.token_ids, skip_special_tokens=True), ground_truth(it))
+             for it, gens in zip(items, outs, strict=True) for s in gens]
+    return [r.components.get("accuracy", 0.0) for r in pool.score(pairs)]
 
 
 def _ks(k: int) -> list[int]:

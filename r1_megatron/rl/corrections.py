@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from r1_megatron.config.schema import RLConfig
-from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.rl.types import LossNorm
 
 _LOG_RATIO_CLAMP = 20.0

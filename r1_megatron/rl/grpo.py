@@ -21,7 +21,7 @@ from r1_megatron.config.schema import JobConfig, RLConfig
 from r1_megatron.data.packing import best_fit_decreasing, pack, pack_values
 from r1_megatron.rl import corrections
 from r1_megatron.rl.losses import policy_loss
-from r1_megatron.rl.microbatch import Microbatch, packed_microbatches, shard_for_data_parallel
+from r1_megatron.train.microbatch import Microbatch, packed_microbatches, shard_for_data_parallel
 from r1_megatron.rl.shared_prompts import EXTRAS, FILL, shared_prompt_microbatches
 from r1_megatron.rl.types import LossNorm, RolloutBatch, Sample, sequence_tensors
 from r1_megatron.rollout.engine import RolloutEngine, SamplingParams

@@ -38,7 +38,7 @@ from r1_megatron.rl import async_rollout, grpo, session
 from r1_megatron.rl.losses import finalize_metrics
 from r1_megatron.rl.mismatch import MaxGap
 from r1_megatron.rl.router_replay import routing_metrics
-from r1_megatron.rl.metrics import MetricsLogger
+from r1_megatron.train.metrics import MetricsLogger
 from r1_megatron.rl.mtp import rl_mtp
 
 

@@ -41,7 +41,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 from r1_megatron.config.schema import RLConfig
-from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.rl.types import Sample, sample_key
 
 

@@ -9,59 +9,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from r1_megatron.checkpoint import dist as dist_ckpt
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.model.attention import supports_shared_prefix
-from r1_megatron.offload import Offloader, TrainerOffload, model_tensors
-from r1_megatron.rl.microbatch import Microbatch
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.offload import TrainerOffload
 from r1_megatron.rollout.weight_export import export_weights
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def load_initial_weights(trainer: Trainer, source: str) -> None:
-    """Fill a fresh trainer's weights from a checkpoint dir (ours, any layout) or an HF dir (single rank)."""
-    if not source:
-        return
-    path = Path(source)
-    if (path / "config.json").is_file() and not (path / "metadata.json").is_file():
-        if dist.get_world_size() > 1:
-            raise ValueError(f"checkpoint.load: an HF directory ({path}) loads at world size 1 only; "
-                             "convert it with `r1m convert hf-to-mcore` for multi-rank runs")
-        from r1_megatron.checkpoint import hf, hf_io
-
-        ckpt = hf_io.HFCheckpoint(path, verify=trainer.cfg.checkpoint.verify)
-        hf.import_weights(trainer.unwrapped, ckpt, trainer.cfg.model, ckpt.keys())
-        return
-    if not (path / "metadata.json").is_file():
-        path = dist_ckpt.latest(path) or path
-    # Weights only: the new run starts at step 0 with its own optimizer and schedule.
-    dist_ckpt.load_model_weights(trainer.unwrapped, path, trainer.cfg.checkpoint.verify)
-
-
-class Reference:
-    """The frozen policy at the start of RL. It lives on the host between its forwards (docs/architecture.md):
-    its storages are offloaded except inside `logprobs`. Forward-only: the model chunk in the
-    training dtype with no DDP grad buffers, optimizer or schedule; the same forward_logprobs path."""
-
-    def __init__(self, cfg: JobConfig, layout, device: torch.device):
-        self.trainer = Trainer(cfg, layout, device, for_training=False)
-        load_initial_weights(self.trainer, cfg.checkpoint.load)
-        self._offload = Offloader(model_tensors(self.trainer.model[0]), pin_memory=cfg.offload.pin_memory)
-        if cfg.offload.reference_on_host:
-            self._offload.offload()
-
-    def logprobs(self, mbs: list[Microbatch]) -> list[torch.Tensor]:
-        if self._offload.offloaded:
-            self._offload.reload()
-            try:
-                return self.trainer.forward_logprobs(mbs)
-            finally:
-                self._offload.offload()
-        return self.trainer.forward_logprobs(mbs)
+from r1_megatron.train import checkpointing as dist_ckpt
+from r1_megatron.train.forward import ForwardModel as Reference
+from r1_megatron.train.metrics import is_rank0
+from r1_megatron.train.microbatch import Microbatch
+from r1_megatron.train.trainer import Trainer
+from r1_megatron.train.weights import load_initial_weights
 
 
 def canary_batch(tokens: list[list[int]]) -> Microbatch:
@@ -75,18 +32,6 @@ def canary_reference(trainer: Trainer, tokens: list[list[int]]) -> torch.Tensor:
     """The trainer's logprobs of tokens[1:] for each canary sequence ([n, L - 1], fp32)."""
     (lp,) = trainer.forward_logprobs([canary_batch(tokens)])
     return lp[:, : len(tokens[0]) - 1]
-
-
-def export_hf(trainer: Trainer, out_dir: str | Path, tokenizer_dir: str | Path | None) -> Path | None:
-    """Write the trainer's weights as an HF directory (collective; rank 0 writes)."""
-    from r1_megatron.checkpoint import hf_io
-
-    stream = export_weights(trainer.unwrapped, trainer.cfg.model, dst=0)
-    if is_rank0():
-        return hf_io.save_hf(out_dir, stream, hf_io.hf_config(trainer.cfg.model), tokenizer_dir=tokenizer_dir)
-    for _ in stream:
-        pass
-    return None
 
 
 def weight_stream(trainer: Trainer, bucket_mb: int):
@@ -293,7 +238,7 @@ class RunState:
     def evaluate(self, n: int | None = None) -> float:
         """Held-out pass@1 of the trainer's current weights (refit first; mean over rl.eval_samples
         samples, T=0.6, top-p 0.95); the same value on every rank."""
-        from r1_megatron.rl.evaluate import heldout_correct
+        from r1_megatron.eval.runner import heldout_correct
 
         self.refit()
         # Each engine scores its share of the items (its leader scores); the sums meet on every rank.

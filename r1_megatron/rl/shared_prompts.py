@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.rl.types import RolloutBatch, Sample, sequence_tensors
 
 # The loss's per-token tensors of a packed microbatch (both packings) and their value off the

@@ -60,8 +60,8 @@ def grpo_step(trainer, record_logits: bool = False) -> dict:
 
 
 def reference(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train import checkpointing as ckpt
+    from r1_megatron.train.trainer import Trainer
 
     cfg = job_config()
     layout, device = start(cfg)
@@ -74,7 +74,7 @@ def reference(out: Path) -> None:
 def layouts(out: Path, init: str, specs: list[str]) -> None:
     import torch.distributed as dist
 
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     results = {}
     for i, spec in enumerate(specs):

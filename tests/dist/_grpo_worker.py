@@ -57,9 +57,9 @@ def digit_pool(cfg):
 
 
 def init(out: Path, overrides: list[str]) -> None:
-    from r1_megatron.checkpoint import dist as dist_ckpt
+    from r1_megatron.train import checkpointing as dist_ckpt
     from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     cfg = job(out, overrides)
     layout, device = init_process_groups(cfg)

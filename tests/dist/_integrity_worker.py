@@ -44,7 +44,7 @@ def _truncate(path: Path) -> None:
 
 
 def main(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
     from r1_megatron.checkpoint.integrity import MANIFEST, CorruptCheckpoint
 
     cfg = job_config()

@@ -38,7 +38,7 @@ def step(trainer, coef: float, detach: bool) -> dict:
 
 
 def grads(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = job_config()
     start(cfg)
@@ -64,7 +64,7 @@ def grads(out: Path) -> None:
 def layouts(out: Path, init: str, specs: list[str]) -> None:
     import torch.distributed as dist
 
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     results = {}
     for i, spec in enumerate(specs):

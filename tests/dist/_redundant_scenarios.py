@@ -37,7 +37,7 @@ SKEW = torch.tensor([0.06, 0.05, 0.04, 0.03, 0.0, 0.0, 0.0, 0.0])
 
 def trainer_same_groups(cfg):
     """A Trainer on the process groups already set (both models of a comparison share them)."""
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     seed_all(cfg.seed)
     return Trainer(cfg, resolve_layout(cfg, dist.get_world_size()), torch.device("cpu"))
@@ -149,7 +149,7 @@ def equivalence(out: Path) -> None:
 
 
 def checkpoint(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = job_config(ep=2, redundant_experts=4)
     start(cfg)

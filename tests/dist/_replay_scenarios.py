@@ -76,7 +76,7 @@ def _readback(trainer, targets, maps) -> bool:
 
 
 def reference(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = job_config()
     start(cfg)
@@ -88,7 +88,7 @@ def reference(out: Path) -> None:
 def layouts(out: Path, init: str, specs: list[str]) -> None:
     import torch.distributed as dist
 
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     results, started = {}, False
     for spec in specs:

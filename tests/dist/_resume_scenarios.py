@@ -47,7 +47,7 @@ def step3(trainer) -> dict:
 
 
 def save(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = layout_config(SAVE_LAYOUT)
     start(cfg)
@@ -62,7 +62,7 @@ def save(out: Path) -> None:
 def resume(out: Path, spec: str, refuse: bool) -> None:
     import torch.distributed as dist
 
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = layout_config(spec)
     start(cfg)
@@ -86,8 +86,8 @@ def resume(out: Path, spec: str, refuse: bool) -> None:
 
 
 def gpu(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train import checkpointing as ckpt
+    from r1_megatron.train.trainer import Trainer
 
     layout, device = start(gpu_config(True))
     trainer = Trainer(gpu_config(True), layout, device)

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from r1_megatron.config.loader import load_config  # noqa: E402
 from r1_megatron.config.schema import JobConfig  # noqa: E402
 from r1_megatron.data.packing import pack  # noqa: E402
-from r1_megatron.rl.microbatch import packed_microbatches, shard_for_data_parallel  # noqa: E402
-from r1_megatron.rl.sft import local_loss_tokens, sft_loss  # noqa: E402
+from r1_megatron.train.microbatch import packed_microbatches, shard_for_data_parallel  # noqa: E402
+from r1_megatron.train.sft import local_loss_tokens, sft_loss  # noqa: E402
 
 CONFIG = "configs/micro_moe_sft.yaml"
 # Layouts checked against world 1: (tp, pp, ep, etp, dp, dispatcher[, save]); see `layouts`.
@@ -98,7 +98,7 @@ def start(cfg: JobConfig):
 def build(cfg: JobConfig, world: int):
     from r1_megatron.parallel.device import seed_all
     from r1_megatron.parallel.groups import resolve_layout, set_layout
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     layout = resolve_layout(cfg, world)
     set_layout(layout)
@@ -115,12 +115,12 @@ def save_rank0(obj, path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 def reference(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
     from r1_megatron.checkpoint.hf import export_weights as single_rank_export
 
     cfg = job_config()
     layout, device = start(cfg)
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     trainer = Trainer(cfg, layout, device)
     init = ckpt.save(trainer, out / "init")
@@ -137,7 +137,7 @@ def reference(out: Path) -> None:
 def layouts(out: Path, init: str, specs: list[str]) -> None:
     import torch.distributed as dist
 
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     results = {}
     started = False
@@ -162,7 +162,7 @@ def layouts(out: Path, init: str, specs: list[str]) -> None:
 
 def crash(out: Path) -> None:
     """1 step, save (step 1), 1 step, then a save that SIGKILLs every rank after writing its shards."""
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = job_config(tp=2, ep=2, dispatcher="alltoall")
     start(cfg)
@@ -180,7 +180,7 @@ def crash(out: Path) -> None:
 
 def recover(out: Path) -> None:
     """After `crash`: resume from `latest`; then the bit-exact resume and the resharding checks."""
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = job_config(tp=2, ep=2, dispatcher="alltoall")
     start(cfg)

@@ -79,7 +79,7 @@ def stream(trainer, dst: int | None) -> tuple[list[tuple[str, torch.Tensor]], Re
 
 
 def single(out: Path) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     cfg = job_config()
     start(cfg)
@@ -100,7 +100,7 @@ def compare(got: list, want: list) -> list[str]:
 
 
 def layouts(out: Path, specs: list[str]) -> None:
-    from r1_megatron.checkpoint import dist as ckpt
+    from r1_megatron.train import checkpointing as ckpt
 
     single_run = torch.load(out / "single.pt")
     want = single_run["pairs"]

@@ -27,7 +27,7 @@ def main(out: str, mode: str, overrides: list[str]) -> None:
     from r1_megatron.config import load_config
     from r1_megatron.reward.pool import RewardPool
     from r1_megatron.rl import loop, session
-    from r1_megatron.rl.metrics import read_metrics
+    from r1_megatron.train.metrics import read_metrics
     from r1_megatron.rollout.engine import RolloutError
 
     cfg = load_config("configs/demo_cpu.yaml", overrides)

@@ -114,8 +114,8 @@ def test_student_export_matches_transformers(recipe):
     from r1_megatron.config.loader import config_from_resolved
     from r1_megatron.model.provider import forward_logits
     from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.session import load_initial_weights
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.weights import load_initial_weights
+    from r1_megatron.train.trainer import Trainer
 
     _, out, _ = recipe
     cfg = config_from_resolved(out / "distill" / "config.resolved.yaml")
@@ -150,8 +150,8 @@ class Interrupted(RuntimeError):
 
 
 def _interrupt_after_save(monkeypatch, stage_dir: Path, step: int) -> None:
-    """Make checkpoint.dist.save raise right after it commits `stage_dir`'s checkpoint of `step`."""
-    from r1_megatron.checkpoint import dist as dist_ckpt
+    """Make train.checkpointing.save raise right after it commits `stage_dir`'s checkpoint of `step`."""
+    from r1_megatron.train import checkpointing as dist_ckpt
 
     real = dist_ckpt.save
 

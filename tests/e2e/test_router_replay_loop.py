@@ -14,7 +14,7 @@ from ._rewards import digit_share
 @pytest.mark.timeout(900)
 def test_bf16_rollout_r3_masks_loop(tmp_path):
     from r1_megatron.rl import loop, session
-    from r1_megatron.rl.metrics import read_metrics
+    from r1_megatron.train.metrics import read_metrics
 
     cfg = load_config("configs/demo_cpu.yaml", [
         f"logging.run_dir={tmp_path}", "logging.tensorboard=false", "logging.progress=false",

@@ -7,7 +7,7 @@ it builds the tiny_moe trainer from seed SEEDS[tag] and writes, through the prod
                        list of (HF name, tensor) pairs. In a GRPO run it goes into the colocated engines in
                        process (tests/dist/test_grpo_layouts.py); here the file carries it to an engine
                        in the pytest process, to compare against a fresh engine there.
-  OUT/<tag>_hf/        the HF export of the same weights (rl/session.py `export_hf`, which builds the
+  OUT/<tag>_hf/        the HF export of the same weights (train/weights.py `export_hf`, which builds the
                        engine's initial checkpoint in a GRPO run).
 """
 
@@ -58,8 +58,9 @@ def export(out: Path, tag: str, spec: str) -> None:
 
     from r1_megatron.parallel.device import seed_all
     from r1_megatron.parallel.groups import init_process_groups, resolve_layout, set_layout
-    from r1_megatron.rl.session import export_hf, weight_stream
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.rl.session import weight_stream
+    from r1_megatron.train.weights import export_hf
+    from r1_megatron.train.trainer import Trainer
 
     cfg = job_config(tag, spec)
     if dist.is_initialized():

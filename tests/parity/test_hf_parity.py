@@ -158,7 +158,7 @@ def test_vllm_cpu_gives_our_logprobs_on_our_export(world, tmp_path):
     import subprocess
     import sys
 
-    from r1_megatron.checkpoint.score import token_logprobs
+    from r1_megatron.train.score_job import token_logprobs
 
     m = replace(load_card("tiny_moe"), yarn_factor=2.0, original_max_position=512)
     torch.manual_seed(3)

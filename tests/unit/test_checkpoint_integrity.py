@@ -23,7 +23,7 @@ import torch
 
 from r1_megatron.checkpoint import dist as dist_ckpt
 from r1_megatron.checkpoint import integrity
-from r1_megatron.checkpoint.convert import hf_to_mcore, mcore_to_hf
+from r1_megatron.train.convert_job import hf_to_mcore, mcore_to_hf
 from r1_megatron.config.loader import load_card
 from r1_megatron.model.provider import build_model
 from r1_megatron.model.random_hf import make_hf_checkpoint
@@ -127,7 +127,7 @@ def test_truncated_download_without_manifest_is_named_from_its_header(dirs, tmp_
 
 
 def test_initial_weights_load_names_the_damaged_file(dirs, tmp_path):
-    """What `checkpoint.load` runs (rl/session.py load_initial_weights) for a megatron directory."""
+    """What `checkpoint.load` runs (train/weights.py load_initial_weights) for a megatron directory."""
     ckpt = shutil.copytree(dirs["mcore"], tmp_path / "ckpt")
     shard = _shard(ckpt)
     _damage(shard, "flip")

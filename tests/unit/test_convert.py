@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from r1_megatron.checkpoint import hf, hf_io, mcore_io
-from r1_megatron.checkpoint.convert import load_mcore_model
+from r1_megatron.train.convert_job import load_mcore_model
 from r1_megatron.cli import main as r1m
 from r1_megatron.config.loader import load_card
 from r1_megatron.model.provider import build_model, forward_logits

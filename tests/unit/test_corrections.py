@@ -17,7 +17,7 @@ import torch
 from r1_megatron.config.schema import RLConfig
 from r1_megatron.rl import corrections, grpo
 from r1_megatron.rl.losses import policy_loss
-from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.train.microbatch import Microbatch
 
 L = math.log
 

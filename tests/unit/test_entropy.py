@@ -26,7 +26,7 @@ from r1_megatron.parallel.groups import resolve_layout
 from r1_megatron.rl import grpo
 from r1_megatron.rl.entropy import vocab_parallel_entropy
 from r1_megatron.rl.losses import entropy_from_logits, finalize_metrics, policy_loss
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.trainer import Trainer
 from r1_megatron.rl.types import LossNorm
 from tests.unit.test_shared_prompts import _batch  # groups of G random responses to random prompts
 
@@ -80,7 +80,7 @@ def trainer():
     device = single_rank_world(seed=5)
     # lr 0, no expert-bias update, no clipping: every step sees the same weights, and main_grad is
     # the raw gradient of the summed objective. No seq aux loss: megatron takes it per packed row and
-    # averages it per microbatch, so it is not split-invariant (rl/train_step.py docstring).
+    # averages it per microbatch, so it is not split-invariant (train/trainer.py docstring).
     cfg = load_config("configs/micro_moe_sft.yaml", [
         "optim.lr=0.0", "model.bias_update_rate=0.0", "optim.clip_grad=0.0", "model.seq_aux_loss_coeff=0.0"])
     return Trainer(cfg, resolve_layout(cfg, 1), device)

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from r1_megatron.checkpoint import hf, hf_io
-from r1_megatron.checkpoint.convert import load_hf_model
+from r1_megatron.train.convert_job import load_hf_model
 from r1_megatron.cli import main as r1m
 from r1_megatron.config.loader import load_card
 from r1_megatron.model.random_hf import make_hf_checkpoint

@@ -10,7 +10,7 @@ from r1_megatron.data.packing import best_fit_decreasing
 from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.rl import grpo
 from r1_megatron.rl.losses import policy_loss
-from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.rl.types import RolloutBatch, Sample
 
 

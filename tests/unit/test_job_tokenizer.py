@@ -53,12 +53,12 @@ def test_vocabulary_larger_than_the_model_names_both_numbers(second_tokenizer):
 
 
 def test_hf_exports_carry_the_job_tokenizer(second_tokenizer, tmp_path):
-    from r1_megatron.checkpoint import dist as dist_ckpt
-    from r1_megatron.checkpoint.convert import mcore_to_hf
-    from r1_megatron.distill.student import export_hf
+    from r1_megatron.train import checkpointing as dist_ckpt
+    from r1_megatron.train.convert_job import mcore_to_hf
+    from r1_megatron.train.weights import export_hf
     from r1_megatron.parallel.device import single_rank_world
     from r1_megatron.parallel.groups import resolve_layout, set_layout
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
 
     cfg = _cfg(second_tokenizer, 640, "parallel.micro_batch_size=1")
     tok = job_tokenizer(cfg)

@@ -5,7 +5,7 @@ import torch
 
 from r1_megatron.config.schema import RLConfig
 from r1_megatron.rl import grpo
-from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.rl.mismatch import MaxGap
 from r1_megatron.rl.types import LossNorm
 

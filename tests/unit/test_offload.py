@@ -95,7 +95,7 @@ def test_trainer_offload_reaches_adam_state_created_at_the_first_step():
     from r1_megatron.offload import TrainerOffload
     from r1_megatron.parallel.device import single_rank_world
     from r1_megatron.parallel.groups import resolve_layout
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.trainer import Trainer
     from tests.dist._scenarios import sft_step
 
     cfg = load_config("configs/micro_moe_sft.yaml", ["parallel.micro_batch_size=1"])

@@ -17,8 +17,8 @@ from r1_megatron.data.packing import pack, unpack
 from r1_megatron.model.provider import forward_logits, mtp_disabled
 from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
-from r1_megatron.rl.microbatch import packed_microbatches
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.microbatch import packed_microbatches
+from r1_megatron.train.trainer import Trainer
 
 TOL = 1e-5
 

@@ -29,8 +29,8 @@ from r1_megatron.parallel.groups import resolve_layout
 from r1_megatron.plan import GiB, Layout
 from r1_megatron.plan.memory import stage_weights
 from r1_megatron.plan.report import plan_job
-from r1_megatron.rl.sft import local_loss_tokens, sft_loss
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.sft import local_loss_tokens, sft_loss
+from r1_megatron.train.trainer import Trainer
 from tests.dist._scenarios import global_batch
 
 CONFIG = "configs/micro_moe_sft.yaml"
@@ -132,7 +132,7 @@ def test_bf16_train_step_on_cpu(world):
 
 
 def test_bf16_reference_is_bf16(world):
-    from r1_megatron.rl.session import Reference
+    from r1_megatron.train.forward import ForwardModel as Reference
 
     cfg = _cfg("model.dtype=bfloat16", "offload.reference_on_host=false")
     ref = Reference(cfg, resolve_layout(cfg, 1), torch.device("cpu"))
@@ -158,7 +158,7 @@ def test_bf16_precision_aware_distributed_optimizer_on_gpu():
 def test_bf16_checkpoints(world, tmp_path):
     """An fp32 checkpoint loads into a bf16 model (weights rounded); a bf16 run resumes bit-exactly
     (bf16 weights, fp32 main weights and Adam state through megatron's sharded optimizer state)."""
-    from r1_megatron.checkpoint import dist as dist_ckpt
+    from r1_megatron.train import checkpointing as dist_ckpt
 
     def step(trainer: Trainer, seed: int) -> float:
         mbs = global_batch(seed)

@@ -25,8 +25,8 @@ from r1_megatron.config.schema import RLConfig
 from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
 from r1_megatron.rl import grpo, router_replay
-from r1_megatron.rl.train_step import Trainer
-from r1_megatron.rl.microbatch import Microbatch
+from r1_megatron.train.trainer import Trainer
+from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.rl.shared_prompts import EXTRAS, FILL
 from r1_megatron.rl.types import RolloutBatch, Sample, sequence_tensors
 

@@ -20,7 +20,7 @@ from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
 from r1_megatron.rl import grpo
 from r1_megatron.rl.shared_prompts import bundles
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.trainer import Trainer
 from r1_megatron.rl.types import RolloutBatch, Sample
 
 TOL = 1e-5

@@ -1,4 +1,4 @@
-"""Pipeline configs (r1_megatron/pipeline.py, rl/stages.py) are checked before anything runs.
+"""Pipeline configs (r1_megatron/pipeline/spec.py, pipeline/stages.py) are checked before anything runs.
 
 Guarantees:
 - a bad pipeline (unknown stage kind, missing base/stages/name/kind/student, a field that does not
@@ -20,8 +20,8 @@ import pytest
 
 from r1_megatron.config.loader import ConfigError, load_config
 from r1_megatron.cli.pipeline import main
-from r1_megatron.pipeline import load_pipeline
-from r1_megatron.rl.stages import Context
+from r1_megatron.pipeline.spec import load_pipeline
+from r1_megatron.pipeline.stages import Context
 
 GOOD = """
 base: demo_cpu

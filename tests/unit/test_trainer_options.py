@@ -20,14 +20,14 @@ import pytest
 import torch
 from megatron.core.distributed import DistributedDataParallel
 
-from r1_megatron.checkpoint import dist as dist_ckpt
+from r1_megatron.train import checkpointing as dist_ckpt
 from r1_megatron.config.loader import ConfigError, load_config
 from r1_megatron.parallel.device import seed_all, single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
 from r1_megatron.rl.nonfinite import NonFiniteError
-from r1_megatron.rl.session import Reference
-from r1_megatron.rl.sft import local_loss_tokens, sft_loss
-from r1_megatron.rl.train_step import Trainer
+from r1_megatron.train.forward import ForwardModel as Reference
+from r1_megatron.train.sft import local_loss_tokens, sft_loss
+from r1_megatron.train.trainer import Trainer
 from tests.dist._scenarios import global_batch
 
 CONFIG = "configs/micro_moe_sft.yaml"

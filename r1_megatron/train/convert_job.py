@@ -20,47 +20,15 @@ loss coefficients) and is checked against config.json on every architecture fiel
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
 from r1_megatron.checkpoint import hf, hf_io, mcore_io
+from r1_megatron.checkpoint.hf_card import merge_card
 from r1_megatron.checkpoint.integrity import CheckpointError
-from r1_megatron.config.loader import load_card
 from r1_megatron.config.schema import ModelConfig
-
-_COMMON = ("arch", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-           "rms_norm_eps", "rope_theta", "tie_embeddings", "max_position_embeddings")
-_MOE = ("first_k_dense", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-        "moe_ffn_hidden_size", "num_experts", "num_shared_experts", "router_topk", "n_group", "topk_group",
-        "routed_scaling_factor", "norm_topk_prob", "mtp_num_layers", "yarn_factor")
-_YARN = ("original_max_position", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-
-
-def architecture(m: ModelConfig) -> dict:
-    """The fields that config.json and a model card must agree on."""
-    names = _COMMON + (_MOE + (_YARN if m.yarn_factor else ()) if m.arch == "deepseek_v3" else ("qkv_bias",))
-    out = {name: getattr(m, name) for name in names}
-    if m.arch != "deepseek_v3":
-        out["num_key_value_heads"] = m.num_key_value_heads or m.num_attention_heads
-    return out
-
-
-def _merge_card(from_hf: ModelConfig, card_name: str | None) -> ModelConfig:
-    """The card (for the fields HF does not store), after checking it describes the same network."""
-    if not card_name:
-        return from_hf
-    card = load_card(card_name)
-    ours, theirs = architecture(card), architecture(from_hf)
-    for name in dict.fromkeys([*theirs, *ours]):
-        if ours.get(name) != theirs.get(name):
-            raise hf.ConversionError(
-                f"model card '{card_name}' has {name}={ours.get(name)!r} "
-                f"but config.json has {theirs.get(name)!r}"
-            )
-    return dataclasses.replace(card, bos_token_id=from_hf.bos_token_id, eos_token_id=from_hf.eos_token_id)
 
 
 def load_hf_model(
@@ -118,7 +86,7 @@ def hf_to_mcore(
 ) -> Path:
     """Write the megatron checkpoint. `layout` = (tp, pp, ep) of the model split; anything but
     (1, 1, 1), or a world of several ranks, takes the sharded path (each rank reads its shard)."""
-    cfg = _merge_card(hf_io.read_hf_config(hf_dir), card)
+    cfg = merge_card(hf_io.read_hf_config(hf_dir), card)
     if layout != (1, 1, 1) or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _hf_to_mcore_parallel(hf_dir, out_dir, cfg, layout, verify)
     model, cfg = load_hf_model(hf_dir, cfg, verify=verify)
@@ -133,14 +101,13 @@ def _hf_to_mcore_parallel(
     import torch.distributed as dist
 
     from r1_megatron.checkpoint import hf_shard, integrity
-    from r1_megatron.checkpoint.dist import inference_config
     from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.train_step import Trainer
+    from r1_megatron.train.forward import ForwardModel, inference_config
 
     tp, pp, ep = layout
     job = inference_config(cfg, tp=tp, pp=pp, ep=ep)
     groups, device = init_process_groups(job)
-    model = Trainer(job, groups, device, for_training=False).unwrapped
+    model = ForwardModel(job, groups, device, load="", on_host=False).trainer.unwrapped
     integrity.verify(hf_dir, verify)  # collective: each rank hashes a share of the files
     ckpt = hf_io.HFCheckpoint(hf_dir, verify="off")
     hf_shard.import_shard(model, ckpt, cfg)
@@ -196,8 +163,8 @@ def _mcore_to_hf_parallel(
 ) -> Path:
     import torch.distributed as dist
 
-    from r1_megatron.checkpoint.dist import open_for_inference
     from r1_megatron.rollout.weight_export import export_weights
+    from r1_megatron.train.forward import ForwardModel
 
     if not mcore_io.is_mcore_dir(ckpt_dir):
         raise hf.ConversionError(
@@ -205,7 +172,7 @@ def _mcore_to_hf_parallel(
         )
     tp, pp, ep = layout
     try:
-        trainer = open_for_inference(ckpt_dir, tp=tp, pp=pp, ep=ep, verify=verify)
+        trainer = ForwardModel.open(ckpt_dir, tp=tp, pp=pp, ep=ep, verify=verify).trainer
     except CheckpointError as e:
         raise hf.ConversionError(str(e)) from e
     cfg = trainer.cfg.model

@@ -3,7 +3,7 @@
   r1m score --ckpt DIR --input IN.jsonl --output OUT.jsonl [--tp N --pp N --ep N]
 
 With --tp/--pp/--ep (under torchrun) the megatron checkpoint is loaded split that way and scored by the
-trainer's pipeline-aware forward (rl/train_step.py forward_logprobs); rank 0 writes the output.
+trainer's pipeline-aware forward (train/trainer.py forward_logprobs); rank 0 writes the output.
 
 Each input line is a JSON object with "tokens": [int, ...] (at least 2). The output line is the input
 object plus "logprobs": log p(tokens[t] | tokens[:t]) for t = 1..n-1, computed in fp32 by the
@@ -63,7 +63,7 @@ def score_file(
     ckpt: str | Path, input_path: str | Path, output_path: str | Path, verify: str = "full"
 ) -> int:
     """Score every line; returns the number of lines written."""
-    from r1_megatron.checkpoint.convert import load_any
+    from r1_megatron.train.convert_job import load_any
 
     model, cfg = load_any(ckpt, verify=verify)
     model.eval()
@@ -90,8 +90,8 @@ def score_file_parallel(
     import torch.distributed as dist
 
     from r1_megatron.checkpoint import mcore_io
-    from r1_megatron.checkpoint.dist import open_for_inference
-    from r1_megatron.rl.microbatch import Microbatch
+    from r1_megatron.train.forward import ForwardModel
+    from r1_megatron.train.microbatch import Microbatch
 
     if not mcore_io.is_mcore_dir(ckpt):
         raise ConversionError(f"{ckpt}: --tp/--pp/--ep need a megatron checkpoint ({mcore_io.CARD_FILE})")
@@ -99,7 +99,7 @@ def score_file_parallel(
     requests = list(read_requests(input_path, vocab))  # every line checked before any collective
     tp, pp, ep = layout
     try:
-        trainer = open_for_inference(ckpt, tp=tp, pp=pp, ep=ep, verify=verify)
+        trainer = ForwardModel.open(ckpt, tp=tp, pp=pp, ep=ep, verify=verify).trainer
     except CheckpointError as e:
         raise ConversionError(str(e)) from e
     mbs = []

@@ -31,7 +31,6 @@ norm and skips the whole update on every rank when either is not finite.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -48,57 +47,20 @@ from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
-from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import unwrap_model
 
-from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig, ParallelConfig
 from r1_megatron.model import precision
 from r1_megatron.model.attention import SharedPrefixParams
 from r1_megatron.model.provider import build_model, mtp_disabled
 from r1_megatron.moe.replicas import ReplicaManager
 from r1_megatron.rl.entropy import capture_entropy
-from r1_megatron.rl.microbatch import Microbatch
 from r1_megatron.rl.nonfinite import OBJECTIVE, StepGuard
+from r1_megatron.train.layout import stage_overrides
+from r1_megatron.train.microbatch import Microbatch
+from r1_megatron.train.step_sums import aux_metrics, clear_loss_trackers, reduce_sums
 
 LossFn = Callable[[torch.Tensor, Microbatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-# megatron-core 0.16.1's selective-recompute modules; the GPU-only ones need grouped GEMM (moe_act)
-# or transformer-engine's layer norm (layernorm).
-RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "mlp", "moe", "shared_experts", "moe_act", "layernorm")
-GPU_ONLY_RECOMPUTE = ("moe_act", "layernorm")
-
-
-def _check_recompute(layout: ParallelConfig, gpu: bool) -> None:
-    mods = layout.recompute_modules
-    if mods and layout.recompute != "selective":
-        raise ConfigError(f"parallel.recompute_modules {mods} needs parallel.recompute=selective, "
-                          f"got {layout.recompute!r}")
-    for name in mods:
-        if name not in RECOMPUTE_MODULES:
-            raise ConfigError(f"parallel.recompute_modules: {name!r} is not one of {list(RECOMPUTE_MODULES)}")
-        if name in GPU_ONLY_RECOMPUTE and not gpu:
-            raise ConfigError(f"parallel.recompute_modules: {name!r} needs the GPU path "
-                              "(grouped GEMM / transformer-engine)")
-
-
-def _stage_overrides(cfg: JobConfig, layout: ParallelConfig, gpu: bool = False) -> dict:
-    """TransformerConfig fields for uneven pipeline stages and activation recompute."""
-    _check_recompute(layout, gpu)
-    out: dict = {}
-    if layout.pp > 1:
-        if layout.first_stage_layers is not None:
-            out["num_layers_in_first_pipeline_stage"] = layout.first_stage_layers
-        if layout.last_stage_layers is not None:
-            out["num_layers_in_last_pipeline_stage"] = layout.last_stage_layers
-    if layout.recompute == "full":
-        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif layout.recompute == "selective":
-        # megatron's own default module list (["core_attn"]) when none is given
-        out.update(recompute_granularity="selective", recompute_modules=list(layout.recompute_modules) or None)
-    return out
 
 
 class Trainer:
@@ -121,7 +83,7 @@ class Trainer:
         self.precision = precision.select(cfg, device)
         module = build_model(
             cfg.model, layout, device=device, dtype=self.precision.dtype,
-            **_stage_overrides(cfg, layout, gpu=device.type == "cuda"),
+            **stage_overrides(cfg, layout, gpu=device.type == "cuda"),
         )
         self.config = module.config
         module = precision.wrap(module, self.precision)
@@ -270,11 +232,11 @@ class Trainer:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        _clear_loss_trackers()
+        clear_loss_trackers()
         self.guard.begin()
         outputs = self._run(mbs, seq_length, rows, loss_wrapper, forward_only=False, with_entropy=entropy)
-        metrics = self._reduce_sums(outputs)
-        metrics.update(self._aux_metrics(len(mbs)))
+        metrics = reduce_sums(outputs, self.layout.pp, self.device)
+        metrics.update(aux_metrics(self.cfg, len(mbs), self.layout.pp, self.device))
         update_ok, grad_norm = self._update(metrics)
         metrics.pop(OBJECTIVE)
         metrics["grad_norm"] = grad_norm
@@ -340,78 +302,3 @@ class Trainer:
                 dist.broadcast(lp, src=src, group=group)
             result.append(lp[:, : orig.shape[1]].cpu())
         return result
-
-    # ------------------------------------------------------------------------------------------
-    def _reduce_sums(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Sum the loss_fn metrics over microbatches, then over DP; share them from the last stage."""
-        last = parallel_state.is_pipeline_last_stage()
-        keys = sorted(outputs[0]) if last and outputs else []
-        if self.layout.pp > 1:
-            box = [keys]
-            dist.broadcast_object_list(
-                box,
-                src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-            keys = box[0]
-        vec = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
-        if last:
-            for out in outputs:
-                vec += torch.stack([out[k].double().reshape(()) for k in keys]).to(self.device)
-            dist.all_reduce(vec, group=parallel_state.get_data_parallel_group())
-        if self.layout.pp > 1:
-            dist.broadcast(
-                vec,
-                src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                group=parallel_state.get_pipeline_model_parallel_group(),
-            )
-        return dict(zip(keys, vec.tolist(), strict=True))
-
-    def _aux_metrics(self, num_microbatches: int) -> dict[str, float]:
-        """Raw MTP cross entropy (mean over MTP layers) and MoE seq aux loss (summed over layers,
-        coefficient not applied) of this step, as means over microbatches and DP ranks. Their
-        shares of the objective are mtp_loss_scale * mtp_loss and seq_aux_loss_coeff * moe_aux_loss."""
-        values = torch.zeros(2, dtype=torch.float64, device=self.device)
-        mtp = MTPLossLoggingHelper.tracker.get("values")
-        if mtp is not None and parallel_state.is_pipeline_last_stage():
-            values[0] = mtp.double().mean()
-        for entry in get_moe_layer_wise_logging_tracker().values():
-            part = entry["values"].double().sum().reshape(1)
-            # The seq aux loss is computed on each TP rank's sequence shard: partial sums.
-            if entry.get("reduce_group") is not None:
-                dist.all_reduce(part, group=entry["reduce_group"])
-            values[1] += part[0]
-        values /= num_microbatches
-        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        values /= self.dp_size
-        if self.layout.pp > 1:
-            dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
-        _clear_loss_trackers()
-        out = {}
-        if self.cfg.model.mtp_num_layers:
-            out["mtp_loss"] = float(values[0])
-        if self.cfg.model.num_experts and self.cfg.model.seq_aux_loss_coeff > 0:
-            out["moe_aux_loss"] = float(values[1])
-        return out
-
-    # ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Non-sharded trainer state that goes into every checkpoint (step and LR schedule)."""
-        return {"step": self.step, "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-def _clear_loss_trackers() -> None:
-    """Empty megatron's MTP / MoE aux-loss logging trackers (module globals that forwards fill).
-
-    Emptied rather than zeroed: an entry remembers the process group of the layout that made it."""
-    MTPLossLoggingHelper.tracker.clear()
-    get_moe_layer_wise_logging_tracker().clear()
-
-
-def replace_layout(cfg: JobConfig, **changes) -> JobConfig:
-    """A copy of `cfg` with `parallel` fields changed (tests and tools that switch layouts)."""
-    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **changes))

@@ -1,4 +1,4 @@
-"""The stages of the R1 recipe (docs/architecture.md#the-r1-recipe) and what each one reads and writes.
+"""Running the stages of the R1 recipe (docs/architecture.md#the-r1-recipe): what each kind reads and writes.
 
 Every stage writes DIR/<name>/ and returns a record (kept in done.json) naming its outputs, relative
 to DIR. Kinds:
@@ -29,194 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from r1_megatron.config.loader import ConfigError, from_dict, parse_overrides, resolve_dict
+from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import JobConfig
-from r1_megatron.distill.rejection import RejectionConfig
-
-KINDS = ("sft", "grpo", "rejection_sampling", "distill", "eval")
-POLICY_KINDS = ("sft", "grpo", "rejection_sampling")  # stages whose output is the next policy
-SAMPLING_KINDS = ("grpo", "rejection_sampling", "distill", "eval")  # need a policy to start or sample from
-_COMMON = {"name", "kind", "overrides", "init", "eval_prompts", "eval_k"}
-_KIND_FIELDS = {
-    "sft": {"steps", "pairs_per_step"},
-    "grpo": {"steps"},
-    "rejection_sampling": {"steps", "pairs_per_step", "prompts", "rejection"},
-    "distill": {"steps", "pairs_per_step", "prompts", "rejection", "student", "traces"},
-    "eval": set(),
-}
-
-
-@dataclass
-class StageSpec:
-    """One stage of a pipeline YAML (`overrides` is read separately: job-config changes for this stage)."""
-
-    name: str = ""  # unique, names DIR/<name>/
-    kind: Literal["sft", "grpo", "rejection_sampling", "distill", "eval"] = "sft"  # what the stage does
-    init: str = ""  # policy to start/sample from: "" the previous policy stage, "base", or an earlier stage
-    steps: int = 0  # optimizer steps (sft, rejection_sampling, distill); grpo: rl.steps (0: the job's)
-    pairs_per_step: int = 32  # SFT pairs per optimizer step
-    prompts: int = 64  # train prompts sampled (rejection_sampling, distill)
-    rejection: RejectionConfig = field(default_factory=RejectionConfig)  # what sampling keeps
-    student: str = ""  # distill: the dense student's model card
-    traces: str = ""  # distill: reuse this earlier stage's traces.jsonl instead of sampling the teacher
-    eval_prompts: int = 0  # held-out prompts for pass@1 after the stage (eval: default data.num_eval)
-    eval_k: int = 4  # samples per eval prompt
-
-
-@dataclass
-class Stage:
-    """A checked stage: its spec, its resolved job config, and the digest done.json records."""
-
-    spec: StageSpec
-    job: JobConfig
-    digest: str
-
-
-@dataclass
-class Pipeline:
-    source: str
-    stages: list[Stage]
-
-    def describe(self) -> dict:
-        return {"source": self.source, "stages": [
-            {"spec": dataclasses.asdict(s.spec), "job": dataclasses.asdict(s.job)} for s in self.stages]}
-
-
-def _nest(overrides: dict, where: str) -> dict:
-    """{'rl.steps': 2, 'optim': {'lr': 1e-3}} -> {'rl': {'steps': 2}, 'optim': {'lr': 1e-3}}."""
-    out: dict = {}
-    for key, value in overrides.items():
-        node = out
-        parts = str(key).split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{where}: '{key}' goes through '{part}', which is not a section")
-        leaf = _nest(value, where) if isinstance(value, dict) else value
-        node[parts[-1]] = merge(node[parts[-1]], leaf) if isinstance(node.get(parts[-1]), dict) else leaf
-    return out
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """`extra` over `base`, section by section."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _spec(raw: object, where: str) -> tuple[StageSpec, dict]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with name and kind, got {raw!r}")
-    for key in ("name", "kind"):
-        if key not in raw:
-            raise ConfigError(f"{where}: missing required field '{key}'")
-    if raw["kind"] not in KINDS:
-        raise ConfigError(f"{where}: kind {raw['kind']!r} is not one of {list(KINDS)}")
-    where = f"{where} ({raw['name']})"
-    extra = sorted(set(raw) - _COMMON - _KIND_FIELDS[raw["kind"]])
-    if extra and extra[0] in {f.name for f in dataclasses.fields(StageSpec)}:
-        raise ConfigError(f"{where}: field '{extra[0]}' does not apply to kind {raw['kind']}")
-    overrides = raw.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{where}: overrides: expected a mapping, got {type(overrides).__name__}")
-    try:
-        spec = from_dict(StageSpec, {k: v for k, v in raw.items() if k != "overrides"})
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except ValueError as e:  # RejectionConfig's own range checks
-        raise ConfigError(f"{where}: {e}") from None
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.name):
-        raise ConfigError(f"{where}: name must be letters, digits, '_', '.' or '-'")
-    if spec.kind in ("sft", "rejection_sampling", "distill") and spec.steps < 1:
-        raise ConfigError(f"{where}: steps must be >= 1 for kind {spec.kind}, got {spec.steps}")
-    if spec.kind == "distill" and not spec.student:
-        raise ConfigError(f"{where}: missing required field 'student' (a dense model card, e.g. qwen2_tiny)")
-    lows = (("pairs_per_step", 1), ("prompts", 1), ("eval_prompts", 0), ("eval_k", 1), ("steps", 0))
-    for name, low in lows:
-        if getattr(spec, name) < low:
-            raise ConfigError(f"{where}: {name} must be >= {low}, got {getattr(spec, name)}")
-    return spec, _nest(overrides, f"{where}: overrides")
-
-
-def _job(base: dict, layers: list[dict], spec: StageSpec, own: dict, where: str) -> JobConfig:
-    from r1_megatron.config.validate import validate
-
-    data = base
-    for layer in layers:
-        data = merge(data, layer)
-    if spec.kind == "distill":
-        # The student is its own network: none of the teacher's model fields, and no teacher weights.
-        data = {**data, "model": {"card": spec.student, **own.get("model", {})}}
-        data["checkpoint"] = {**data.get("checkpoint", {}), "load": own.get("checkpoint", {}).get("load", "")}
-    if spec.kind == "grpo" and spec.steps:
-        data = merge(data, {"rl": {"steps": spec.steps}})
-    try:
-        job = from_dict(JobConfig, resolve_dict(data))
-        validate(job)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if spec.kind == "distill" and job.model.arch not in ("qwen2", "llama"):
-        raise ConfigError(f"{where}: student '{spec.student}' is a {job.model.arch} card; "
-                          "a student is qwen2 or llama")
-    return job
-
-
-def build_pipeline(base: dict, shared: dict, stages_raw: object, common: list[str],
-                   per_stage: dict[str, dict], source: str) -> Pipeline:
-    """Check the stages and resolve each one's job config (base < shared < stage < command line)."""
-    if not isinstance(stages_raw, list) or not stages_raw:
-        raise ConfigError(f"{source}: stages: expected a non-empty list of stages")
-    names = [s.get("name") for s in stages_raw if isinstance(s, dict)]
-    unknown = sorted(set(per_stage) - set(names))
-    if unknown:
-        raise ConfigError(f"override stages.{unknown[0]}.*: no stage named '{unknown[0]}' (stages: {names})")
-    cli = parse_overrides(common)
-    stages: list[Stage] = []
-    for i, raw in enumerate(stages_raw):
-        if isinstance(raw, dict) and raw.get("name") in per_stage:
-            raw = merge(raw, per_stage[raw["name"]])
-        spec, own = _spec(raw, f"stages[{i}]")
-        where = f"stages[{i}] ({spec.name})"
-        earlier = {s.spec.name: s.spec.kind for s in stages}
-        if spec.name in earlier:
-            raise ConfigError(f"{where}: duplicate stage name '{spec.name}'")
-        if spec.init not in ("", "base") and earlier.get(spec.init) not in POLICY_KINDS:
-            raise ConfigError(f"{where}: init '{spec.init}' is not an earlier "
-                              "sft/grpo/rejection_sampling stage")
-        if spec.kind == "distill" and spec.init == "base":
-            raise ConfigError(f"{where}: init: base does not apply to distill (the teacher is a policy "
-                              "stage; or reuse a traces set with traces: <stage>)")
-        if spec.traces and earlier.get(spec.traces) not in ("rejection_sampling", "distill"):
-            raise ConfigError(f"{where}: traces '{spec.traces}' is not an earlier "
-                              "rejection_sampling/distill stage")
-        has_policy = any(k in POLICY_KINDS for k in earlier.values())
-        if spec.kind in ("rejection_sampling", "distill") and not spec.traces and spec.init != "base" \
-                and not has_policy:
-            raise ConfigError(f"{where}: kind {spec.kind} samples a policy, but no "
-                              "sft/grpo/rejection_sampling "
-                              "stage comes before it (or set init: base with an HF checkpoint.load)")
-        has_student = "distill" in earlier.values()
-        if spec.kind == "eval" and not (has_policy or has_student or spec.init == "base"):
-            raise ConfigError(f"{where}: nothing to evaluate: no policy or distill stage comes before it")
-        job = _job(base, [_nest(shared, "overrides"), own, cli], spec, own, where)
-        # Chained over the stages before it: a changed input makes every later done.json stale too.
-        chain = stages[-1].digest if stages else ""
-        blob = json.dumps([chain, dataclasses.asdict(spec), dataclasses.asdict(job)], sort_keys=True,
-                          default=str)
-        stages.append(Stage(spec, job, hashlib.sha256(blob.encode()).hexdigest()[:16]))
-    return Pipeline(source, stages)
-
-
-# ------------------------------------------------------------------------------------ running
+from r1_megatron.pipeline.spec import POLICY_KINDS, Stage, StageSpec
 
 
 class Context:
@@ -304,7 +123,7 @@ def _teacher_hf(ctx: Context, source: dict | None, job: JobConfig) -> Path:
 
 def _trained(ctx: Context, trainer, result, spec: StageSpec, job: JobConfig, d: Path) -> dict:
     """Export the trained policy and measure its pass@1 (eval_prompts > 0)."""
-    from r1_megatron.distill.student import export_hf
+    from r1_megatron.train.weights import export_hf
 
     hf = export_hf(trainer, d / "hf")
     record = {"outputs": {"checkpoint": ctx.rel(result.checkpoint), "hf": ctx.rel(hf)},
@@ -315,7 +134,7 @@ def _trained(ctx: Context, trainer, result, spec: StageSpec, job: JobConfig, d: 
 
 
 def _sft_log(job: JobConfig, d: Path):
-    from r1_megatron.rl.metrics import MetricsLogger
+    from r1_megatron.train.metrics import MetricsLogger
 
     logger = MetricsLogger(job.logging, d)
 
@@ -328,31 +147,13 @@ def _sft_log(job: JobConfig, d: Path):
 
 
 def _sft(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import train_sft
+    from r1_megatron.train.sft import load_pairs
 
-    logger, log = _sft_log(job, d)
-    try:
-        trainer, result = train_sft(job, task_pairs(job), spec.steps, spec.pairs_per_step, log)
-    finally:
-        logger.close()
-    return _trained(ctx, trainer, result, spec, job, d)
-
-
-def task_pairs(job: JobConfig) -> list[dict]:
-    """Cold-start SFT pairs: data.train_file, else data.sft_examples worked solutions of the task."""
-    if job.data.train_file:
-        from r1_megatron.data.jsonl import read_jsonl
-
-        return read_jsonl(job.data.train_file, "sft", strict=True)[0]
-    from r1_megatron.data.tasks import make_items, sft_pairs
-    from r1_megatron.rl.grpo import task_kwargs
-
-    items = make_items(n=job.data.sft_examples, **task_kwargs(job, "train"))
-    return sft_pairs(items, seed=job.data.seed, wrong_fraction=job.data.sft_wrong_fraction)
+    return _sft_on(ctx, spec, job, d, load_pairs(job))
 
 
 def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import export_hf
+    from r1_megatron.train.weights import export_hf
     from r1_megatron.rl import loop, session
 
     run = session.RunState(job)  # resumes from checkpoint.dir/latest, else loads checkpoint.load
@@ -373,7 +174,7 @@ def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict |
 
 def _sft_on(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, records: list[dict]) -> dict:
     """SFT the stage's model on `records` (logged to the stage dir); the stage record of the result."""
-    from r1_megatron.distill.student import train_sft
+    from r1_megatron.train.sft import train_sft
 
     logger, log = _sft_log(job, d)
     try:
@@ -384,7 +185,7 @@ def _sft_on(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, records: lis
 
 
 def _rejection(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import sample_traces
+    from r1_megatron.distill.traces import sample_traces
 
     records, counts = sample_traces(spec, job, _teacher_hf(ctx, source, job), d)
     out = _sft_on(ctx, spec, job, d, records)
@@ -393,7 +194,7 @@ def _rejection(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: d
 
 
 def _distill(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.distill.student import sample_traces
+    from r1_megatron.distill.traces import sample_traces
 
     if spec.traces:
         from r1_megatron.data.jsonl import read_jsonl

@@ -1,13 +1,22 @@
-"""Supervised fine-tuning on the trainer: the next-token loss and the prompt/response data.
+"""Supervised fine-tuning on the trainer: the next-token loss, the prompt/response data and the loop.
+
+The one SFT loop (`train_sft`) serves `r1m sft`, the demo's base, and every SFT-kind pipeline stage:
+the R1 recipe's cold start and rejection-sampling SFT on the MoE policy, and distillation into a
+dense student (a Qwen2 / Llama card) over the teacher's verified traces.
 
 Loss: token-mean negative log-likelihood over the *global* batch (all microbatches of all DP ranks),
 counting only response tokens: each microbatch contributes sum(-logp * mask) / N_global, so the
-trainer's summed objective is the same for any split (see rl/train_step.py).
+trainer's summed objective is the same for any split (see train/trainer.py).
 
 Data: prompt/response pairs (a JSONL with "prompt" and "response", or the built-in task's worked
 solutions) are tokenized with the chat template, packed best-fit into rows of data.seq_length tokens,
 and dealt out as microbatches in a fixed, seeded order. `SFTData.position` (pairs consumed) is what a
 checkpoint stores to resume exactly where the run stopped.
+
+Loop: every step takes `pairs_per_step` pairs and runs one `Trainer.train_step`; checkpoints go to
+checkpoint.dir every checkpoint.save_every steps and at the end, with the data position, so an
+interrupted run resumes at the step and pair where it stopped; a fresh run starts at step 0 from the
+weights in checkpoint.load (our checkpoint or an HF directory), or from the random init when it is empty.
 """
 
 from __future__ import annotations
@@ -15,12 +24,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.data.packing import pack
-from r1_megatron.rl.microbatch import Microbatch, packed_microbatches
+from r1_megatron.train.microbatch import Microbatch, packed_microbatches
 
 
 def sft_loss(num_tokens: float):
@@ -122,20 +132,69 @@ def _empty_like(mb: Microbatch) -> Microbatch:
     )
 
 
+@dataclass
+class SFTResult:
+    """What an SFT run did: the steps it started from and reached, and its last loss."""
+
+    start_step: int
+    steps: int
+    loss: float | None
+    checkpoint: Path
+
+
+def train_sft(cfg: JobConfig, pairs: Sequence[dict], steps: int, pairs_per_step: int, log=None):
+    """Run SFT until the trainer has taken `steps` optimizer steps (resuming from checkpoint.dir).
+
+    Returns (trainer, SFTResult). `log(step, metrics)` receives every step's metrics."""
+    from megatron.core import parallel_state
+
+    from r1_megatron.data.tokenizer import job_tokenizer
+    from r1_megatron.parallel.groups import init_process_groups
+    from r1_megatron.train import checkpointing
+    from r1_megatron.train.microbatch import shard_for_data_parallel
+    from r1_megatron.train.trainer import Trainer
+    from r1_megatron.train.weights import load_initial_weights
+
+    if not pairs:
+        raise ValueError("SFT: no prompt/response pairs to train on")
+    layout, device = init_process_groups(cfg)
+    examples = tokenize_pairs(pairs, job_tokenizer(cfg), cfg.data.seq_length, chat=cfg.data.chat)
+    data = SFTData(examples, pairs_per_step, cfg.data.seq_length, cfg.seed)
+    trainer = Trainer(cfg, layout, device)
+    root = Path(cfg.checkpoint.dir)
+    extra = checkpointing.resume(trainer, root) if cfg.checkpoint.resume else None
+    if extra is None:
+        load_initial_weights(trainer, cfg.checkpoint.load)
+    else:
+        data.position = int(extra["data_position"])
+    start, loss = trainer.step, None
+    for step in range(start, steps):
+        mbs = data.next_batch(layout.dp, layout.micro_batch_size)
+        mine = shard_for_data_parallel(mbs, parallel_state.get_data_parallel_rank(), layout.dp)
+        metrics = trainer.train_step(mine, sft_loss(sum(local_loss_tokens([mb]) for mb in mbs)))
+        loss = metrics["loss"]
+        if log is not None:
+            log(step + 1, metrics)
+        if cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0:
+            checkpointing.save(trainer, root, extra={"data_position": data.position})
+    last = checkpointing.latest(root)
+    if last is None or last.name != checkpointing.step_dir_name(trainer.step):
+        checkpointing.save(trainer, root, extra={"data_position": data.position})
+    return trainer, SFTResult(start, trainer.step, loss, root)
+
+
 def run_sft(cfg: JobConfig, tokenizer=None) -> dict[str, float]:
-    """`r1m sft`: SFT for optim.total_steps steps (distill/student.py `train_sft`) on data.train_file or
+    """`r1m sft`: SFT for optim.total_steps steps (`train_sft`) on data.train_file or
     the built-in task, checkpoints in checkpoint.dir (default run_dir/checkpoints), metrics in the run dir.
 
     Resumes from checkpoint.dir/latest; a fresh run starts from checkpoint.load (a megatron checkpoint
     of any layout, or an HF directory). Returns the last step's metrics."""
     import dataclasses
-    from pathlib import Path
 
     from r1_megatron.config.loader import ConfigError
     from r1_megatron.data.tokenizer import check_vocab, job_tokenizer
-    from r1_megatron.distill.student import train_sft
     from r1_megatron.parallel.groups import init_process_groups
-    from r1_megatron.rl.metrics import MetricsLogger
+    from r1_megatron.train.metrics import MetricsLogger
 
     tok = tokenizer or job_tokenizer(cfg)
     check_vocab(tok, cfg)

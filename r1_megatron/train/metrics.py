@@ -12,7 +12,7 @@ from typing import Any
 from r1_megatron.config.schema import LoggingConfig
 
 
-def _is_rank0() -> bool:
+def is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -23,7 +23,7 @@ class MetricsLogger:
 
     def __init__(self, cfg: LoggingConfig, run_dir: str | Path, config_dict: dict | None = None):
         self.run_dir = Path(run_dir)
-        self.enabled = _is_rank0()
+        self.enabled = is_rank0()
         self._tb = self._wandb = None
         if not self.enabled:
             return

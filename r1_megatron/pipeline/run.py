@@ -12,7 +12,7 @@ A pipeline YAML names a job config every stage starts from, and the stages:
       - {name: distill, kind: distill, student: qwen2_tiny, prompts: 256, steps: 100}
       - {name: eval, kind: eval, eval_prompts: 64}
 
-Each stage reads the output of the stage before it (rl/stages.py says which output, per kind) and
+Each stage reads the output of the stage before it (pipeline/stages.py says which output, per kind) and
 writes DIR/<name>/, ending with DIR/<name>/done.json. A re-run skips every stage whose done.json is
 there (and refuses, naming the stage, when that stage's resolved config has changed since), and an
 interrupted stage resumes from its own checkpoints. DIR/report.json lists the stages with their
@@ -30,68 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from r1_megatron.config.loader import CONFIGS_DIR, ConfigError, parse_overrides
-
-
-def _split_cli(overrides: list[str]) -> tuple[list[str], dict[str, dict]]:
-    """(job-config overrides for every stage, {stage name: nested changes to its spec})."""
-    from r1_megatron.rl.stages import merge
-
-    common, per_stage = [], {}
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if key.startswith("stages."):
-            parts = item[len("stages."):].split(".", 1)
-            if len(parts) != 2 or "=" not in parts[1]:
-                raise ConfigError(f"override '{item}' must look like stages.<name>.<field>=value")
-            per_stage[parts[0]] = merge(per_stage.get(parts[0], {}), parse_overrides([parts[1]]))
-        else:
-            common.append(item)
-    return common, per_stage
-
-
-def _base_path(base: str, config_path: Path) -> Path:
-    candidates = (config_path.parent / base, Path(base), CONFIGS_DIR / base, CONFIGS_DIR / f"{base}.yaml")
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"{config_path}: base: no job config '{base}' (looked next to the file and in "
-                      f"{CONFIGS_DIR})")
-
-
-def load_pipeline(path: str | Path, overrides: list[str] | None = None):
-    """Read and check a pipeline YAML; every stage's job config is resolved here, so a bad stage
-    fails before the first one runs. Returns rl.stages.Pipeline."""
-    from r1_megatron.rl.stages import build_pipeline
-
-    path = Path(path)
-    if not path.is_file() and (CONFIGS_DIR / f"{path}.yaml").is_file():
-        path = CONFIGS_DIR / f"{path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"pipeline config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}".replace("\n", " ")) from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping with 'base' and 'stages'")
-    unknown = sorted(set(raw) - {"base", "overrides", "stages"})
-    if unknown:
-        raise ConfigError(f"{path}: unknown key '{unknown[0]}' (a pipeline has base, overrides, stages)")
-    for key in ("base", "stages"):
-        if key not in raw:
-            raise ConfigError(f"{path}: missing required key '{key}'")
-    if not isinstance(raw["base"], str) or not raw["base"]:
-        raise ConfigError(f"{path}: base: expected the name or path of a job config, got {raw['base']!r}")
-    base_file = _base_path(raw["base"], path)
-    base = yaml.safe_load(base_file.read_text()) or {}
-    if not isinstance(base, dict):
-        raise ConfigError(f"{base_file}: top level must be a mapping")
-    shared = raw.get("overrides") or {}
-    if not isinstance(shared, dict):
-        raise ConfigError(f"{path}: overrides: expected a mapping, got {type(shared).__name__}")
-    common, per_stage = _split_cli(list(overrides or []))
-    return build_pipeline(base, shared, raw["stages"], common, per_stage, source=str(path))
+from r1_megatron.config.loader import ConfigError
+from r1_megatron.pipeline.spec import load_pipeline
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -102,7 +42,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def run(pipeline, out: Path) -> dict:
     """Run the stages not yet done, in order; returns the report (also written to out/report.json)."""
-    from r1_megatron.rl.stages import Context, run_stage
+    from r1_megatron.pipeline.stages import Context, run_stage
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.resolved.yaml").write_text(yaml.safe_dump(pipeline.describe(), sort_keys=False))
