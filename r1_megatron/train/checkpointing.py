@@ -1,7 +1,7 @@
 """A Trainer's checkpoints: its model chunks, optimizer, scheduler and step handed to
 checkpoint/dist.py as one TrainState, and the step it loads read back.
 
-Weights that hold a NaN/Inf are never written (the non-finite guard's check, rl/nonfinite.py, on
+Weights that hold a NaN/Inf are never written (the non-finite guard's check, train/nonfinite.py, on
 every rank before the collective save starts).
 """
 
@@ -14,7 +14,7 @@ from r1_megatron.checkpoint import dist as dist_ckpt
 from r1_megatron.checkpoint.dist import LATEST, TrainState, latest, load_model_weights, step_dir_name
 from r1_megatron.checkpoint.integrity import CheckpointError
 from r1_megatron.parallel.device import seed_all
-from r1_megatron.rl.nonfinite import first_nonfinite_weight
+from r1_megatron.train.nonfinite import first_nonfinite_weight
 from r1_megatron.train.trainer import Trainer
 
 # Read through this module by the loops and by tests that take checkpoints.

@@ -12,7 +12,7 @@ the plain sum of microbatch losses over microbatches and DP ranks. Megatron woul
 the loss handed to megatron is multiplied by num_microbatches * dp; what it then does turns that
 back into the sum. With `train_step(..., entropy=True)` the loss_fn is called as
 `loss_fn(logprobs, mb, entropy=H)`, H the per-token policy entropy [b, s] (fp32, differentiable) from
-the same forward's vocab-parallel logits (rl/entropy.py).
+the same forward's vocab-parallel logits (train/entropy.py).
 
 The MTP loss and the MoE sequence aux loss stay megatron's own: each microbatch contributes its
 token-mean MTP loss (times mtp_loss_scale) and its aux loss, divided by num_microbatches, and DDP
@@ -24,7 +24,7 @@ summed over the whole TP x DP batch.
 
 Precision (model/precision.py): fp32, or bf16 weights under Float16Module with fp32 main weights,
 grads and Adam moments; the loss, logprobs and metrics are fp32 either way. Before the optimizer
-writes anything, the non-finite guard (rl/nonfinite.py) checks the loss terms and the global grad
+writes anything, the non-finite guard (train/nonfinite.py) checks the loss terms and the global grad
 norm and skips the whole update on every rank when either is not finite.
 """
 
@@ -54,8 +54,8 @@ from r1_megatron.model import precision
 from r1_megatron.model.attention import SharedPrefixParams
 from r1_megatron.model.provider import build_model, mtp_disabled
 from r1_megatron.moe.replicas import ReplicaManager
-from r1_megatron.rl.entropy import capture_entropy
-from r1_megatron.rl.nonfinite import OBJECTIVE, StepGuard
+from r1_megatron.train.entropy import capture_entropy
+from r1_megatron.train.nonfinite import OBJECTIVE, StepGuard
 from r1_megatron.train.layout import stage_overrides
 from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.train.step_sums import aux_metrics, clear_loss_trackers, reduce_sums
@@ -71,7 +71,7 @@ class Trainer:
     `parallel.groups.init_process_groups`. `model` is a list of model chunks (one: no virtual
     pipeline; under Float16Module in bf16, model/precision.py), `optimizer` megatron's (chained:
     dense + expert params), `scheduler` the OptimizerParamScheduler. `step` counts optimizer steps
-    taken (a step skipped by the non-finite guard, rl/nonfinite.py, is not one).
+    taken (a step skipped by the non-finite guard, train/nonfinite.py, is not one).
     """
 
     def __init__(
@@ -217,7 +217,7 @@ class Trainer:
 
         Returns the summed `loss_fn` metrics (over microbatches and DP ranks), plus grad_norm, lr,
         mtp_loss / moe_aux_loss (means over microbatches, when enabled), update_ok (0: the non-finite
-        guard skipped the update on every rank, rl/nonfinite.py) and train/skipped_steps (so far).
+        guard skipped the update on every rank, train/nonfinite.py) and train/skipped_steps (so far).
         Raises NonFiniteError after optim.max_bad_steps consecutive skips.
         """
         mbs, seq_length, rows = self._prepare(microbatches)

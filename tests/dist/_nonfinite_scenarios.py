@@ -74,7 +74,7 @@ def _same(a, b) -> bool:
 
 def main(out: Path) -> None:
     from r1_megatron.train import checkpointing as ckpt
-    from r1_megatron.rl.nonfinite import NonFiniteError, first_nonfinite_weight
+    from r1_megatron.train.nonfinite import NonFiniteError, first_nonfinite_weight
 
     cfg = job_config(tp=2, pp=2, ep=1, etp=2, dispatcher="allgather")
     start(cfg)

@@ -3,7 +3,7 @@ rl.entropy_coef > 0 split over TP, PP and DP, on micro_moe in fp32 over gloo.
 
 Every layout loads the single-rank run's initial checkpoint and takes one GRPO step on the same rollout
 batch (tests/dist/_entropy_scenarios.py). The per-token entropy the loss receives (vocab-parallel,
-rl/entropy.py) equals a full-softmax reference (torch.log_softmax over the whole vocabulary of the
+train/entropy.py) equals a full-softmax reference (torch.log_softmax over the whole vocabulary of the
 world-1 logits) within 1e-5, at world 1 and at every dp-1 layout; the loss, its entropy term, the logged
 entropy and the grad norm equal the single-rank ones within 1e-5 at every layout, (ep2, dp2) included.
 """

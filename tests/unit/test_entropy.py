@@ -1,4 +1,4 @@
-"""Policy entropy through the trainer (rl/entropy.py, Trainer.train_step(entropy=True), grpo_loss).
+"""Policy entropy through the trainer (train/entropy.py, Trainer.train_step(entropy=True), grpo_loss).
 
 Guarantees, at world size 1 (tests/dist/test_entropy_layouts.py covers tp2, pp2, tp2 x pp2):
 - `vocab_parallel_entropy` gives the hand-computed H and dH/dx of a two-token case, and equals a full
@@ -24,7 +24,7 @@ from r1_megatron.model.provider import mtp_disabled
 from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
 from r1_megatron.rl import grpo
-from r1_megatron.rl.entropy import vocab_parallel_entropy
+from r1_megatron.train.entropy import vocab_parallel_entropy
 from r1_megatron.rl.losses import entropy_from_logits, finalize_metrics, policy_loss
 from r1_megatron.train.trainer import Trainer
 from r1_megatron.rl.types import LossNorm

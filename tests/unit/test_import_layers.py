@@ -22,7 +22,7 @@ DOC = REPO / "docs" / "architecture.md"
 # (importer module, imported module)
 PENDING = {
     # branch `train`: the Trainer, the SFT loop and the conversion/scoring bodies move to train/.
-    ("r1_megatron.checkpoint.dist", "r1_megatron.rl.nonfinite"),
+    ("r1_megatron.checkpoint.dist", "r1_megatron.train.nonfinite"),
     ("r1_megatron.checkpoint.dist", "r1_megatron.rl.train_step"),
     ("r1_megatron.checkpoint.convert", "r1_megatron.model.provider"),
     ("r1_megatron.checkpoint.convert", "r1_megatron.rl.train_step"),

@@ -24,7 +24,7 @@ from r1_megatron.train import checkpointing as dist_ckpt
 from r1_megatron.config.loader import ConfigError, load_config
 from r1_megatron.parallel.device import seed_all, single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
-from r1_megatron.rl.nonfinite import NonFiniteError
+from r1_megatron.train.nonfinite import NonFiniteError
 from r1_megatron.train.forward import ForwardModel as Reference
 from r1_megatron.train.sft import local_loss_tokens, sft_loss
 from r1_megatron.train.trainer import Trainer
@@ -131,7 +131,7 @@ def test_nan_loss_is_skipped_and_named(world, caplog):
     weights = [p.detach().clone() for p in trainer.unwrapped.parameters()]
     adam = [v.clone() for v in _adam_tensors(trainer)]
     mbs = global_batch(2)
-    with caplog.at_level(logging.WARNING, logger="r1_megatron.rl.nonfinite"):
+    with caplog.at_level(logging.WARNING, logger="r1_megatron.train.nonfinite"):
         metrics = trainer.train_step(mbs, _nan_loss_in_second_microbatch(local_loss_tokens(mbs)))
     assert metrics["update_ok"] == 0.0 and metrics["train/skipped_steps"] == 1.0 and trainer.step == 1
     assert "train: step 2 skipped (1 in a row): non-finite loss term 'loss'" in caplog.text
