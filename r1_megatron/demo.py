@@ -28,7 +28,7 @@ def sft_base(cfg, out: Path, steps: int) -> Path:
     """Train the weak base from random init (resumable); returns its checkpoint root."""
     from r1_megatron.data.tasks import make_items, sft_pairs
     from r1_megatron.distill.student import train_sft
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.rl.prompts import task_kwargs
 
     items = make_items(n=cfg.data.sft_examples, **task_kwargs(cfg, "train"))
     pairs = sft_pairs(items, seed=cfg.data.seed, wrong_fraction=cfg.data.sft_wrong_fraction)

@@ -12,7 +12,7 @@ from r1_megatron.rollout.engine import SamplingParams
 def eval_items(cfg: JobConfig, tokenizer, n: int | None = None) -> list[dict]:
     from r1_megatron.data.chat import encode_prompt
     from r1_megatron.data.tasks import make_items
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.rl.prompts import task_kwargs
 
     items = make_items(n=n or cfg.data.num_eval, **task_kwargs(cfg, "eval"))
     for item in items:
@@ -25,7 +25,7 @@ def heldout_correct(engine, pool, tokenizer, cfg: JobConfig, n: int | None = Non
     """The 'accuracy' reward component of each of cfg.rl.eval_samples samples per prompt, for the
     prompts `share(len(items))` picks (default: all). Each prompt's samples are seeded by its index,
     so an item scores the same whichever engine generates it. pool None: generate only, return []."""
-    from r1_megatron.rl.grpo import ground_truth
+    from r1_megatron.rl.prompts import ground_truth
 
     items = eval_items(cfg, tokenizer, n)
     picked = share(len(items)) if share is not None else list(range(len(items)))

@@ -57,7 +57,7 @@ def load_pairs(cfg: JobConfig) -> list[dict]:
         pairs, _ = read_jsonl(cfg.data.train_file, "sft", strict=True)
         return pairs
     from r1_megatron.data.tasks import make_items, sft_pairs
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.rl.prompts import task_kwargs
 
     items = make_items(n=cfg.data.sft_examples, **task_kwargs(cfg, "train"))
     return sft_pairs(items, seed=cfg.data.seed, wrong_fraction=cfg.data.sft_wrong_fraction)

@@ -345,7 +345,7 @@ def task_pairs(job: JobConfig) -> list[dict]:
 
         return read_jsonl(job.data.train_file, "sft", strict=True)[0]
     from r1_megatron.data.tasks import make_items, sft_pairs
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.rl.prompts import task_kwargs
 
     items = make_items(n=job.data.sft_examples, **task_kwargs(job, "train"))
     return sft_pairs(items, seed=job.data.seed, wrong_fraction=job.data.sft_wrong_fraction)
@@ -435,7 +435,7 @@ def evaluate_hf(hf_dir: Path, job: JobConfig, n: int, k: int, engine=None, keep_
     from r1_megatron.data.tasks import make_items
     from r1_megatron.data.tokenizer import job_tokenizer
     from r1_megatron.eval.runner import eval_sampling, evaluate
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.rl.prompts import task_kwargs
 
     items = make_items(n=n, **task_kwargs(job, "eval"))
     own = engine is None
