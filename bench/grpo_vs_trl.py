@@ -60,7 +60,7 @@ def trl_trainer(cfg, hf_dir: Path, out_dir: Path, steps: int, callback):
     from trl import GRPOConfig, GRPOTrainer
 
     from r1_megatron.data.tasks import make_items
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.data.tasks import task_kwargs
 
     rl, batch = cfg.rl, cfg.rl.prompts_per_step * cfg.rl.group_size
     # The same prompts, in the order our PromptStream hands them out.

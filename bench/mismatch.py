@@ -27,7 +27,8 @@ _common.quiet_vllm()
 
 import torch  # noqa: E402
 
-from r1_megatron.rl import grpo, router_replay  # noqa: E402
+from r1_megatron.rl import router_replay  # noqa: E402
+from r1_megatron.rl.batching import microbatches  # noqa: E402
 from r1_megatron.rl.losses import kl_k3  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> int:
         run = _common.BenchRun(cfg)
         try:
             batch, _ = run.rollout()
-            mbs = grpo.microbatches(batch, cfg.data.seq_length, run.layout.micro_batch_size,
+            mbs = microbatches(batch, cfg.data.seq_length, run.layout.micro_batch_size,
                                     share_prompts=cfg.rl.share_prompts)
             report = {"rollout_dtype": "bfloat16", "trainer_dtype": "float32", "samples": len(batch.samples)}
             for mode in ("off", "r3"):

@@ -23,7 +23,10 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from r1_megatron.config.schema import JobConfig
 
 TEMPLATES: dict[str, str] = {
     "r1_zero": (
@@ -396,3 +399,26 @@ def chitchat_pairs(n: int, *, seed: int, template: str = "plain") -> list[dict]:
         pairs.append({"prompt": format_prompt(question, template), "response": f" </think> {answer}",
                       "answer": answer, "task": "chat", "id": f"chat-s{seed}-{k}", "correct": True})
     return pairs
+
+
+def task_kwargs(cfg: JobConfig, split: str) -> dict:
+    """Arguments of data.tasks.iter_items/make_items for the configured built-in task."""
+    d = cfg.data
+    knobs = {"digits": d.digits, "ops": tuple(d.ops), "mul_digits": d.mul_digits} if d.task == "arithmetic" else {}
+    return {"task": d.task, "seed": d.seed, "split": split, "template": d.template, **knobs}
+
+
+def ground_truth(item: dict) -> Any:
+    """What the reward functions compare against: tests for code, numbers/target for countdown."""
+    if "tests" in item:
+        return {"tests": item["tests"]}
+    if item.get("task") == "countdown":
+        return {"answer": item["answer"], "numbers": item["numbers"], "target": item["target"]}
+    return item["answer"]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of n records in `epoch`: a fresh seeded shuffle per epoch (prompt streams, SFT data)."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order

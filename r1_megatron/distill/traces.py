@@ -29,7 +29,7 @@ def sample_traces(spec, job: JobConfig, teacher_hf: Path, d: Path) -> tuple[list
     from r1_megatron.data.tokenizer import job_tokenizer
     from r1_megatron.distill.rejection import rejection_sample
     from r1_megatron.eval.runner import make_pool
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.data.tasks import task_kwargs
     from r1_megatron.rollout.engine import SamplingParams
     from r1_megatron.rollout.vllm_engine import VLLMEngine
 

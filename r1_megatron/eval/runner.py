@@ -99,7 +99,7 @@ def heldout_items(cfg: JobConfig, tokenizer, n: int | None = None) -> list[dict]
     """The first n (default data.num_eval) items of the job's eval split, with their prompt ids."""
     from r1_megatron.data.chat import encode_prompt
     from r1_megatron.data.tasks import make_items
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.data.tasks import task_kwargs
 
     items = make_items(n=n or cfg.data.num_eval, **task_kwargs(cfg, "eval"))
     for item in items:
@@ -113,7 +113,7 @@ def heldout_correct(engine, pool, tokenizer, cfg: JobConfig, n: int | None = Non
     samples per prompt (eval sampling, seed cfg.seed + 7), scored by the run's own reward pool, for
     the prompts `share(len(items))` picks (default: all). Each prompt's samples are seeded by its
     index, so an item scores the same whichever engine generates it. pool None: generate only, return []."""
-    from r1_megatron.rl.grpo import ground_truth
+    from r1_megatron.data.tasks import ground_truth
 
     items = heldout_items(cfg, tokenizer, n)
     picked = share(len(items)) if share is not None else list(range(len(items)))

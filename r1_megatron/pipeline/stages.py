@@ -236,7 +236,7 @@ def evaluate_hf(hf_dir: Path, job: JobConfig, n: int, k: int, engine=None, keep_
     from r1_megatron.data.tasks import make_items
     from r1_megatron.data.tokenizer import job_tokenizer
     from r1_megatron.eval.runner import eval_sampling, evaluate
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.data.tasks import task_kwargs
 
     items = make_items(n=n, **task_kwargs(job, "eval"))
     own = engine is None

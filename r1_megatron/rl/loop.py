@@ -7,6 +7,10 @@
   (and old ones, unless the training forward gives them: rl.old_logprob_pass) -> group advantages ->
   packed microbatches -> train_step with the GRPO loss -> log, save.
 
+Each phase is a verb of the run object (rl/session.py RunState) and a module of its own: the prompt
+stream (rl/prompts.py), rollout (rl/rollout_phase.py), logprobs and packing (rl/prepare.py,
+rl/batching.py), the loss and the update (rl/loss.py).
+
 The MTP head: by default (rl.mtp_loss_coef = 0) it is not run in RL steps, since its loss on the
 policy's own samples would be an SFT term. When it drafts the rollouts (rollout.speculative) it
 should follow the policy: rl.mtp_loss_coef > 0 adds that loss with the trunk detached
@@ -33,50 +37,35 @@ mismatch on policy, so rl.tis is required). The log reports async/staleness_{mea
 from __future__ import annotations
 
 from r1_megatron.config import JobConfig
-from r1_megatron.offload import TrainerOffload
-from r1_megatron.rl import async_rollout, grpo, session
-from r1_megatron.rl.losses import finalize_metrics
-from r1_megatron.rl.mismatch import MaxGap
-from r1_megatron.rl.router_replay import routing_metrics
-from r1_megatron.train.metrics import MetricsLogger
-from r1_megatron.rl.mtp import rl_mtp
+from r1_megatron.rl import session
 
 
 def train(cfg: JobConfig, run: session.RunState | None = None) -> dict:
-    """Run cfg.rl.steps GRPO steps (resuming from cfg.checkpoint.dir/latest). Returns the last metrics."""
-    run = run or session.RunState(cfg)
-    trainer, rl = run.trainer, cfg.rl
-    train_metrics: dict = {}
-    # Collected at each offload: Adam's moments appear only at the first step (offload/).
-    offload = TrainerOffload(trainer.model[0], trainer.optimizer, cfg.offload.pin_memory) \
-        if cfg.offload.enabled else None
-    log, metrics = MetricsLogger(cfg.logging, run.run_dir), {}
-    batches = async_rollout.make(run, cfg, offload)  # refit + rollout
-    for step in run.progress(range(trainer.step, rl.steps)):
-        timer = grpo.PhaseTimer()
-        batch, kept, refit = batches.next(step, timer)
-        with timer("logprobs"):
-            parts, adv_metrics = run.prepare(batch)  # ref (and old) logprobs, advantages, packing
-        with timer("train"):
-            for _epoch in range(rl.ppo_epochs):
-                for mbs, norm in parts:  # rl.num_minibatches optimizer steps
-                    # the MTP head per rl.mtp_loss_coef (module doc); the routing context replays (rl.router_replay)
-                    gap = MaxGap()
-                    mtp = rl_mtp(trainer.unwrapped, rl.mtp_loss_coef, rl.mtp_detach_trunk)
-                    with mtp, run.update_routing(mbs) as routing:
-                        sums = trainer.train_step(mbs, gap.wrap(grpo.grpo_loss(rl, norm)), entropy=True)
-                    train_metrics = {**finalize_metrics(sums), **gap.metrics(), **routing_metrics(routing)}
-        metrics = {**grpo.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit, **timer.metrics(),
-                   **async_rollout.staleness_metrics(batch, step)}
-        metrics.update(getattr(run.engine, "generate_stats", {}))  # tokens/s, draft acceptance (rank 0's engine)
-        if rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps:
-            batches.wait()  # the engines finish the next batch before the eval uses them
-            metrics["eval/accuracy"] = run.evaluate()
-        log.log(step + 1, metrics)
-        run.show(metrics)
-        if cfg.checkpoint.save_every and (step + 1) % cfg.checkpoint.save_every == 0:
-            run.save(batches.data_position)
-    batches.close()
-    run.save(batches.data_position)
-    log.close()
+    """Run cfg.rl.steps GRPO steps (resuming from cfg.checkpoint.dir/latest). Returns the last metrics.
+    A run passed in stays open for its caller; one made here is closed here."""
+    if run is None:
+        run = session.RunState(cfg)
+        try:
+            return train(cfg, run)
+        finally:
+            run.close()
+    metrics: dict = {}
+    run.begin(cfg)  # the trainer offload, the metrics log, the batch source (rl/async_rollout.py)
+    try:
+        for step in run.steps():
+            batch, kept, refit = run.next_batch(step)  # refit + rollout, on policy or one step off
+            with run.timer("logprobs"):
+                parts, adv_metrics = run.prepare(batch)  # ref (and old) logprobs, advantages, packing
+            with run.timer("train"):
+                train_metrics = run.train(parts)  # rl.ppo_epochs x rl.num_minibatches optimizer steps
+            metrics = run.step_metrics(step, batch, adv_metrics, kept, train_metrics, refit)
+            if run.eval_due(step):
+                run.wait_rollout()  # the engines finish the next batch before the eval uses them
+                metrics["eval/accuracy"] = run.evaluate()
+            run.log(step, metrics)
+            if run.save_due(step):
+                run.save()
+    finally:
+        run.end()
+    run.save()
     return metrics

@@ -1,6 +1,6 @@
-"""Setting up a GRPO run: initial weights, the frozen reference, the rollout engine, the canary.
-
-Kept apart from loop.py so the loop itself reads as prose."""
+"""The one object of a GRPO run: its setup (initial weights, the frozen reference, the rollout engine,
+the reward pool, the canary) and every step of the loop as a verb on it (refit, rollout, prepare,
+train, evaluate, save), so that rl/loop.py reads as prose and calls nothing else."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import torch.distributed as dist
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.model.attention import supports_shared_prefix
 from r1_megatron.offload import TrainerOffload
+from r1_megatron.rl import async_rollout, loss, prepare, rollout_phase
+from r1_megatron.rl.prompts import PromptStream
+from r1_megatron.rl.timing import PhaseTimer
 from r1_megatron.rollout.weight_export import export_weights
 from r1_megatron.train import checkpointing as dist_ckpt
 from r1_megatron.train.forward import ForwardModel as Reference
-from r1_megatron.train.metrics import is_rank0
+from r1_megatron.train.metrics import MetricsLogger, is_rank0
 from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.train.trainer import Trainer
 from r1_megatron.train.weights import load_initial_weights
@@ -43,14 +46,15 @@ def weight_stream(trainer: Trainer, bucket_mb: int):
 
 class RunState:
     """Everything a GRPO run holds between steps: process groups, trainer, reference, engine, reward
-    pool, prompt stream, refitter. Methods are the loop's verbs (refit, rollout, prepare, ...)."""
+    pool, prompt stream, refitter. Methods are the loop's verbs (refit, rollout, prepare, train, ...);
+    the algorithm of each phase is in its own module (rl/prompts.py, rl/rollout_phase.py,
+    rl/prepare.py with rl/batching.py, rl/loss.py)."""
 
     def __init__(self, cfg: JobConfig, engine=None, pool=None):
         """engine/pool: a prebuilt engine (one per rank, tp 1) and reward pool; by default the engine
         comes from rollout/placement.py, built before the trainer takes any memory."""
         from r1_megatron.data.tokenizer import job_tokenizer
         from r1_megatron.parallel.groups import init_process_groups
-        from r1_megatron.rl.grpo import PromptStream
         from r1_megatron.rollout.placement import build_rollout, colocated_slot
         from r1_megatron.rollout.refit import Refitter, canary_sequences, canary_tolerance
 
@@ -86,11 +90,66 @@ class RunState:
         self.refitter = Refitter(self.engine, cfg.rollout.bucket_mb, tol, self.canary_prompts,
                                  cfg.rl.canary_length) if self.engine is not None else None
         self._bar = None
+        self.batches = None  # the loop's batch source, from `begin`
 
     def _tokenizer_dir(self) -> Path:
         from r1_megatron.data.tokenizer import tokenizer_dir
 
         return tokenizer_dir(self.cfg)
+
+    # -- what one call of the loop opens, and the step's bookkeeping -------------------------------
+    def begin(self, cfg: JobConfig) -> None:
+        """Open the loop's state: the trainer offload, the metrics log, the batch source (on policy or
+        one step off, rl/async_rollout.py). cfg: the config the loop was called with (the run's own, or
+        the same with other rl.steps, as bench/grpo_vs_trl.py calls it)."""
+        self.loop_cfg = cfg
+        # Collected at each offload: Adam's moments appear only at the first step (offload/).
+        self.offload = TrainerOffload(self.trainer.model[0], self.trainer.optimizer, cfg.offload.pin_memory) \
+            if cfg.offload.enabled else None
+        self.metrics_log = MetricsLogger(cfg.logging, self.run_dir)
+        self.batches = async_rollout.make(self, cfg, self.offload)
+
+    def end(self) -> None:
+        """Close what `begin` opened: the batch source (its rollout thread) and the metrics log."""
+        self.batches.close()
+        self.metrics_log.close()
+
+    def steps(self):
+        """The steps left (from the trainer's step, after a resume), under the progress bar."""
+        return self.progress(range(self.trainer.step, self.loop_cfg.rl.steps))
+
+    def next_batch(self, step: int) -> tuple:
+        """Start step `step` with a fresh phase timer (self.timer) and get its batch: refit + rollout.
+        Returns (batch, rollout stats, refit metrics)."""
+        self.timer = PhaseTimer()
+        return self.batches.next(step, self.timer)
+
+    def step_metrics(self, step: int, batch, adv_metrics: dict, kept: dict, train_metrics: dict,
+                     refit: dict) -> dict:
+        """One step's log line: rollout, advantage, sampling, update and refit metrics, phase times,
+        staleness, then the engine's tokens/s and draft acceptance (rank 0's engine)."""
+        return {**rollout_phase.rollout_metrics(batch), **adv_metrics, **kept, **train_metrics, **refit,
+                **self.timer.metrics(), **async_rollout.staleness_metrics(batch, step),
+                **getattr(self.engine, "generate_stats", {})}
+
+    def eval_due(self, step: int) -> bool:
+        """Every rl.eval_every steps, but not after the last one."""
+        rl = self.loop_cfg.rl
+        return bool(rl.eval_every and (step + 1) % rl.eval_every == 0 and step + 1 < rl.steps)
+
+    def wait_rollout(self) -> None:
+        """Let the engines finish the next batch (one step off) before anything else uses them."""
+        self.batches.wait()
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Append the step's metrics to metrics.jsonl (and TB/wandb) and show them on the progress bar."""
+        self.metrics_log.log(step + 1, metrics)
+        self.show(metrics)
+
+    def save_due(self, step: int) -> bool:
+        """Every checkpoint.save_every steps."""
+        every = self.loop_cfg.checkpoint.save_every
+        return bool(every and (step + 1) % every == 0)
 
     # -- the loop's verbs ---------------------------------------------------------------------
     def refit(self, offload: TrainerOffload | None = None) -> dict:
@@ -141,86 +200,26 @@ class RunState:
         return box[0]
 
     def rollout(self, gather=None):
-        """Generate and score one batch (each engine its share of the prompts), with dynamic sampling.
-        gather: None, the collective default (grpo.gather_samples; a failure on any rank raises on all,
-        see agree); else a local function joining this rank's samples of each round, for a rank that
-        generates alone and without collectives (rl/async_rollout.py), whose failures raise here."""
-        from r1_megatron.rl import grpo
-        from r1_megatron.rl.advantages import all_equal_groups
-        from r1_megatron.rl.types import RolloutBatch
-        from r1_megatron.rollout.placement import agree
-
-        rl = self.cfg.rl
-        kept: list = []
-        rounds = all_equal = seen = 0
-        while True:
-            need = rl.prompts_per_step - len(kept) // rl.group_size
-            first = self.prompts.position  # stream index of items[0]: seeds the samples of each prompt
-            items = self.prompts.take(need)
-            mine = self.slot.share(need)
-            local, error = [], None
-            try:
-                pool = self.pool if self.slot.leader else None
-                if mine:
-                    local = grpo.generate_and_score(self.engine, pool, self.tokenizer, [items[i] for i in mine],
-                                                    [seen + i for i in mine], self.cfg,
-                                                    keys=[first + i for i in mine])
-            except Exception as e:  # noqa: BLE001 (every rank must learn of it: see agree)
-                if gather is not None:
-                    raise
-                error = e
-            if gather is None:
-                agree(self.slot, error, "rollout")
-            batch = RolloutBatch((gather or grpo.gather_samples)(local))
-            seen, rounds = seen + need, rounds + 1
-            flat = all_equal_groups(batch.rewards()[batch.group_index()])
-            all_equal += int(flat.sum())
-            last_round = not rl.dynamic_sampling or rounds > rl.max_resample_rounds
-            kept += (batch if last_round else batch.select_groups([not f for f in flat.tolist()])).samples
-            if last_round or len(kept) >= rl.prompts_per_step * rl.group_size:
-                break
-        if self.engine is not None:
-            self.engine.release()  # GPU: vLLM sleeps (weights, KV cache) before the trainer reloads
-        stats = {"all_equal_frac": all_equal / max(seen, 1), "sampling_rounds": float(rounds)}
-        if self.pool is not None:
-            stats.update(self.pool.stats(reset=True))  # this rank's pool (rank 0's is logged)
-        return RolloutBatch(kept), stats
+        """Generate and score one batch, with dynamic sampling (rl/rollout_phase.py `collect`).
+        gather: None, the collective default; else a local function joining this rank's samples, for a
+        rank that generates alone and without collectives (rl/async_rollout.py)."""
+        return rollout_phase.collect(self.cfg, self.prompts, self.engine, self.pool, self.slot,
+                                     self.tokenizer, gather)
 
     def prepare(self, batch):
         """Advantages, then per minibatch: packed microbatches with old (unless fused into the training
-        forward, grpo.fuses_old_logprobs) and reference logprobs."""
-        from r1_megatron.rl import corrections, grpo, router_replay
-        from r1_megatron.rl.advantages import assign_advantages
-
-        rl, max_len = self.cfg.rl, self.cfg.rollout.max_new_tokens
-        self.step_routing = {}
+        forward, loss.fuses_old_logprobs) and reference logprobs (rl/prepare.py)."""
+        rl = self.cfg.rl
         seq_k1 = None
         if rl.kl_in == "reward" and rl.kl_coef > 0:
             seq_k1 = self._sequence_k1(batch)
-        adv_metrics = assign_advantages(batch, rl, max_len, seq_k1)
-        parts = []
-        for part in grpo.minibatches(batch, rl.num_minibatches):
-            mbs = grpo.microbatches(part, self.cfg.data.seq_length, self.layout.micro_batch_size,
-                                    share_prompts=rl.share_prompts)
-            routing = router_replay.StepRouting(self.trainer, mbs, part.samples, rl)
-            if not grpo.fuses_old_logprobs(rl):
-                with routing.old_pass():
-                    grpo.attach_logprobs(self.trainer, mbs, "old_logprobs")
-            self.step_routing[id(mbs)] = (routing, not grpo.fuses_old_logprobs(rl))
-            if self.reference is not None and rl.kl_in == "loss":
-                for mb, lp in zip(mbs, self.reference.logprobs(mbs), strict=True):
-                    mb.extras["ref_logprobs"] = lp
-            norm = part.loss_norm(max_len)
-            if corrections.enabled(rl):  # removed tokens leave the numerator and the normalizer
-                adv_metrics.update(corrections.apply_masks(mbs, rl))
-                norm = corrections.masked_norm(mbs, max_len)
-            parts.append((mbs, norm))
+        parts, adv_metrics, self.step_routing = prepare.prepare(
+            batch, self.cfg, self.trainer, self.layout.micro_batch_size, self.reference, seq_k1)
         return parts, adv_metrics
 
-    def update_routing(self, mbs):
-        """Context around the update of `mbs` (prepared above): router replay and routing mismatch."""
-        routing, old_pass_ran = self.step_routing[id(mbs)]
-        return routing.update(old_pass_ran)
+    def train(self, parts: list) -> dict:
+        """The optimizer steps over the prepared minibatches (rl/loss.py `update`); the last one's metrics."""
+        return loss.update(self.trainer, self.loop_cfg.rl, parts, self.step_routing)
 
     def _sequence_k1(self, batch) -> torch.Tensor:
         """Per-sequence sum of k1 = log pi_old - log pi_ref over response tokens (KL in the reward)."""
@@ -253,9 +252,11 @@ class RunState:
         return float(total[0] / total[1].clamp(min=1))
 
     def save(self, position: int | None = None) -> None:
-        """position: where a resumed run continues the prompt stream (default: after the last prompt
-        drawn; one-step-off rollout passes the end of the last trained batch)."""
-        position = self.prompts.position if position is None else position
+        """position: where a resumed run continues the prompt stream (default: where the loop's batch
+        source stands, which one-step-off rollout keeps at the end of the last trained batch; without
+        one, after the last prompt drawn)."""
+        if position is None:
+            position = self.batches.data_position if self.batches is not None else self.prompts.position
         dist_ckpt.save(self.trainer, self.ckpt_root, extra={"data_position": position})
 
     def progress(self, steps):

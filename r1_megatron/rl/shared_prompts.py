@@ -1,6 +1,6 @@
 """Shared-prompt packing (rl.share_prompts): the trainer runs each group's prompt once, not G times.
 
-Plain packing (grpo.microbatches) gives every response its own copy of the prompt. Here a group
+Plain packing (batching.microbatches) gives every response its own copy of the prompt. Here a group
 becomes one or more *bundles*: the prompt without its last token, once, then for each response a
 segment [last prompt token, response tokens]. Each segment attends to the shared prompt in full and
 to itself causally, and its rope positions continue the prompt's (model/attention.py,

@@ -171,3 +171,28 @@ def shard_for_data_parallel(
         raise ValueError(f"{n} microbatches do not split over data-parallel size {dp_size}")
     per = n // dp_size
     return list(microbatches[dp_rank * per : (dp_rank + 1) * per])
+
+
+def empty_like(mb: Microbatch) -> Microbatch:
+    """A padding-only microbatch of mb's shape: contributes nothing to the loss (its extras are zeros,
+    with token_seq_len 1 so per-sequence normalisers never divide by 0)."""
+    n = mb.shape[1]
+    zeros = {k: torch.zeros_like(v) for k, v in mb.extras.items()}
+    if "token_seq_len" in zeros:
+        zeros["token_seq_len"] = torch.ones_like(mb.extras["token_seq_len"])
+    return Microbatch(
+        tokens=torch.zeros_like(mb.tokens),
+        labels=torch.zeros_like(mb.labels),
+        loss_mask=torch.zeros_like(mb.loss_mask),
+        position_ids=torch.arange(n).reshape(1, n),
+        cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+        extras=zeros,
+    )
+
+
+def pad_for_data_parallel(mbs: list[Microbatch], dp: int) -> list[Microbatch]:
+    """`mbs` padded in place with empty microbatches to a multiple of dp, so every DP rank runs the
+    same schedule (SFT and GRPO batches alike)."""
+    while len(mbs) % dp:
+        mbs.append(empty_like(mbs[-1]))
+    return mbs

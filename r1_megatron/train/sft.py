@@ -21,7 +21,6 @@ weights in checkpoint.load (our checkpoint or an HF directory), or from the rand
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ import torch
 
 from r1_megatron.config.schema import JobConfig
 from r1_megatron.data.packing import pack
-from r1_megatron.train.microbatch import Microbatch, packed_microbatches
+from r1_megatron.data.tasks import epoch_order
+from r1_megatron.train.microbatch import Microbatch, packed_microbatches, pad_for_data_parallel
 
 
 def sft_loss(num_tokens: float):
@@ -67,7 +67,7 @@ def load_pairs(cfg: JobConfig) -> list[dict]:
         pairs, _ = read_jsonl(cfg.data.train_file, "sft", strict=True)
         return pairs
     from r1_megatron.data.tasks import make_items, sft_pairs
-    from r1_megatron.rl.grpo import task_kwargs
+    from r1_megatron.data.tasks import task_kwargs
 
     items = make_items(n=cfg.data.sft_examples, **task_kwargs(cfg, "train"))
     return sft_pairs(items, seed=cfg.data.seed, wrong_fraction=cfg.data.sft_wrong_fraction)
@@ -100,36 +100,16 @@ class SFTData:
         self.seq_length, self.seed = seq_length, seed
         self.position = 0
 
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.examples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
     def next_batch(self, dp: int, rows_per_microbatch: int = 1) -> list[Microbatch]:
         """The next step's global list of microbatches (shard with microbatch.shard_for_data_parallel)."""
         chosen = []
         for k in range(self.position, self.position + self.pairs_per_step):
             epoch, i = divmod(k, len(self.examples))
-            chosen.append(self.examples[self._order(epoch)[i]])
+            chosen.append(self.examples[epoch_order(len(self.examples), self.seed, epoch)[i]])
         self.position += self.pairs_per_step
         # The loss mask marks tokens to predict; packing's loss_mask is aligned with labels (t -> t+1).
         batch = pack([e.tokens for e in chosen], self.seq_length, loss_masks=[e.loss_mask for e in chosen])
-        mbs = packed_microbatches(batch, rows_per_microbatch)
-        while len(mbs) % dp:
-            mbs.append(_empty_like(mbs[-1]))
-        return mbs
-
-
-def _empty_like(mb: Microbatch) -> Microbatch:
-    """A padding-only microbatch of the same shape: contributes nothing to the loss."""
-    n = mb.shape[1]
-    return Microbatch(
-        tokens=torch.zeros_like(mb.tokens),
-        labels=torch.zeros_like(mb.labels),
-        loss_mask=torch.zeros_like(mb.loss_mask),
-        position_ids=torch.arange(n).reshape(1, n),
-        cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
-    )
+        return pad_for_data_parallel(packed_microbatches(batch, rows_per_microbatch), dp)
 
 
 @dataclass

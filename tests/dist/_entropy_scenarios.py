@@ -33,13 +33,14 @@ def grpo_step(trainer, record_logits: bool = False) -> dict:
     from megatron.core import parallel_state as ps
 
     from r1_megatron.model.provider import mtp_disabled
-    from r1_megatron.rl import grpo
+    from r1_megatron.rl.batching import microbatches
+    from r1_megatron.rl.loss import grpo_loss
     from r1_megatron.rl.losses import entropy_from_logits, finalize_metrics
 
     batch = _batch(groups=3, g=4, seed=11)
     rl = dataclasses.replace(trainer.cfg.rl, kl_coef=0.0, entropy_coef=ENTROPY_COEF)
-    mbs = grpo.microbatches(batch, CAPACITY)
-    loss = grpo.grpo_loss(rl, batch.loss_norm(16))
+    mbs = microbatches(batch, CAPACITY)
+    loss = grpo_loss(rl, batch.loss_norm(16))
     seen, full = [], []
 
     def loss_fn(logprobs, mb, entropy=None):

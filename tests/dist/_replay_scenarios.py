@@ -18,7 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from r1_megatron.config.schema import RLConfig  # noqa: E402
-from r1_megatron.rl import grpo, router_replay  # noqa: E402
+from r1_megatron.rl import router_replay  # noqa: E402
+from r1_megatron.rl.batching import microbatches  # noqa: E402
+from r1_megatron.rl.loss import grpo_loss  # noqa: E402
 from r1_megatron.rl.types import RolloutBatch, Sample  # noqa: E402
 from tests.dist._scenarios import build, job_config, save_rank0, start  # noqa: E402
 
@@ -44,13 +46,13 @@ def samples(num_moe: int = 1, topk: int = 2, experts: int = 8) -> RolloutBatch:
 
 def step(trainer) -> dict:
     batch = samples()
-    mbs = grpo.microbatches(batch, 24, 1, share_prompts=True)
+    mbs = microbatches(batch, 24, 1, share_prompts=True)
     plan = router_replay.StepRouting(trainer, mbs, batch.samples, R3)
     maps = []
     hooks = [r.register_forward_hook(lambda m, a, out: maps.append(out[1].detach().clone()))
              for c in trainer.model for _i, r in router_replay.moe_routers(c)]
     with plan.update(old_pass_ran=False):
-        metrics = trainer.train_step(mbs, grpo.grpo_loss(R3, batch.loss_norm(8)))
+        metrics = trainer.train_step(mbs, grpo_loss(R3, batch.loss_norm(8)))
     for h in hooks:
         h.remove()
     metrics["readback_ok"] = float(_readback(trainer, plan.targets, maps))

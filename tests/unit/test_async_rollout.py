@@ -15,7 +15,8 @@ from r1_megatron.config import load_config
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.config.schema import RLConfig
 from r1_megatron.parallel.device import single_rank_world
-from r1_megatron.rl import grpo
+from r1_megatron.rl.batching import microbatches
+from r1_megatron.rl.loss import grpo_loss
 from r1_megatron.rl.async_rollout import staleness_metrics
 from r1_megatron.rl.types import RolloutBatch, Sample
 
@@ -69,9 +70,9 @@ def test_decoupled_loss_equals_the_hand_computed_one():
     cfg = RLConfig(tis=CAP, clip_eps_low=EPS, clip_eps_high=EPS, kl_coef=0.0, loss_agg="seq-mean-token-mean")
     norm = batch.loss_norm(16)
     got, capped = 0.0, 0.0
-    for mb in grpo.microbatches(batch, capacity=16):
+    for mb in microbatches(batch, capacity=16):
         mb.extras["old_logprobs"] = _old(mb.tokens, mb.labels)  # what the trainer recomputes
-        loss, metrics = grpo.grpo_loss(cfg, norm)(_new(mb.tokens, mb.labels), mb)
+        loss, metrics = grpo_loss(cfg, norm)(_new(mb.tokens, mb.labels), mb)
         got += float(loss)
         capped += float(metrics["tis_clipped_frac_sum"])
     assert capped > 0  # the cap is active on some tokens, so the test covers the truncation

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from r1_megatron.config.schema import RLConfig
-from r1_megatron.rl import corrections, grpo
+from r1_megatron.rl import corrections
+from r1_megatron.rl.loss import fuses_old_logprobs
 from r1_megatron.rl.losses import policy_loss
 from r1_megatron.train.microbatch import Microbatch
 
@@ -105,9 +106,9 @@ def test_removed_tokens_leave_the_normalizer(agg):
 
 
 def test_masks_force_the_separate_old_logprob_pass():
-    assert grpo.fuses_old_logprobs(RLConfig())
-    assert not grpo.fuses_old_logprobs(RLConfig(icepop=[0.5, 5.0]))
-    assert not grpo.fuses_old_logprobs(RLConfig(offpolicy_mask_delta=0.1))
+    assert fuses_old_logprobs(RLConfig())
+    assert not fuses_old_logprobs(RLConfig(icepop=[0.5, 5.0]))
+    assert not fuses_old_logprobs(RLConfig(offpolicy_mask_delta=0.1))
 
 
 def test_bad_bounds_name_the_key():

@@ -23,7 +23,8 @@ from r1_megatron.config.schema import RLConfig
 from r1_megatron.model.provider import mtp_disabled
 from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
-from r1_megatron.rl import grpo
+from r1_megatron.rl.batching import microbatches
+from r1_megatron.rl.loss import grpo_loss
 from r1_megatron.train.entropy import vocab_parallel_entropy
 from r1_megatron.rl.losses import entropy_from_logits, finalize_metrics, policy_loss
 from r1_megatron.train.trainer import Trainer
@@ -102,7 +103,7 @@ class _Recorder:
 def _step(trainer, mbs, cfg, norm, record=False):
     """One train_step with the GRPO loss; returns (metrics, main_grads, entropies the loss got, recorder)."""
     seen = []
-    loss = grpo.grpo_loss(cfg, norm)
+    loss = grpo_loss(cfg, norm)
 
     def loss_fn(logprobs, mb, entropy=None):
         seen.append(entropy.detach().double())
@@ -121,7 +122,7 @@ def _step(trainer, mbs, cfg, norm, record=False):
 
 def test_trainer_entropy_equals_full_softmax_and_is_logged(trainer):
     batch = _batch()
-    mbs = grpo.microbatches(batch, 32)
+    mbs = microbatches(batch, 32)
     metrics, _, seen, rec = _step(trainer, mbs, RLConfig(kl_coef=0.0), batch.loss_norm(16), record=True)
     assert len(seen) == len(rec.logits) == len(mbs) > 1
     total, count = 0.0, 0.0
@@ -140,7 +141,7 @@ def test_entropy_coef_changes_the_gradient_by_the_analytic_entropy_gradient(trai
     batch = _batch(seed=1)
     # A large coefficient: near uniform, an untrained model's entropy gradient is small, and the
     # difference of two fp32 gradients carries rounding of the order eps * |policy gradient|.
-    mbs, norm, coef = grpo.microbatches(batch, 32), batch.loss_norm(16), 50.0
+    mbs, norm, coef = microbatches(batch, 32), batch.loss_norm(16), 50.0
     cfg0 = RLConfig(kl_coef=0.0, loss_agg="token-mean")
     m0, g0, _, rec = _step(trainer, mbs, cfg0, norm, record=True)
     m1, g1, _, _ = _step(trainer, mbs, RLConfig(kl_coef=0.0, loss_agg="token-mean", entropy_coef=coef), norm)
@@ -167,7 +168,7 @@ def test_loss_with_entropy_coef_is_split_invariant(trainer):
     cfg = RLConfig(kl_coef=0.0, entropy_coef=0.1)
     results = []
     for rows in (1, 2, 4):
-        mbs = grpo.microbatches(batch, 24, rows_per_microbatch=rows)
+        mbs = microbatches(batch, 24, rows_per_microbatch=rows)
         metrics, grads, _, _ = _step(trainer, mbs, cfg, batch.loss_norm(16))
         flat = torch.cat([g.reshape(-1) for g in grads.values()])
         results.append((len(mbs), finalize_metrics(metrics), flat))

@@ -8,7 +8,9 @@ import torch
 from r1_megatron.config.schema import RLConfig
 from r1_megatron.data.packing import best_fit_decreasing
 from r1_megatron.parallel.device import single_rank_world
-from r1_megatron.rl import grpo
+from r1_megatron.rl.batching import microbatches, minibatches, tight_capacity
+from r1_megatron.rl.loss import fuses_old_logprobs, grpo_loss
+from r1_megatron.rl.rollout_phase import rollout_metrics
 from r1_megatron.rl.losses import policy_loss
 from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.rl.types import RolloutBatch, Sample
@@ -48,14 +50,14 @@ def test_packed_microbatches_give_the_padded_loss(agg):
     old_pad = lp_pad - 0.1 * padded.advantages  # ratios away from 1 so clipping can act
     want, _ = policy_loss(lp_pad, old_pad, padded.advantages, padded.loss_mask, padded.token_seq_len, norm, cfg,
                           rollout_logprobs=padded.rollout_logprobs)
-    mbs = grpo.microbatches(batch, capacity=24)
+    mbs = microbatches(batch, capacity=24)
     assert len(mbs) > 1  # several packed rows
     got = 0.0
     for mb in mbs:
         lp = _fake_logprobs(mb.tokens, mb.labels)
         x = mb.extras
         mb.extras["old_logprobs"] = lp - 0.1 * x["advantages"]
-        loss, _ = grpo.grpo_loss(cfg, norm)(lp, mb)
+        loss, _ = grpo_loss(cfg, norm)(lp, mb)
         got += float(loss)
     assert got == pytest.approx(float(want), abs=1e-6)
     assert sum(float(mb.loss_mask.sum()) for mb in mbs) == batch.num_loss_tokens
@@ -63,7 +65,7 @@ def test_packed_microbatches_give_the_padded_loss(agg):
 
 def test_extras_sit_on_the_label_positions():
     batch = _batch(groups=1, g=2)
-    (mb,) = grpo.microbatches(batch, capacity=64)
+    (mb,) = microbatches(batch, capacity=64)
     for s in batch.samples:
         hits = (mb.extras["advantages"] == s.advantage) & (mb.loss_mask > 0)
         assert int(hits.sum()) == s.response_len
@@ -74,11 +76,11 @@ def test_extras_sit_on_the_label_positions():
 
 def test_minibatches_split_whole_groups():
     batch = _batch(groups=4)
-    parts = list(grpo.minibatches(batch, 2))
+    parts = list(minibatches(batch, 2))
     assert [len(p.groups()) for p in parts] == [2, 2]
     assert {s.group_id for s in parts[0].samples}.isdisjoint({s.group_id for s in parts[1].samples})
     with pytest.raises(ValueError, match=r"rl.num_minibatches\(3\) must divide the number of groups \(4\)"):
-        list(grpo.minibatches(batch, 3))
+        list(minibatches(batch, 3))
 
 
 def test_rollout_metrics_count_components_and_errors():
@@ -86,7 +88,7 @@ def test_rollout_metrics_count_components_and_errors():
     for i, s in enumerate(batch.samples):
         s.reward_components = {"accuracy": float(i % 2), "format": 1.0}
         s.reward_error = "timeout" if i == 3 else None
-    m = grpo.rollout_metrics(batch)
+    m = rollout_metrics(batch)
     assert m["accuracy"] == 0.5 and m["format_rate"] == 1.0 and m["reward_error/timeout"] == 1.0
 
 
@@ -95,15 +97,15 @@ def test_fused_old_logprobs_equal_a_separate_pass_on_the_same_weights():
     gradient that a separate pass computing the same logprobs gives (ratio 1, clipping inactive)."""
     batch = _batch()
     cfg = RLConfig(kl_coef=0.0, tis=2.0)
-    assert grpo.fuses_old_logprobs(cfg)
+    assert fuses_old_logprobs(cfg)
     norm = batch.loss_norm(16)
-    for mb in grpo.microbatches(batch, capacity=24):
+    for mb in microbatches(batch, capacity=24):
         base = _fake_logprobs(mb.tokens, mb.labels)
         fused_lp, separate_lp = base.clone().requires_grad_(), base.clone().requires_grad_()
-        fused, fused_m = grpo.grpo_loss(cfg, norm)(fused_lp, mb)
+        fused, fused_m = grpo_loss(cfg, norm)(fused_lp, mb)
         separate_mb = Microbatch(mb.tokens, mb.labels, mb.loss_mask, mb.position_ids, mb.cu_seqlens,
                                  {**mb.extras, "old_logprobs": base.clone()})
-        separate, separate_m = grpo.grpo_loss(cfg, norm)(separate_lp, separate_mb)
+        separate, separate_m = grpo_loss(cfg, norm)(separate_lp, separate_mb)
         fused.backward()
         separate.backward()
         assert float(fused.detach()) == float(separate.detach())
@@ -115,20 +117,20 @@ def test_fused_old_logprobs_equal_a_separate_pass_on_the_same_weights():
                                   {"old_logprob_pass": "separate"}])
 def test_old_logprobs_need_their_own_pass_when_the_batch_makes_several_updates(knob):
     cfg = RLConfig(kl_coef=0.0, **knob)
-    assert not grpo.fuses_old_logprobs(cfg)
+    assert not fuses_old_logprobs(cfg)
     batch = _batch()
-    mb = grpo.microbatches(batch, capacity=24)[0]
+    mb = microbatches(batch, capacity=24)[0]
     match = r"no old_logprobs.*'separate'" if "old_logprob_pass" in knob else r"no old_logprobs.* = 2\)"
     with pytest.raises(ValueError, match=match):
-        grpo.grpo_loss(cfg, batch.loss_norm(16))(_fake_logprobs(mb.tokens, mb.labels), mb)
+        grpo_loss(cfg, batch.loss_norm(16))(_fake_logprobs(mb.tokens, mb.labels), mb)
 
 
 def test_tight_capacity_keeps_the_row_count_with_less_padding():
     lengths = [90, 85, 88, 92, 95, 60, 70, 91, 89, 93, 87, 86]  # 1026 tokens: 3 rows of 512
     assert len(best_fit_decreasing(lengths, 512)) == 3
-    row = grpo.tight_capacity(lengths, 512)
+    row = tight_capacity(lengths, 512)
     assert row % 8 == 0 and row < 512
     assert len(best_fit_decreasing(lengths, row)) == 3  # same rows, each shorter
     assert len(best_fit_decreasing(lengths, row - 8)) > 3  # and no shorter row would do
-    assert grpo.tight_capacity([600, 10], 512) == 600  # a sequence longer than the cap sets the row
-    assert grpo.tight_capacity([5], 512) == 8
+    assert tight_capacity([600, 10], 512) == 600  # a sequence longer than the cap sets the row
+    assert tight_capacity([5], 512) == 8

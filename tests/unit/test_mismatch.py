@@ -4,7 +4,7 @@ pi_old pass separate (extras old_logprobs) and fused (this forward's logprobs st
 import torch
 
 from r1_megatron.config.schema import RLConfig
-from r1_megatron.rl import grpo
+from r1_megatron.rl.loss import grpo_loss
 from r1_megatron.train.microbatch import Microbatch
 from r1_megatron.rl.mismatch import MaxGap
 from r1_megatron.rl.types import LossNorm
@@ -24,7 +24,7 @@ def test_max_gap_over_loss_tokens_only():
     cfg, norm = RLConfig(kl_coef=0.0), LossNorm(2, 1, 4)
     lp = torch.tensor([[0.0, -1.25, -1.5, 0.0]])
     gap = MaxGap()
-    fn = gap.wrap(grpo.grpo_loss(cfg, norm))
+    fn = gap.wrap(grpo_loss(cfg, norm))
     fn(lp, _mb([5.0, -1.1, -2.3, 0.0]))  # separate pass: |-1.1+1| = 0.1, |-2.3+2| = 0.3; position 3 (9) is off the mask
     fn(lp, _mb(None))  # fused: this forward's logprobs, |-1.25+1| = 0.25, |-1.5+2| = 0.5
     assert abs(gap.metrics()["mismatch_abs_max"] - 0.5) < 1e-6

@@ -24,9 +24,11 @@ from r1_megatron.config.loader import load_config
 from r1_megatron.config.schema import RLConfig
 from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
-from r1_megatron.rl import grpo, router_replay
-from r1_megatron.train.trainer import Trainer
+from r1_megatron.rl import router_replay
+from r1_megatron.rl.batching import microbatches
+from r1_megatron.rl.loss import grpo_loss
 from r1_megatron.train.microbatch import Microbatch
+from r1_megatron.train.trainer import Trainer
 from r1_megatron.rl.shared_prompts import EXTRAS, FILL
 from r1_megatron.rl.types import RolloutBatch, Sample, sequence_tensors
 
@@ -109,7 +111,7 @@ def test_r3_shared_prompt_forward_uses_exactly_the_captured_ids(trainer):
     num_moe, topk, experts = _shape(trainer)
     batch = _batch()
     _random_routing(batch, num_moe, topk, experts)
-    mbs = grpo.microbatches(batch, 40, share_prompts=True)
+    mbs = microbatches(batch, 40, share_prompts=True)
     plan = router_replay.StepRouting(trainer, mbs, batch.samples, R3)
     with plan.old_pass():
         maps = _selected(trainer, lambda: trainer.forward_logprobs(mbs))
@@ -128,7 +130,7 @@ def test_r3_shared_prompt_forward_uses_exactly_the_captured_ids(trainer):
 def _own_routing(trainer, batch: RolloutBatch) -> None:
     """Each sample's routed_experts = the trainer's own selection, one sample per forward (the "rollout")."""
     for s in batch.samples:
-        (mb,) = grpo.microbatches(RolloutBatch([s]), 64)
+        (mb,) = microbatches(RolloutBatch([s]), 64)
         rec = router_replay.Recorded()
         with router_replay.routing(trainer.model, None, "r2_record", rec):
             trainer.forward_logprobs([mb])
@@ -143,7 +145,7 @@ def test_negative_control_noisy_gates_replay_restores_rollout_routing(world):
     num_moe, topk, experts = _shape(tr)
     batch = _batch(seed=4)
     _own_routing(tr, batch)
-    mbs = grpo.microbatches(batch, 48)
+    mbs = microbatches(batch, 48)
     same = router_replay.StepRouting(tr, mbs, batch.samples, R3)
     with same.old_pass():
         lp_r3_clean = tr.forward_logprobs(mbs)
@@ -197,7 +199,7 @@ def test_gates_get_gradients_under_r3(world, recompute):
     plan = router_replay.StepRouting(tr, mbs, batch.samples, R3)
     recomputed: list = []
     with plan.update(old_pass_ran=False):
-        maps = _selected(tr, lambda: tr.train_step(mbs, grpo.grpo_loss(R3, batch.loss_norm(16))), recomputed)
+        maps = _selected(tr, lambda: tr.train_step(mbs, grpo_loss(R3, batch.loss_norm(16))), recomputed)
     for got, (valid, m) in zip(maps, _targets_as_maps(plan.targets, experts), strict=True):
         assert torch.equal(got[: valid.shape[0]][valid], m[valid])
     # Full recompute re-runs each router inside backward, microbatch by microbatch: it replays the same.
@@ -209,7 +211,7 @@ def test_gates_get_gradients_under_r3(world, recompute):
 
 def test_r2_replays_the_pi_old_selection(trainer):
     batch = _batch(seed=6)
-    mbs = grpo.microbatches(batch, 40)
+    mbs = microbatches(batch, 40)
     plan = router_replay.StepRouting(trainer, mbs, batch.samples, RLConfig(router_replay="r2", kl_coef=0.0))
     with plan.old_pass():
         recorded_maps = _selected(trainer, lambda: trainer.forward_logprobs(mbs))
@@ -242,7 +244,7 @@ def test_bad_routing_is_a_one_line_error_naming_the_sample(trainer):
     batch = _batch()
     _random_routing(batch, num_moe, topk, experts)
     batch.samples[4].routed_experts = None
-    mbs = grpo.microbatches(batch, 40)
+    mbs = microbatches(batch, 40)
     with pytest.raises(ValueError, match=r"sample \(group 1, index 1\) has no routed_experts"):
         router_replay.StepRouting(trainer, mbs, batch.samples, R3)
     _random_routing(batch, num_moe, topk, experts)
@@ -257,6 +259,6 @@ def test_samples_beyond_the_key_range_are_refused_not_misrouted(trainer):
     _random_routing(batch, num_moe, topk, experts)
     for s in batch.samples:
         s.group_id = 5000
-    mbs = grpo.microbatches(batch, 40)
+    mbs = microbatches(batch, 40)
     with pytest.raises(ValueError, match=r"a loss token has no sample key \(sample keys need group_id < 4095"):
         router_replay.StepRouting(trainer, mbs, batch.samples, R3)

@@ -1,7 +1,7 @@
 """Shared-prompt packing (rl.share_prompts, rl/shared_prompts.py): each group's prompt is packed once,
 and every response still gets the logprobs, loss and gradient it gets with its own copy of the prompt.
 
-References: the plain packing (grpo.microbatches without sharing, itself checked against each
+References: the plain packing (microbatches without sharing, itself checked against each
 sequence run alone in test_packed_forward.py) on micro_moe, and a forward of each whole sequence
 alone. A negative control shows the comparison can fail: with the responses cut off from their
 shared prompt, the logprobs move far outside the tolerance.
@@ -18,7 +18,8 @@ from r1_megatron.model.attention import supports_shared_prefix
 from r1_megatron.model.provider import forward_logits, mtp_disabled
 from r1_megatron.parallel.device import single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
-from r1_megatron.rl import grpo
+from r1_megatron.rl.batching import microbatches
+from r1_megatron.rl.loss import grpo_loss
 from r1_megatron.rl.shared_prompts import bundles
 from r1_megatron.train.trainer import Trainer
 from r1_megatron.rl.types import RolloutBatch, Sample
@@ -68,7 +69,7 @@ def _by_token(mbs, logprobs) -> dict[float, float]:
 
 def test_layout_shares_each_prompt_and_keeps_every_loss_token():
     batch = _batch()
-    plain, shared = grpo.microbatches(batch, 64), grpo.microbatches(batch, 64, share_prompts=True)
+    plain, shared = microbatches(batch, 64), microbatches(batch, 64, share_prompts=True)
     saved = sum((len(g[0].prompt_ids) - 1) * (len(g) - 1) for g in batch.groups())
     whole = sum(len(s.prompt_ids) + s.response_len for s in batch.samples)
     assert sum(len(b) for b in bundles(batch, 1000)) == whole - saved  # one row: one prompt copy per group
@@ -79,7 +80,7 @@ def test_layout_shares_each_prompt_and_keeps_every_loss_token():
     # One group: [prompt[:-1]] then per response [prompt[-1], response], rope positions continuing.
     group = _batch(groups=1, g=3)
     prompt = group.samples[0].prompt_ids
-    (mb,) = grpo.microbatches(group, 64, share_prompts=True)
+    (mb,) = microbatches(group, 64, share_prompts=True)
     cu, prefix = mb.cu_seqlens.tolist(), mb.segment_prefix.tolist()
     assert prefix[:4] == [-1, 0, 0, 0] and cu[1] == len(prompt) - 1
     assert mb.tokens[0, : cu[1]].tolist() == prompt[:-1]
@@ -101,7 +102,7 @@ def test_a_group_too_long_for_one_row_splits_into_bundles_each_with_the_prompt()
 
 def test_shared_prompt_logprobs_equal_plain_packing_and_the_sequence_alone(trainer):
     batch = _batch()
-    plain, shared = grpo.microbatches(batch, 48), grpo.microbatches(batch, 48, share_prompts=True)
+    plain, shared = microbatches(batch, 48), microbatches(batch, 48, share_prompts=True)
     want = _by_token(plain, trainer.forward_logprobs(plain))
     got = _by_token(shared, trainer.forward_logprobs(shared))
     assert got.keys() == want.keys() and len(got) == batch.num_loss_tokens
@@ -120,7 +121,7 @@ def test_yarn_rope_positions_follow_the_shared_prompt(world):
                                                      "model.original_max_position=16"])
     yarn = Trainer(cfg, resolve_layout(cfg, 1), world, for_training=False)
     batch = _batch(seed=2)
-    plain, shared = grpo.microbatches(batch, 48), grpo.microbatches(batch, 48, share_prompts=True)
+    plain, shared = microbatches(batch, 48), microbatches(batch, 48, share_prompts=True)
     want = _by_token(plain, yarn.forward_logprobs(plain))
     got = _by_token(shared, yarn.forward_logprobs(shared))
     assert got.keys() == want.keys() and max(abs(got[k] - want[k]) for k in want) <= TOL
@@ -128,7 +129,7 @@ def test_yarn_rope_positions_follow_the_shared_prompt(world):
 
 def test_negative_control_responses_cut_off_from_their_prompt_differ(trainer):
     batch = _batch()
-    plain, shared = grpo.microbatches(batch, 48), grpo.microbatches(batch, 48, share_prompts=True)
+    plain, shared = microbatches(batch, 48), microbatches(batch, 48, share_prompts=True)
     want = _by_token(plain, trainer.forward_logprobs(plain))
     cut = [dataclasses.replace(mb, segment_prefix=torch.full_like(mb.segment_prefix, -1)) for mb in shared]
     got = _by_token(cut, trainer.forward_logprobs(cut))
@@ -140,9 +141,9 @@ def test_train_step_loss_metrics_and_gradient_equal_plain_packing(trainer):
     cfg = RLConfig(kl_coef=0.0)
     results = {}
     for share in (False, True):
-        mbs = grpo.microbatches(batch, 48, share_prompts=share)
+        mbs = microbatches(batch, 48, share_prompts=share)
         with mtp_disabled(trainer.unwrapped):  # as the loop runs it (rl/loop.py)
-            metrics = trainer.train_step(mbs, grpo.grpo_loss(cfg, batch.loss_norm(16)))
+            metrics = trainer.train_step(mbs, grpo_loss(cfg, batch.loss_norm(16)))
         grads = torch.cat([p.main_grad.reshape(-1).clone() for p in trainer.unwrapped.parameters()])
         results[share] = metrics, grads
     (m0, g0), (m1, g1) = results[False], results[True]
