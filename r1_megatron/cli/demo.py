@@ -17,6 +17,9 @@ from r1_megatron.demo import sft_base
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: " + __doc__.split("`")[1] + "\n\n" + __doc__.split(": ", 1)[1].strip())
+        return 0
     out = Path("runs/demo")
     if "--out" in argv:
         i = argv.index("--out")

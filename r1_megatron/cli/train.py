@@ -53,6 +53,10 @@ def sft_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`r1m train CONFIG [key=value ...]` (also under torchrun, any layout)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: r1m train CONFIG [key=value ...]\n\nGRPO from a job config (rl/loop.py); resumes from "
+              "the run's latest checkpoint.")
+        return 0
     if not argv or argv[0].startswith("-"):
         print("usage: r1m train CONFIG [key=value ...]", file=sys.stderr)
         return 2

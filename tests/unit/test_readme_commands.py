@@ -25,8 +25,8 @@ TORCHRUN_DRY = "tests/unit/test_launch.py runs the 4-rank DRY_RUN for real"
 # README command -> (shell steps, each expected to exit 0; text the last step must print, or "").
 RUN: dict[str, tuple[list[str], str]] = {
     ". .venv/bin/activate": ([". .venv/bin/activate"], ""),
-    "r1m demo [--out DIR] [seed=N] [key=value ...]": (["r1m --help | grep -qw demo"], ""),
-    "r1m train CONFIG [key=value ...]": (["r1m validate configs/demo_cpu.yaml"], "demo_cpu.yaml"),
+    "r1m demo [--out DIR] [seed=N] [key=value ...]": (["r1m demo --help"], "sft_steps=N"),
+    "r1m train CONFIG [key=value ...]": (["r1m train --help", "r1m validate configs/demo_cpu.yaml"], "demo_cpu.yaml"),
     "r1m convert hf-to-mcore --hf DIR --out DIR": (["r1m convert hf-to-mcore --help"], "--hf"),
     "r1m convert mcore-to-hf --ckpt DIR --out DIR": (["r1m convert mcore-to-hf --help"], "--ckpt"),
     "r1m score --ckpt DIR --input IN.jsonl --output OUT.jsonl": (["r1m score --help"], "--input"),
