@@ -26,7 +26,17 @@ def vllm_log_level(verbose: bool = False) -> str:
     own level is set too, in case vLLM was imported before. Returns the level in force."""
     level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING").upper()
     logging.getLogger("vllm").setLevel(level)
+    if not verbose:
+        # Every in-place refit makes vLLM 0.32's reload warn twice, for things that are expected here:
+        # MLA's W_UK_T/W_UV are derived weights, not in the stream (we recompute them after the load,
+        # vllm_worker.py), and the rotary cache is no checkpoint weight. The canary checks the result.
+        for name in RELOAD_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     return level
+
+
+RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                  "vllm.model_executor.model_loader.reload.inplace")
 
 
 @contextlib.contextmanager
