@@ -170,16 +170,19 @@ def resolve_dict(data: dict, overrides: list[str] | None = None) -> dict:
     return data
 
 
+def find_config(path: str | Path, kind: str = "config") -> Path:
+    """A YAML path, or the name of one under configs/ (without .yaml); ConfigError when neither exists."""
+    p = Path(path)
+    if not p.is_file() and (CONFIGS_DIR / f"{path}.yaml").is_file():
+        p = CONFIGS_DIR / f"{path}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"{kind} file not found: {path}")
+    return p
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Load a job config (YAML path or configs/<name>), apply overrides, check everything but world size."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file() and (CONFIGS_DIR / f"{path}.yaml").is_file():
-            p = CONFIGS_DIR / f"{path}.yaml"
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = _read_yaml(p)
+    data = _read_yaml(find_config(path)) if path else {}
     cfg = from_dict(JobConfig, resolve_dict(data, overrides))
     from r1_megatron.config.validate import validate
 

@@ -18,6 +18,7 @@ from typing import Literal
 from r1_megatron.config.loader import (
     CONFIGS_DIR,
     ConfigError,
+    find_config,
     from_dict,
     merge,
     parse_overrides,
@@ -220,11 +221,7 @@ def _base_path(base: str, config_path: Path) -> Path:
 def load_pipeline(path: str | Path, overrides: list[str] | None = None):
     """Read and check a pipeline YAML; every stage's job config is resolved here, so a bad stage
     fails before the first one runs."""
-    path = Path(path)
-    if not path.is_file() and (CONFIGS_DIR / f"{path}.yaml").is_file():
-        path = CONFIGS_DIR / f"{path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"pipeline config not found: {path}")
+    path = find_config(path, "pipeline config")
     raw = read_yaml(path)
     unknown = sorted(set(raw) - {"base", "overrides", "stages"})
     if unknown:

@@ -133,3 +133,11 @@ def prompt_keys(keys: list[int] | list[str] | None, call: int, count: int) -> li
     if len(keys) != count:
         raise ValueError(f"generate: {len(keys)} keys for {count} prompts")
     return [str(k) for k in keys]
+
+
+def in_prompt_order(stream: Iterator[tuple[int, list[GenSample]]], count: int) -> list[list[GenSample]]:
+    """`generate`'s result from a `generate_stream`: the groups of `count` prompts, in prompt order."""
+    out: list[list[GenSample]] = [[] for _ in range(count)]
+    for i, samples in stream:
+        out[i] = samples
+    return out

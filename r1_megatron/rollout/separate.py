@@ -45,7 +45,14 @@ from typing import Any
 import torch
 
 from r1_megatron.config.schema import RolloutConfig
-from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams, prompt_keys
+from r1_megatron.rollout.engine import (
+    GenSample,
+    RolloutEngine,
+    RolloutError,
+    SamplingParams,
+    in_prompt_order,
+    prompt_keys,
+)
 from r1_megatron.rollout.separate_worker import Layout, buffer_views, serve
 
 log = logging.getLogger(__name__)
@@ -243,10 +250,7 @@ class SeparateEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  keys: list[int] | None = None) -> list[list[GenSample]]:
-        out: list[list[GenSample]] = [[] for _ in prompts]
-        for i, samples in self.generate_stream(prompts, n, sampling, keys):
-            out[i] = samples
-        return out
+        return in_prompt_order(self.generate_stream(prompts, n, sampling, keys), len(prompts))
 
     def generate_stream(
         self, prompts: list[list[int]], n: int, sampling: SamplingParams, keys: list[int] | None = None

@@ -57,7 +57,8 @@ import torch
 
 from r1_megatron.config.schema import RolloutConfig
 from r1_megatron.rollout import speculative
-from r1_megatron.rollout.engine import GenSample, RolloutEngine, RolloutError, SamplingParams, prompt_keys
+from r1_megatron.rollout.engine import (GenSample, RolloutEngine, RolloutError, SamplingParams, in_prompt_order,
+                                        prompt_keys)
 from r1_megatron.rollout.routing_capture import RoutingCapture
 from r1_megatron.rollout.vllm_cpu_compat import patch_speculative_sampling
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit
@@ -316,10 +317,7 @@ class VLLMEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  keys: list[int] | None = None) -> list[list[GenSample]]:
-        out: list[list[GenSample]] = [[] for _ in prompts]
-        for i, samples in self.generate_stream(prompts, n, sampling, keys):
-            out[i] = samples
-        return out
+        return in_prompt_order(self.generate_stream(prompts, n, sampling, keys), len(prompts))
 
     def generate_stream(
         self, prompts: list[list[int]], n: int, sampling: SamplingParams, keys: list[int] | list[str] | None = None
