@@ -83,11 +83,11 @@ def one_step(out: Path, overrides: list[str], result: Path) -> None:
     cfg = job(out, overrides)
 
     class Recorded(session.RunState):
-        steps: list = []  # each step's samples: (group, index, prompt, response, reward)
+        recorded: list = []  # each step's samples: (group, index, prompt, response, reward)
 
         def rollout(self):
             batch, stats = super().rollout()
-            self.steps.append([(s.group_id, s.sample_index, s.prompt_ids, s.response_ids, s.reward)
+            self.recorded.append([(s.group_id, s.sample_index, s.prompt_ids, s.response_ids, s.reward)
                                for s in batch.samples])
             return batch, stats
 
@@ -99,7 +99,7 @@ def one_step(out: Path, overrides: list[str], result: Path) -> None:
         metrics = loop.train(cfg, run=run)
         weights = {n: t.clone() for n, t in export_weights(run.trainer.unwrapped, cfg.model, dst=0)}
         if dist.get_rank() == 0:
-            record = {"samples": run.steps[-1], "steps": run.steps, "metrics": metrics, "weights": weights}
+            record = {"samples": run.recorded[-1], "steps": run.recorded, "metrics": metrics, "weights": weights}
             torch.save(record, result)
     finally:
         run.close()
