@@ -45,12 +45,16 @@ class OnPolicy:
 
     def next(self, step: int, timer: Any) -> tuple[RolloutBatch, dict, dict]:
         """(batch, rollout stats, refit metrics) for GRPO step `step`."""
-        with timer("refit"):
-            refit = self.run.refit(self.offload)
-        with timer("rollout"):
-            batch, kept = self.run.rollout()  # the engine sleeps at its end (GPU)
-        if self.offload is not None:
-            self.offload.reload()
+        try:
+            with timer("refit"):
+                refit = self.run.refit(self.offload)
+            with timer("rollout"):
+                batch, kept = self.run.rollout()  # the engine sleeps at its end (GPU)
+        finally:
+            # Also when the refit or the rollout fails: the trainer's state comes back to the device,
+            # so the caller may still read or save the model (an offloaded param has no storage).
+            if self.offload is not None:
+                self.offload.reload()
         self.data_position = self.run.prompts.position
         return _stamp(batch, step), kept, refit
 

@@ -23,6 +23,8 @@ imported (docs/cpu_platform.md#other-things-to-know).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -64,12 +66,27 @@ def _engine_class() -> type:
     return SeparateVLLMEngine
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this engine process when the trainer process that started it is gone. An engine still
+    building (vLLM start-up reads no pipe) would otherwise outlive a crashed trainer, holding its
+    devices, and the pipes of whoever waits for the trainer's output (measured: a test hung on one)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="r1m-exit-with-parent", daemon=True).start()
+
+
 def serve(conn: Connection, spec: dict[str, Any]) -> None:
     """Process entry: build the engine, say ("ready", pid), then answer messages until "close" or EOF."""
     for key in LAUNCHER_ENV:
         os.environ.pop(key, None)
     os.environ.update(spec["env"])
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker in this process: direct reloads
+    _exit_with_parent()
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     try:
