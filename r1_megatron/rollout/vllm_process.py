@@ -26,17 +26,26 @@ def vllm_log_level(verbose: bool = False) -> str:
     own level is set too, in case vLLM was imported before. Returns the level in force."""
     level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING").upper()
     logging.getLogger("vllm").setLevel(level)
-    if not verbose:
-        # Every in-place refit makes vLLM 0.32's reload warn twice, for things that are expected here:
-        # MLA's W_UK_T/W_UV are derived weights, not in the stream (we recompute them after the load,
-        # vllm_worker.py), and the rotary cache is no checkpoint weight. The canary checks the result.
-        for name in RELOAD_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+    # Every in-place refit makes vLLM 0.32's reload warn twice, for things that are expected here:
+    # MLA's W_UK_T/W_UV are derived weights, not in the stream (we recompute them after the load,
+    # vllm_worker.py), and the rotary cache is no checkpoint weight. The canary checks the result.
+    # A filter, not a level: vLLM's dictConfig (at import and at each engine start) resets the level of
+    # every child logger of "vllm", but leaves filters alone.
+    for name in RELOAD_LOGGERS:
+        (logging.getLogger(name).removeFilter if verbose else logging.getLogger(name).addFilter)(_ERRORS_ONLY)
     return level
 
 
 RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                   "vllm.model_executor.model_loader.reload.inplace")
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_ERRORS_ONLY = _ErrorsOnly()
 
 
 @contextlib.contextmanager
