@@ -30,9 +30,6 @@ from pathlib import Path
 
 import yaml
 
-from r1_megatron.config.loader import ConfigError
-from r1_megatron.pipeline.spec import load_pipeline
-
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
