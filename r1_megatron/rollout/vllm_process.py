@@ -26,6 +26,9 @@ def vllm_log_level(verbose: bool = False) -> str:
     own level is set too, in case vLLM was imported before. Returns the level in force."""
     level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "WARNING").upper()
     logging.getLogger("vllm").setLevel(level)
+    # A spawned engine process calls this without the job's flag; it inherits the level (INFO or DEBUG
+    # when the user asked for vLLM's own lines), and then drops nothing either.
+    verbose = verbose or level in ("INFO", "DEBUG")
     # Filters, not levels: vLLM's dictConfig (at import and at each engine start) resets the level of
     # every child logger of "vllm", but leaves filters alone.
     for name in RELOAD_LOGGERS:
@@ -57,6 +60,9 @@ KNOWN_STARTUP = {
                                   "CPU backend doesn't allow to use `torch.set_num_threads`"),
     # The engine starts without a tokenizer (skip_tokenizer_init): we send token ids and decode ourselves.
     "vllm.renderers.base": ("Chat template warmup failed", "Using None for EOS token id"),
+    # A separate engine process hands vLLM 0.32 token-id prompts directly (pinned; the Renderer path
+    # it points to is for a later release).
+    "vllm.v1.engine.input_processor": ("Passing raw prompts to InputProcessor is deprecated",),
 }
 
 
