@@ -198,7 +198,7 @@ class RolloutConfig:
     bucket_mb: int = 64  # refit bucket size
     enforce_eager: bool = True  # no CUDA graphs / compile
     seed: int = 0  # sampling seed
-    redundant_experts: int = 0  # GPU only: vLLM EPLB redundant expert slots for rollout (0: off)
+    redundant_experts: int = 0  # must be 0: vLLM 0.32 needs EPLB for it, which breaks refits
     max_model_len: int = 0  # prompt + response tokens vLLM plans a sequence for (0: the model's max positions)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # MTP self-speculation
     startup_timeout_s: float = 600.0  # multi-rank: how long an engine waits for the other ranks to start theirs

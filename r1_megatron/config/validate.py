@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from r1_megatron.config.schema import ConfigError, JobConfig
+from r1_megatron.config.schema import ConfigError, JobConfig, RolloutConfig
 
 
 def has_tokenizer_files(directory: str | Path) -> bool:
@@ -134,21 +134,26 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p({cfg.rollout.top_p}) must lie in (0, 1]")
     validate_rollout(cfg)
-    if cfg.rollout.redundant_experts:
-        # vLLM 0.32 takes redundant slots only with enable_eplb, whose rebalancing (every
-        # eplb_config.step_interval engine steps, no off switch) moves experts between slots while its
-        # loader, and so every refit, still maps them by the initial placement: after the first
-        # rebalance a refit writes experts into the wrong slots. parallel.redundant_experts (training)
-        # is fine.
-        raise ConfigError(
-            f"rollout.redundant_experts({cfg.rollout.redundant_experts}) > 0 needs vLLM's EPLB, whose "
-            "rebalancing makes refits land in the wrong expert slots; set rollout.redundant_experts=0")
+    refuse_rollout_redundant_experts(cfg.rollout)
     if cfg.data.tokenizer and not has_tokenizer_files(cfg.data.tokenizer):
         raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer} is not a directory with tokenizer files "
                           "(tokenizer.json or tokenizer_config.json)")
     for name, w in cfg.reward.weights.items():
         if w != w:
             raise ConfigError(f"reward.weights.{name} is NaN")
+
+
+def refuse_rollout_redundant_experts(ro: RolloutConfig) -> None:
+    """Redundant rollout expert slots are refused, here and by the engine itself (rollout/vllm_engine.py).
+
+    vLLM 0.32 takes redundant slots only with enable_eplb, whose rebalancing (every
+    eplb_config.step_interval engine steps, no off switch) moves experts between slots while its loader,
+    and so every refit, still maps them by the initial placement: after the first rebalance a refit
+    writes experts into the wrong slots. parallel.redundant_experts (training) is fine."""
+    if ro.redundant_experts:
+        raise ConfigError(
+            f"rollout.redundant_experts({ro.redundant_experts}) > 0 needs vLLM's EPLB, whose "
+            "rebalancing makes refits land in the wrong expert slots; set rollout.redundant_experts=0")
 
 
 def validate_rollout(cfg: JobConfig) -> None:

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from r1_megatron.config.schema import RolloutConfig
+from r1_megatron.config.validate import refuse_rollout_redundant_experts
 from r1_megatron.rollout import speculative
 from r1_megatron.rollout.engine import (GenSample, RolloutEngine, RolloutError, SamplingParams, in_prompt_order,
                                         prompt_keys)
@@ -141,6 +142,7 @@ class VLLMEngine(RolloutEngine):
 
     def _llm_kwargs(self) -> dict[str, Any]:
         cfg = self.cfg
+        refuse_rollout_redundant_experts(cfg)  # also for a RolloutConfig that never went through validate()
         kw: dict[str, Any] = dict(
             model=str(self.model_dir),
             skip_tokenizer_init=True,
@@ -179,11 +181,6 @@ class VLLMEngine(RolloutEngine):
             # tensors into those would need the same conversion redone. CPU keeps its own re-pack path.
             moe_backend="triton",
         )
-        if cfg.redundant_experts:
-            # vLLM's own EPLB places the redundant slots; refits send each logical expert once under its
-            # HF name and vLLM's loader writes it into every physical replica. Not run here (no GPU).
-            kw.update(enable_expert_parallel=True, enable_eplb=True,
-                      eplb_config={"num_redundant_experts": cfg.redundant_experts})
         return kw
 
     def _build(self) -> None:

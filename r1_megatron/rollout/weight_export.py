@@ -17,7 +17,8 @@ then the owning stage broadcasts the bucket down each pipeline group (dst=r: sen
 Every DP replica assembles in parallel, so no rank receives a weight byte twice: per rank the stream
 costs at most one broadcast of the model, where the earlier zero-fill-and-all-reduce over the world
 cost about two (tests/dist/test_refit_transport.py counts it). The send/receive scratch buffers
-are kept per model and reused across buckets and refits. The bucket buffers handed out are not:
+are kept per model and reused across buckets and refits (the same test checks their addresses); at
+world 1 nothing is gathered and no scratch exists. The bucket buffers handed out are not reused:
 vLLM's layerwise reload (model_loader/reload/layerwise.py) keeps references to loaded tensors until
 their layer is complete, attention layers until the very end, so a reused bucket would be
 overwritten under it.

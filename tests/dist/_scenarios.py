@@ -96,14 +96,14 @@ def start(cfg: JobConfig):
 
 
 def build(cfg: JobConfig, world: int):
-    from r1_megatron.parallel.device import seed_all
+    from r1_megatron.parallel.device import seed_all, select_device
     from r1_megatron.parallel.groups import resolve_layout, set_layout
     from r1_megatron.train.trainer import Trainer
 
     layout = resolve_layout(cfg, world)
     set_layout(layout)
     seed_all(cfg.seed)
-    return Trainer(cfg, layout, torch.device("cpu"))
+    return Trainer(cfg, layout, select_device(cfg.parallel.device))  # the CPU unless a scenario asks for CUDA
 
 
 def save_rank0(obj, path: Path) -> None:

@@ -1,17 +1,19 @@
 """Worker side of tests/dist/test_refit_transport.py: `python _transport_scenarios.py MODE OUT [LAYOUT...]`.
+On the CPU over gloo, or with TRANSPORT_DEVICE=cuda on one GPU per rank over NCCL.
 
   single OUT          world 1: micro_moe with distinct norms and router biases, saved under OUT/init, and
                       its refit stream (OUT/single.pt: the checkpoint path and (HF name, tensor) pairs)
   layouts OUT L...    for each layout L "tp,pp,ep,etp,dp": load the checkpoint, stream with dst=None (every
                       rank receives) and dst=0, counting the bytes each collective delivers to this
                       rank; writes OUT/rank<r>.pt with, per layout, the streams compared against
-                      single.pt and the byte counts
+                      single.pt, the byte counts and the scratch buffers after each of the two streams
 """
 
 from __future__ import annotations
 
 import faulthandler
 import gc
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +27,8 @@ from tests.dist._scenarios import build, job_config, start  # noqa: E402
 from tests.parity._refit_worker import distinct_norms_and_biases  # noqa: E402
 
 BUCKET_BYTES = 64 * 1024  # many buckets, several per layer
+# TRANSPORT_DEVICE=cuda: one GPU per rank over NCCL (model.dtype auto: bf16 there); else the CPU over gloo
+DEVICE = {"device": "cuda", "backend": "nccl"} if os.environ.get("TRANSPORT_DEVICE") == "cuda" else {}
 
 
 class Received:
@@ -74,14 +78,27 @@ def stream(trainer, dst: int | None) -> tuple[list[tuple[str, torch.Tensor]], Re
     with Received() as counter:
         for k, v in export_weights(trainer.unwrapped, trainer.cfg.model, BUCKET_BYTES, dst=dst):
             distinct[(v.data_ptr(), v.nbytes)] = v  # kept alive: no later bucket reuses the address
-            pairs.append((k, v.clone()))
+            pairs.append((k, v.to("cpu", copy=True)))
     return pairs, counter, sum(v.nbytes for v in distinct.values())
+
+
+def scratch(trainer) -> dict[str, torch.Tensor]:
+    """The exporter's scratch buffers for this model, by tag (held here: a buffer made anew later
+    cannot land at a held one's address)."""
+    from r1_megatron.rollout.weight_export import _SCRATCH
+
+    held = _SCRATCH.get(trainer.unwrapped)
+    return dict(held._buffers) if held else {}
+
+
+def addresses(buffers: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    return {tag: (b.data_ptr(), b.numel()) for tag, b in buffers.items()}
 
 
 def single(out: Path) -> None:
     from r1_megatron.train import checkpointing as ckpt
 
-    cfg = job_config()
+    cfg = job_config(**DEVICE)
     start(cfg)
     trainer = build(cfg, 1)
     distinct_norms_and_biases(trainer.unwrapped)
@@ -107,12 +124,13 @@ def layouts(out: Path, specs: list[str]) -> None:
     results = {}
     for i, spec in enumerate(specs):
         tp, pp, ep, etp, dp = (int(x) for x in spec.split(","))
-        cfg = job_config(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, sequence_parallel=tp > 1)
+        cfg = job_config(tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, sequence_parallel=tp > 1, **DEVICE)
         if i == 0:
             start(cfg)
         trainer = build(cfg, dist.get_world_size())
         ckpt.load(trainer, single_run["init"], with_optimizer=False)
         everyone, counted, weight_bytes = stream(trainer, None)
+        first_refit = scratch(trainer)
         to_rank0, _, _ = stream(trainer, 0)
         results[spec] = {
             "diff": compare(everyone, want),
@@ -120,8 +138,9 @@ def layouts(out: Path, specs: list[str]) -> None:
             "received": counted.bytes,
             "calls": counted.calls,
             "weight_bytes": weight_bytes,
+            "scratch": (addresses(first_refit), addresses(scratch(trainer))),
         }
-        del trainer, everyone, to_rank0
+        del trainer, everyone, to_rank0, first_refit
         gc.collect()
     torch.save(results, out / f"rank{dist.get_rank()}.pt")
 

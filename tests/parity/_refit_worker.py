@@ -50,7 +50,7 @@ def distinct_norms_and_biases(model: torch.nn.Module) -> None:
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if t.is_floating_point() and ("norm" in name or "expert_bias" in name):
                 g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                t.add_(0.1 * torch.randn(t.shape, generator=g))
+                t.add_(0.1 * torch.randn(t.shape, generator=g).to(t.device))
 
 
 def export(out: Path, tag: str, spec: str) -> None:

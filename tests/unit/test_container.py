@@ -81,7 +81,8 @@ def test_dockerfile_pins_match_pyproject():
     assert constraint < pip_runs[0]  # every install obeys the stack's pins
     vllm_run = next(a for a in runs if "vllm==" in a)
     assert 'pip install --no-deps "vllm==${VLLM_VERSION}"' in vllm_run and "vllm-requirements" in vllm_run
-    assert 'pip install "megatron-core==${MCORE_VERSION}" .' in runs[-2]  # this package, with its deps
+    # this package, with its deps and the test extras gpu_check.sh's pytest step needs (pytest-timeout)
+    assert 'pip install "megatron-core==${MCORE_VERSION}" ".[test]"' in runs[-2]
     assert "doctor --require-stack" in runs[-1]
     for op, a in steps:
         if op == "COPY":
@@ -191,6 +192,20 @@ def test_gpu_check_report(tmp_path):
         ("grpo", 124, True, 12.5),
     ]
     assert report["steps"][1]["key_lines"] == ["step 1/3 reward 0.5"]
+
+
+def test_gpu_check_fits_its_budget():
+    """The step limits add up to at most 570 s (under the header's 10 minutes, with room for the
+    untimed doctor and report); the pytest step has the largest share and a per-test limit, and runs
+    tests/unit (no engine) before tests/parity (vLLM engines)."""
+    script = (REPO / "launch/gpu_check.sh").read_text()
+    limits = {m[1]: int(m[2]) for m in re.finditer(r"^step (\w+) (\d+) ", script, re.M)}
+    assert set(limits) == {"pytest", "grpo", "bench_train_step", "bench_rollout", "bench_speculative"}
+    total = sum(limits.values())
+    assert total <= 570 and f"add up to {total} s" in script, limits
+    assert limits["pytest"] > max(v for k, v in limits.items() if k != "pytest"), limits
+    command = script[script.index("step pytest ") :].split("\n\n", 1)[0]
+    assert re.search(r"--timeout=\d+ ", command) and command.index("tests/unit") < command.index("tests/parity")
 
 
 def test_gpu_marker_is_registered():

@@ -5,14 +5,26 @@ fp32 `weight_scale_inv` per [rows, cols] block, amax / 448), block by block with
 reference is each block's fp8 value times its factor in fp32, written as a plain fp32 HF directory.
 - importing the FP8 directory (fp32 model) gives exactly the reference's weights, for 128x128 blocks
   (all partial here) and for 16x24 blocks (several per tensor, partial at the edges);
-- a slice of an FP8 tensor (what a tensor-parallel rank reads) equals that slice of the whole one;
+- `r1m convert hf-to-mcore` on the FP8 directory, then `mcore-to-hf`, gives back every reference
+  tensor exactly;
+- a bf16 model (a bf16 trainer's `checkpoint.load`) gets each weight dequantized in fp32, then
+  rounded to bf16, as DeepSeek's fp8_cast_bf16 writes it (rounding the fp8 value and its factor to
+  bf16 first would differ);
+- a slice of an FP8 tensor equals that slice of the whole one; what a tensor-parallel rank reads
+  through hf_shard (its even piece of each weight) equals that piece of the dequantized tensor, and
+  costs only the scale blocks covering it; an expert-parallel rank reads its experts' weights and
+  scales and nothing else;
 - `r1m score` on the FP8 directory gives the reference directory's log-probs exactly;
 - an unknown quantization method, or an FP8 weight without its scale, is a one-line error.
+
+The dequantization runs on the host, whatever the machine; the models are built on its device (the
+CPU here; on a CUDA machine the CUDA path, where these tests have not run yet).
 """
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -22,25 +34,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from r1_megatron.checkpoint import hf, hf_io
-from r1_megatron.train.convert_job import load_hf_model
+from r1_megatron.checkpoint import hf, hf_io, hf_shard
 from r1_megatron.cli import main as r1m
-from r1_megatron.config.loader import load_card
+from r1_megatron.config.loader import load_card, load_config
 from r1_megatron.model.random_hf import make_hf_checkpoint
-from r1_megatron.parallel.device import single_rank_world
+from r1_megatron.parallel.device import seed_all, single_rank_world
+from r1_megatron.parallel.groups import resolve_layout
+from r1_megatron.train.convert_job import load_hf_model
+from r1_megatron.train.trainer import Trainer
+from r1_megatron.train.weights import load_initial_weights
 
 CARD = replace(load_card("micro_moe"))
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
-# These tests run the CPU path; on a CUDA machine the gpu-marked tests cover the transformer-engine path.
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="CPU-path test; CUDA runs the gpu-marked tests"
-)
 
 
 @pytest.fixture(scope="module")
-def world():
-    return single_rank_world(0, device=torch.device("cpu"))
+def world() -> torch.device:
+    return single_rank_world(0)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +83,16 @@ def _quantize(w: torch.Tensor, block: tuple[int, int]):
     return q, scale, deq
 
 
+def _tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def _fp8_pair(src: Path, out: Path, block: tuple[int, int]) -> tuple[Path, Path]:
     """(FP8 directory, fp32 reference directory of its dequantized weights)."""
-    tensors = {}
-    for f in src.glob("*.safetensors"):
-        tensors.update(load_file(f))
+    tensors = _tensors(src)
     config = json.loads((src / "config.json").read_text())
     fp8, ref = {}, {}
     for name, w in sorted(tensors.items()):
@@ -115,6 +131,46 @@ def test_fp8_import_equals_the_dequantized_weights(pair, original):
     assert changed > 20  # the quantization did change the linear weights
 
 
+def test_convert_cli_round_trip_equals_the_dequantized_weights(pair, tmp_path):
+    fp8_dir, ref_dir = pair
+    mc, back_dir = str(tmp_path / "mc"), str(tmp_path / "back")
+    assert r1m(["convert", "hf-to-mcore", "--hf", str(fp8_dir), "--out", mc]) == 0
+    assert r1m(["convert", "mcore-to-hf", "--ckpt", mc, "--out", back_dir]) == 0
+    back, want = _tensors(Path(back_dir)), _tensors(ref_dir)
+    assert set(back) == set(want)
+    for name, t in want.items():
+        assert torch.equal(back[name], t), name
+    scaled = hf_io.HFCheckpoint(fp8_dir).scales
+    assert len(scaled) > 20 and not any(n.endswith(hf_io.SCALE_SUFFIX) for n in back)
+
+
+def _dequantized_in_bf16(ckpt: hf_io.HFCheckpoint, name: str) -> torch.Tensor:
+    """The shortcut fp8_cast_bf16 does not take: fp8 value and block factor each rounded to bf16 first."""
+    q = ckpt._read(name, 0, 0, None).to(torch.bfloat16)
+    scale = ckpt._read(ckpt.scales[name], 0, 0, None).to(torch.bfloat16)
+    full = scale.repeat_interleave(ckpt.block[0], 0).repeat_interleave(ckpt.block[1], 1)
+    return q * full[: q.shape[0], : q.shape[1]]
+
+
+def test_bf16_model_gets_fp32_dequantized_weights_rounded_to_bf16(pair, world):
+    fp8_dir, ref_dir = pair
+    cfg = load_config(None, ["model.card=micro_moe", "model.dtype=bfloat16"])
+    seed_all(cfg.seed)
+    trainer = Trainer(cfg, resolve_layout(cfg, 1), world, for_training=False)
+    load_initial_weights(trainer, str(fp8_dir))
+    ref, fp8 = hf_io.HFCheckpoint(ref_dir), hf_io.HFCheckpoint(fp8_dir)
+    got = dict(hf.export_weights(trainer.unwrapped, cfg.model))
+    assert set(got) == set(ref.keys())
+    shortcut_differs = 0
+    for name, t in got.items():
+        want = ref.read(name)  # fp8 x factor in fp32 (or the unquantized tensor)
+        if name in fp8.scales:
+            assert t.dtype == torch.bfloat16, name
+            shortcut_differs += not torch.equal(_dequantized_in_bf16(fp8, name), want.to(torch.bfloat16))
+        assert torch.equal(t.cpu(), want.to(t.dtype)), name
+    assert shortcut_differs > 0  # the order of rounding shows in these weights
+
+
 def test_fp8_slices_equal_the_whole_tensor(pair):
     fp8_dir, ref_dir = pair
     ckpt, ref = hf_io.HFCheckpoint(fp8_dir), hf_io.HFCheckpoint(ref_dir)
@@ -128,6 +184,38 @@ def test_fp8_slices_equal_the_whole_tensor(pair):
             for start, length in ((0, n), (5, n - 9), (n // 2, n - n // 2), (15, 2), (n - 1, 1)):
                 got = ckpt.read(name, dim, start, length)
                 assert torch.equal(got, whole.narrow(dim, start, length)), (name, dim, start, length)
+
+
+def test_fp8_shards_equal_the_pieces_of_the_dequantized_tensor(pair):
+    """What a rank of a (tp, ep) split reads through hf_shard (checkpoint/hf_shard.py `_read_part`)."""
+    fp8_dir, ref_dir = pair
+    ref, block = hf_io.HFCheckpoint(ref_dir), hf_io.HFCheckpoint(fp8_dir).block
+    names = sorted(hf_io.HFCheckpoint(fp8_dir).scales)
+    pieces = 0
+    for name in names:
+        whole = ref.read(name)
+        for dim in (0, 1):
+            scale_rows = math.ceil(whole.shape[1 - dim] / block[1 - dim])  # along the other dim
+            for size in (2, 4):
+                n = whole.shape[dim] // size
+                if whole.shape[dim] % size:
+                    continue
+                for r in range(size):
+                    ckpt = hf_io.HFCheckpoint(fp8_dir, verify="off")
+                    got = hf_shard._read_part(ckpt, name, (dim, r, size))
+                    assert torch.equal(got, whole.narrow(dim, r * n, n)), (name, dim, r, size)
+                    blocks = math.ceil((r + 1) * n / block[dim]) - r * n // block[dim]
+                    assert ckpt.bytes_read == got.numel() + 4 * blocks * scale_rows, (name, dim, r, size)
+                    pieces += 1
+    assert pieces > 4 * len(names)
+    expert = {n: int(m[1]) for n in names if (m := re.search(r"\.experts\.(\d+)\.", n))}
+    for ep in (2, 4):
+        for r in range(ep):
+            ckpt = hf_io.HFCheckpoint(fp8_dir, verify="off")
+            mine = [n for n, e in expert.items() if e * ep // CARD.num_experts == r]
+            for name in mine:
+                assert torch.equal(hf_shard._read_part(ckpt, name, None), ref.read(name)), name
+            assert mine and ckpt.names_read == {*mine, *(n + hf_io.SCALE_SUFFIX for n in mine)}
 
 
 def test_score_on_fp8_dir_matches_the_reference(pair, tmp_path):

@@ -11,6 +11,9 @@
   optimizer, one train step moves every main weight and leaves the bf16 weight equal to its rounded
   main copy; loss and logprobs are fp32 and close to the fp32 model's (same init).
 - megatron's Float16OptimizerWithFloat16Params still rejects CPU tensors (the compat_cpu fix is needed).
+- The refit stream (rl/session.py weight_stream) of a bf16 trainer is sent in bf16: every tensor in the
+  dtype the model holds it in (the router's fp32 bias buffers aside, every weight bf16), bit-equal to
+  the model's own weights, in many buckets; on CPU and (gpu-marked) on CUDA over NCCL, world 1.
 """
 
 from __future__ import annotations
@@ -137,6 +140,31 @@ def test_bf16_reference_is_bf16(world):
     cfg = _cfg("model.dtype=bfloat16", "offload.reference_on_host=false")
     ref = Reference(cfg, resolve_layout(cfg, 1), torch.device("cpu"))
     assert {p.dtype for p in ref.trainer.unwrapped.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_refit_stream_is_sent_in_the_training_dtype(device):
+    from r1_megatron.checkpoint import hf
+    from r1_megatron.rl.session import weight_stream
+
+    if device == "cpu":
+        cfg = _cfg("model.dtype=bfloat16")
+    else:
+        cfg = _cfg("parallel.device=cuda", "parallel.backend=nccl", "model.dtype=bfloat16")
+    where = single_rank_world(0, device=torch.device(device, 0) if device == "cuda" else torch.device("cpu"))
+    seed_all(cfg.seed)
+    trainer = Trainer(cfg, resolve_layout(cfg, 1), where)
+    want = list(hf.export_weights(trainer.unwrapped, cfg.model))
+    got = list(weight_stream(trainer, bucket_mb=0.05))  # views, keeping every bucket alive
+    buckets = {t.untyped_storage().data_ptr(): t.dtype for _, t in got}  # bucket storage -> its dtype
+    weights = dict(want)  # the stream puts the MTP layer's copies next to their sources, export last
+    assert len(got) == len(weights) and {n for n, _ in got} == set(weights)
+    for name, a in got:
+        b = weights[name]
+        assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), name
+    dtypes = {a.dtype for n, a in got if not n.endswith("e_score_correction_bias")}
+    assert dtypes == {torch.bfloat16} and len(buckets) > 10
+    assert sum(dtype == torch.bfloat16 for dtype in buckets.values()) > 10
 
 
 @pytest.mark.gpu
