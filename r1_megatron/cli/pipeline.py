@@ -1,15 +1,15 @@
-"""`r1m pipeline CONFIG [--out DIR] [key=value ...]`: the R1 recipe as a list of stages (pipeline.py).
+"""`r1m pipeline CONFIG [--out DIR] [key=value ...]`: the R1 recipe as a list of stages (pipeline/run.py).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from r1_megatron.config.loader import ConfigError
 from r1_megatron.pipeline.run import run
 from r1_megatron.pipeline.spec import load_pipeline
+from r1_megatron.train.metrics import is_rank0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         out, rest = Path(rest[i + 1]), rest[:i] + rest[i + 2 :]
     out = out or Path("runs") / Path(config).stem
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("r1m pipeline runs in one process; launch multi-rank stages with `r1m train`")
         report = run(load_pipeline(config, rest), out)
     except ConfigError as e:
         print(f"r1m pipeline: {e}", file=sys.stderr)
         return 2
+    if not is_rank0():
+        return 0
     measured = [r for r in report["stages"] if r.get("pass_at_1") is not None]
     summary = ", ".join(f"{r['name']} {r['pass_at_1']:.3f}" for r in measured)
     print(f"[pipeline] done in {report['seconds']:.0f} s; pass@1: {summary or '-'}; teacher "

@@ -233,6 +233,25 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _as_saved(cfg: JobConfig) -> dict:
+    """The config as config.resolved.yaml reads back (tuples become lists, as in the file)."""
+    return yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def computed_keys(cfg: JobConfig) -> dict[str, Any]:
+    """The config's flat `key: value`s less the RESUMABLE ones: what a resumed run may not change."""
+    return {k: v for k, v in _flat(_as_saved(cfg)).items() if not _resumable(k)}
+
+
+def config_changes(saved: str | Path, cfg: JobConfig) -> list[str]:
+    """`key: old -> new` for every non-RESUMABLE key where `cfg` differs from the resolved config
+    saved at `saved` (at most six, then a count)."""
+    old, new = _flat(_read_yaml(Path(saved))), _flat(_as_saved(cfg))
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and not _resumable(k)]
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6]]
+    return diffs + ([f"(and {len(changed) - 6} more)"] if len(changed) > 6 else [])
+
+
 def save_resolved(cfg: JobConfig, run_dir: str | Path) -> Path:
     """Write the resolved config next to the run's outputs, so a run can be reproduced exactly.
 
@@ -242,20 +261,19 @@ def save_resolved(cfg: JobConfig, run_dir: str | Path) -> Path:
     written, so a rerun with other settings (another seed, say) never silently continues the old run."""
     out = Path(run_dir)
     target = out / "config.resolved.yaml"
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     pointers = [*out.glob("*/latest"), *([Path(cfg.checkpoint.dir) / "latest"] if cfg.checkpoint.dir else [])]
     if cfg.checkpoint.resume and target.is_file() and any(p.is_file() for p in pointers):
-        old, new = _flat(_read_yaml(target)), _flat(yaml.safe_load(text))
-        changed = [k for k in sorted(old.keys() | new.keys())
-                   if old.get(k) != new.get(k) and not _resumable(k)]
+        changed = config_changes(target, cfg)
         if changed:
-            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
             raise ConfigError(
-                f"{out} holds a run made with another config, which this one would resume: {diffs}{more}; "
-                f"use another run dir, remove {out}, or set checkpoint.resume=false")
+                f"{out} holds a run made with another config, which this one would resume: "
+                f"{'; '.join(changed)}; use another run dir, remove {out}, or set checkpoint.resume=false")
     out.mkdir(parents=True, exist_ok=True)
-    target.write_text(text)
+    # Every rank of a torchrun job writes the same file: each through its own temp file and a rename,
+    # so that a rank reading it back never sees another's half-written copy.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(target)
     return target
 
 

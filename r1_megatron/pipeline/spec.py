@@ -18,6 +18,7 @@ from typing import Literal
 from r1_megatron.config.loader import (
     CONFIGS_DIR,
     ConfigError,
+    computed_keys,
     find_config,
     from_dict,
     merge,
@@ -30,10 +31,10 @@ from r1_megatron.distill.rejection import RejectionConfig
 
 KINDS = ("sft", "grpo", "rejection_sampling", "distill", "eval")
 POLICY_KINDS = ("sft", "grpo", "rejection_sampling")  # stages whose output is the next policy
-_COMMON = {"name", "kind", "overrides", "init", "eval_prompts", "eval_k"}
+_COMMON = {"name", "kind", "overrides", "init", "eval_prompts", "eval_k", "dir"}
 _KIND_FIELDS = {
     "sft": {"steps", "pairs_per_step"},
-    "grpo": {"steps"},
+    "grpo": {"steps", "own_eval"},
     "rejection_sampling": {"steps", "pairs_per_step", "prompts", "rejection"},
     "distill": {"steps", "pairs_per_step", "prompts", "rejection", "student", "traces"},
     "eval": set(),
@@ -44,22 +45,24 @@ _KIND_FIELDS = {
 class StageSpec:
     """One stage of a pipeline YAML (`overrides` is read separately: job-config changes for this stage)."""
 
-    name: str = ""  # unique, names DIR/<name>/
+    name: str = ""  # unique, names the stage (and DIR/<name>/ unless `dir` says otherwise)
+    dir: str = ""  # the stage's directory relative to DIR ("": <name>; ".": DIR itself)
     kind: Literal["sft", "grpo", "rejection_sampling", "distill", "eval"] = "sft"  # what the stage does
     init: str = ""  # policy to start/sample from: "" the previous policy stage, "base", or an earlier stage
     steps: int = 0  # optimizer steps (sft, rejection_sampling, distill); grpo: rl.steps (0: the job's)
-    pairs_per_step: int = 32  # SFT pairs per optimizer step
+    pairs_per_step: int = 32  # SFT pairs per optimizer step (0: the job's data.sft_pairs_per_step)
     prompts: int = 64  # train prompts sampled (rejection_sampling, distill)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)  # what sampling keeps
     student: str = ""  # distill: the dense student's model card
     traces: str = ""  # distill: reuse this earlier stage's traces.jsonl instead of sampling the teacher
     eval_prompts: int = 0  # held-out prompts for pass@1 after the stage (eval: default data.num_eval)
     eval_k: int = 4  # samples per eval prompt
+    own_eval: bool = False  # grpo: held-out pass@1 by the run's own evaluator before and after (stages.py)
 
 
 @dataclass
 class Stage:
-    """A checked stage: its spec, its resolved job config, and the digest done.json records."""
+    """A checked stage: its spec, its resolved job config, and the digest done.json records (`_digest`)."""
 
     spec: StageSpec
     job: JobConfig
@@ -114,11 +117,18 @@ def _spec(raw: object, where: str) -> tuple[StageSpec, dict]:
         raise ConfigError(f"{where}: {e}") from None
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.name):
         raise ConfigError(f"{where}: name must be letters, digits, '_', '.' or '-'")
+    parts = spec.dir.split("/")
+    if spec.dir and spec.dir != "." and ("." in parts or ".." in parts
+                                         or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", p) for p in parts)):
+        raise ConfigError(f"{where}: dir must be '.' or a relative path inside the pipeline directory, "
+                          f"got {spec.dir!r}")
+    if spec.own_eval and spec.eval_prompts:
+        raise ConfigError(f"{where}: own_eval and eval_prompts both measure the stage; set one")
     if spec.kind in ("sft", "rejection_sampling", "distill") and spec.steps < 1:
         raise ConfigError(f"{where}: steps must be >= 1 for kind {spec.kind}, got {spec.steps}")
     if spec.kind == "distill" and not spec.student:
         raise ConfigError(f"{where}: missing required field 'student' (a dense model card, e.g. qwen2_tiny)")
-    lows = (("pairs_per_step", 1), ("prompts", 1), ("eval_prompts", 0), ("eval_k", 1), ("steps", 0))
+    lows = (("pairs_per_step", 0), ("prompts", 1), ("eval_prompts", 0), ("eval_k", 1), ("steps", 0))
     for name, low in lows:
         if getattr(spec, name) < low:
             raise ConfigError(f"{where}: {name} must be >= {low}, got {getattr(spec, name)}")
@@ -186,12 +196,33 @@ def build_pipeline(base: dict, shared: dict, stages_raw: object, common: list[st
         if spec.kind == "eval" and not (has_policy or has_student or spec.init == "base"):
             raise ConfigError(f"{where}: nothing to evaluate: no policy or distill stage comes before it")
         job = _job(base, [_nest(shared, "overrides"), own, cli], spec, own, where)
-        # Chained over the stages before it: a changed input makes every later done.json stale too.
-        chain = stages[-1].digest if stages else ""
-        blob = json.dumps([chain, dataclasses.asdict(spec), dataclasses.asdict(job)], sort_keys=True,
-                          default=str)
-        stages.append(Stage(spec, job, hashlib.sha256(blob.encode()).hexdigest()[:16]))
+        if spec.pairs_per_step == 0:
+            if job.data.sft_pairs_per_step < 1:
+                raise ConfigError(f"{where}: pairs_per_step 0 takes data.sft_pairs_per_step, which is "
+                                  f"{job.data.sft_pairs_per_step}; it must be >= 1")
+            spec = dataclasses.replace(spec, pairs_per_step=job.data.sft_pairs_per_step)
+        stage_dir = spec.dir or spec.name
+        if stage_dir in {s.spec.dir or s.spec.name for s in stages}:
+            raise ConfigError(f"{where}: dir '{stage_dir}' is an earlier stage's directory")
+        stages.append(Stage(spec, job, _digest(stages[-1] if stages else None, spec, job)))
     return Pipeline(source, stages)
+
+
+def _digest(previous: Stage | None, spec: StageSpec, job: JobConfig) -> str:
+    """What done.json records: the stage's spec and job config less what a resumed run may change
+    (config/loader.py RESUMABLE: steps, reporting, layout; a grpo stage's `steps` is its rl.steps),
+    chained over the stages before it, so that a changed input, a grpo stage's rl.steps included,
+    makes every later done.json stale too."""
+    chain = ""
+    if previous is not None:
+        grown = previous.job.rl.steps if previous.spec.kind == "grpo" else None
+        chain = _sha([previous.digest, grown])
+    own = {k: v for k, v in dataclasses.asdict(spec).items() if not (spec.kind == "grpo" and k == "steps")}
+    return _sha([chain, own, computed_keys(job)])
+
+
+def _sha(data: list) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _split_cli(overrides: list[str]) -> tuple[list[str], dict[str, dict]]:

@@ -1,13 +1,17 @@
 """Running the stages of the R1 recipe (docs/architecture.md#the-r1-recipe): what each kind reads and writes.
 
-Every stage writes DIR/<name>/ and returns a record (kept in done.json) naming its outputs, relative
-to DIR. Kinds:
+Every stage writes DIR/<name>/ (DIR/<dir>/ with a `dir`) and returns a record (kept in done.json)
+naming its outputs, relative to DIR. Kinds:
 - sft: SFT of the policy on the built-in task's worked solutions (data.sft_examples pairs, a share
   data.sft_wrong_fraction of them wrong on purpose) or on data.train_file. Starts from the previous
   policy stage's checkpoint (the first one from the base job's checkpoint.load, or the random init).
-  Writes checkpoints/ and hf/.
-- grpo: the GRPO loop (rl/loop.py) from the previous policy's weights (its HF export), which are
-  also the frozen reference. Writes checkpoints/ and hf/. R1-Zero is a pipeline whose only training stage is this one.
+  Writes checkpoints/, hf/ and metrics.jsonl.
+- grpo: the GRPO loop (rl/loop.py) from the previous policy's checkpoint (weights only), which is
+  also the frozen reference. Writes checkpoints/, hf/ and metrics.jsonl. R1-Zero is a pipeline whose
+  only training stage is this one. With `own_eval` the run's own evaluator (RunState.evaluate:
+  rl.eval_samples samples on data.num_eval prompts, as inside the loop every rl.eval_every steps)
+  measures the policy before GRPO (kept in base_accuracy.json, so that a resumed run reports the
+  base's score) and after; the record holds base_accuracy and final_accuracy. This is the demo.
 - rejection_sampling: sample `rejection.k` responses for `prompts` train prompts from the previous
   policy's HF export, keep the verified, readable ones (distill/rejection.py), mix in non-reasoning
   pairs, then SFT the previous policy on them. Writes traces.jsonl, checkpoints/, hf/.
@@ -18,7 +22,8 @@ to DIR. Kinds:
 - eval: pass@1 of the latest policy (the teacher) and of the latest student on the task's held-out
   split, `eval_k` samples per prompt at T 0.6, top-p 0.95 (eval/runner.py). Writes eval.json.
 `init` redirects where a stage starts from: another earlier policy stage, or "base" for the base
-job's checkpoint.load. With `eval_prompts` > 0 a training stage also measures its held-out pass@1.
+job's checkpoint.load. With `eval_prompts` > 0 a training stage also measures its held-out pass@1
+(eval/runner.py on the stage's HF export; own_eval uses the same scorer through the run's engine).
 
 Departure from DeepSeek-R1: its stage-3 SFT retrains the *base* model on the rejection-sampled set;
 here it continues from the RL policy by default (set `init: <cold-start stage>` or `base` for R1's
@@ -45,8 +50,9 @@ class Context:
         self.out = out
         self.records: dict[str, dict] = {}
 
-    def stage_dir(self, name: str) -> Path:
-        return self.out / name
+    def stage_dir(self, name: str, where: str = "") -> Path:
+        """DIR/<name>, or DIR/<where> for a stage with a `dir` ("." is DIR itself)."""
+        return self.out / (where or name)
 
     def path(self, record: dict, output: str) -> Path:
         return self.out / record["outputs"][output]
@@ -55,14 +61,25 @@ class Context:
         return str(path.relative_to(self.out))
 
     def completed(self, stage: Stage) -> dict | None:
-        """The stage's done.json record, or None; a record made under another config is an error."""
-        done = self.stage_dir(stage.spec.name) / "done.json"
+        """The stage's done.json record, or None when the stage is to run: not done, or a grpo stage
+        done with fewer steps than its rl.steps now asks (it resumes from its checkpoints). A record
+        made under another config (less the keys a resumed run may change) is an error naming the
+        changed keys."""
+        d = self.stage_dir(stage.spec.name, stage.spec.dir)
+        done = d / "done.json"
         if not done.is_file():
             return None
         record = json.loads(done.read_text())
         if record.get("digest") != stage.digest:
-            raise ConfigError(f"stage '{stage.spec.name}' was completed with a different config "
-                              f"({done}); remove {done.parent} to run it again")
+            from r1_megatron.config.loader import config_changes
+
+            saved = d / "config.resolved.yaml"
+            changes = config_changes(saved, stage.job) if saved.is_file() else []
+            what = "; ".join(changes) or "its spec or an earlier stage changed"
+            raise ConfigError(f"stage '{stage.spec.name}' was completed with a different config ({done}); "
+                              f"remove {d} to run it again: {what}")
+        if stage.spec.kind == "grpo" and record["steps"] < stage.job.rl.steps:
+            return None
         return record
 
     def add(self, record: dict) -> None:
@@ -88,17 +105,23 @@ def _in_stage_dirs(job: JobConfig, d: Path, load: str | None) -> JobConfig:
     return dataclasses.replace(job, checkpoint=ckpt, logging=dataclasses.replace(job.logging, run_dir=str(d)))
 
 
+def stage_job(ctx: Context, stage: Stage) -> JobConfig:
+    """The job config a stage runs with: its resolved job in its own directory, starting from the
+    weights of the previous policy's own checkpoint (fp32, the same values as its HF export, and
+    loadable at any layout). Weights only: the stage begins at step 0 with a fresh optimizer and LR
+    schedule. A distill stage's student keeps its own checkpoint.load."""
+    source = ctx.policy(stage.spec.init)
+    load = None if source is None or stage.spec.kind == "distill" else str(ctx.path(source, "checkpoint"))
+    return _in_stage_dirs(stage.job, ctx.stage_dir(stage.spec.name, stage.spec.dir), load)
+
+
 def run_stage(ctx: Context, stage: Stage) -> dict:
     """Run one stage to completion (resuming its own checkpoints); returns its done.json record."""
-    spec, d = stage.spec, ctx.stage_dir(stage.spec.name)
-    d.mkdir(parents=True, exist_ok=True)
-    source = ctx.policy(spec.init)
-    # GRPO starts from the previous policy's HF export (weights only, the same file vLLM serves): RunState
-    # then begins at step 0 with a fresh optimizer. SFT stages read the weights of the checkpoint itself.
-    load = None if source is None else str(ctx.path(source, "hf" if spec.kind == "grpo" else "checkpoint"))
-    job = _in_stage_dirs(stage.job, d, load if spec.kind != "distill" else None)
     from r1_megatron.config import save_resolved
 
+    spec, d = stage.spec, ctx.stage_dir(stage.spec.name, stage.spec.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    source, job = ctx.policy(spec.init), stage_job(ctx, stage)
     save_resolved(job, d)
     started = time.time()
     runner = {"sft": _sft, "grpo": _grpo, "rejection_sampling": _rejection, "distill": _distill,
@@ -125,7 +148,8 @@ def _trained(ctx: Context, trainer, result, spec: StageSpec, job: JobConfig, d: 
     """Export the trained policy and measure its pass@1 (eval_prompts > 0)."""
     from r1_megatron.train.weights import export_hf
 
-    hf = export_hf(trainer, d / "hf")
+    hf = d / "hf"
+    export_hf(trainer, hf)  # collective; rank 0 writes
     record = {"outputs": {"checkpoint": ctx.rel(result.checkpoint), "hf": ctx.rel(hf)},
               "start_step": result.start_step, "steps": result.steps, "final_loss": result.loss}
     if spec.eval_prompts:
@@ -133,15 +157,15 @@ def _trained(ctx: Context, trainer, result, spec: StageSpec, job: JobConfig, d: 
     return record
 
 
-def _sft_log(job: JobConfig, d: Path):
-    from r1_megatron.train.metrics import MetricsLogger
+def _sft_log(job: JobConfig, d: Path, steps: int):
+    from r1_megatron.train.metrics import MetricsLogger, is_rank0
 
     logger = MetricsLogger(job.logging, d)
 
     def log(step: int, metrics: dict) -> None:
         logger.log(step, metrics)
-        if step % 25 == 0 or step == 1:
-            print(f"  sft step {step} loss {metrics['loss']:.4f}", flush=True)
+        if is_rank0() and (step % 25 == 1 or step == steps):
+            print(f"sft step {step}/{steps} loss {metrics['loss']:.4f}", flush=True)
 
     return logger, log
 
@@ -153,16 +177,20 @@ def _sft(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | 
 
 
 def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict | None) -> dict:
-    from r1_megatron.train.weights import export_hf
     from r1_megatron.rl import loop, session
+    from r1_megatron.train.weights import export_hf
 
     run = session.RunState(job)  # resumes from checkpoint.dir/latest, else loads checkpoint.load
-    start = run.trainer.step
+    start, hf = run.trainer.step, d / "hf"
     try:
+        base = _base_accuracy(run, d) if spec.own_eval else None
         metrics = loop.train(job, run=run)
-        hf = export_hf(run.trainer, d / "hf")
         record = {"outputs": {"checkpoint": ctx.rel(run.ckpt_root), "hf": ctx.rel(hf)}, "start_step": start,
                   "steps": run.trainer.step, "final_reward": metrics.get("reward/mean")}
+        if spec.own_eval:
+            record.update(base_accuracy=base, final_accuracy=run.evaluate())
+            record["pass_at_1"] = record["final_accuracy"]
+        export_hf(run.trainer, hf)  # collective; rank 0 writes
         if spec.eval_prompts:
             run.refit()  # the engine then holds the final weights (canary-checked)
             report = evaluate_hf(hf, job, spec.eval_prompts, spec.eval_k, run.engine)
@@ -172,11 +200,32 @@ def _grpo(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, source: dict |
     return record
 
 
+def _base_accuracy(run, d: Path) -> float:
+    """own_eval: the policy's held-out pass@1 before GRPO (RunState.evaluate), kept in
+    base_accuracy.json so that a resumed run reports what the base scored, not its current policy."""
+    from r1_megatron.train.metrics import is_rank0
+
+    saved = d / "base_accuracy.json"
+    if run.trainer.step == 0:
+        acc = run.evaluate()
+        if is_rank0():
+            saved.write_text(json.dumps({"base_accuracy": acc}))
+    elif saved.is_file():
+        acc = json.loads(saved.read_text())["base_accuracy"]
+    else:
+        raise ConfigError(f"{d} holds a GRPO run at step {run.trainer.step} but not its base's accuracy "
+                          f"({saved.name}); remove {d} to run it again")
+    if is_rank0():
+        samples = run.cfg.rl.eval_samples
+        print(f"base held-out accuracy (pass@1, {samples} samples): {acc:.3f}", flush=True)
+    return acc
+
+
 def _sft_on(ctx: Context, spec: StageSpec, job: JobConfig, d: Path, records: list[dict]) -> dict:
     """SFT the stage's model on `records` (logged to the stage dir); the stage record of the result."""
     from r1_megatron.train.sft import train_sft
 
-    logger, log = _sft_log(job, d)
+    logger, log = _sft_log(job, d, spec.steps)
     try:
         trainer, result = train_sft(job, records, spec.steps, spec.pairs_per_step, log)
     finally:

@@ -9,7 +9,10 @@ Guarantees:
 - job configs resolve with the precedence base < pipeline overrides < stage overrides < command
   line; a grpo stage's `steps` is its rl.steps; a distill stage gets the student card alone and no
   teacher checkpoint;
-- a stage's done.json is honoured only for the config it was made with;
+- a stage's done.json is honoured only for the config it was made with, less what a resumed run may
+  change (steps, reporting, layout), and a grpo stage done with fewer steps than asked runs again
+  (it resumes); the refusal names the changed keys with both values;
+- under torchrun only stages that run on every rank (sft, grpo without eval_prompts) are taken;
 - the shipped recipes (configs/r1_pipeline_demo.yaml, configs/r1_zero_demo.yaml) load.
 """
 
@@ -100,6 +103,13 @@ SFT1 = "base: demo_cpu\nstages: [{name: a, kind: sft, steps: 1}"
      "field 'rejection' does not apply to kind sft"),
     (f"{SFT1}, {{name: r, kind: rejection_sampling, steps: 1, rejection: {{k: 0}}}}]",
      "stages[1] (r): rejection.k must be >= 1, got 0"),
+    ("base: demo_cpu\nstages: [{name: a, kind: sft, steps: 1, dir: ../x}]",
+     "stages[0] (a): dir must be '.' or a relative path inside the pipeline directory"),
+    (f"{SFT1}, {{name: g, kind: grpo, dir: a}}]", "stages[1] (g): dir 'a' is an earlier stage's directory"),
+    (f"{SFT1}, {{name: g, kind: grpo, own_eval: true, eval_prompts: 4}}]",
+     "stages[1] (g): own_eval and eval_prompts both measure the stage"),
+    ("base: demo_cpu\nstages: [{name: a, kind: sft, steps: 1, own_eval: true}]",
+     "field 'own_eval' does not apply to kind sft"),
 ])
 def test_bad_pipeline_is_one_line_naming_the_key(tmp_path, text, expected):
     assert expected in _error(tmp_path, text)
@@ -128,6 +138,45 @@ def test_done_marker_is_tied_to_the_config(tmp_path):
     assert ctx.completed(first)["name"] == "cold"
     with pytest.raises(ConfigError, match="stage 'cold' was completed with a different config"):
         ctx.completed(changed)
+
+
+def test_done_marker_ignores_what_a_resume_may_change(tmp_path):
+    """rl.steps, reporting and layout keep every digest; a grpo stage asked for more steps resumes,
+    and the stages after it (whose input grows) are stale."""
+    first = load_pipeline(_write(tmp_path, GOOD)).stages
+    same = load_pipeline(_write(tmp_path, GOOD), ["rl.eval_every=7", "logging.tensorboard=false",
+                                                  "parallel.tp=2", "stages.cold.overrides.rl.steps=9"]).stages
+    assert [s.digest for s in same] == [s.digest for s in first]
+    more = load_pipeline(_write(tmp_path, GOOD), ["stages.rl.steps=5"]).stages
+    assert [s.digest for s in more[:2]] == [s.digest for s in first[:2]]
+    assert more[2].digest != first[2].digest
+    ctx = Context(tmp_path / "out")
+    ctx.stage_dir("rl").mkdir(parents=True)
+    (ctx.stage_dir("rl") / "done.json").write_text(json.dumps({"name": "rl", "digest": first[1].digest,
+                                                               "steps": 2}))
+    assert ctx.completed(first[1])["steps"] == 2
+    assert ctx.completed(more[1]) is None  # 2 of 5 steps done: run it, from its checkpoint
+
+
+def test_refusal_names_the_changed_keys(tmp_path):
+    from r1_megatron.config import save_resolved
+    from r1_megatron.pipeline.stages import stage_job
+
+    first = load_pipeline(_write(tmp_path, GOOD)).stages[0]
+    ctx = Context(tmp_path / "out")
+    save_resolved(stage_job(ctx, first), ctx.stage_dir("cold"))
+    (ctx.stage_dir("cold") / "done.json").write_text(json.dumps({"name": "cold", "digest": first.digest}))
+    with pytest.raises(ConfigError, match="seed: 1234 -> 5"):
+        ctx.completed(load_pipeline(_write(tmp_path, GOOD), ["seed=5"]).stages[0])
+
+
+def test_torchrun_takes_only_stages_that_run_on_every_rank(tmp_path, monkeypatch):
+    from r1_megatron.pipeline.run import check_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check_world_size(load_pipeline("configs/demo_pipeline.yaml"))
+    with pytest.raises(ConfigError, match="stage 'rs': kind rejection_sampling runs in one process"):
+        check_world_size(load_pipeline(_write(tmp_path, GOOD)))
 
 
 @pytest.mark.parametrize("name", ["r1_pipeline_demo", "r1_zero_demo"])
