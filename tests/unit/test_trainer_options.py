@@ -12,6 +12,8 @@
   one-line NonFiniteError naming the step; `rl.max_bad_steps` points to `optim.max_bad_steps`.
   A NaN in one named term (pg_loss, kl_loss, ...) is named as that term although the objective that
   sums it is NaN too; a NaN in the objective alone is named 'loss'.
+- Weights holding a NaN/Inf are refused by the HF export (before its directory exists) and by a
+  checkpoint save, each with a one-line error naming the weight.
 - The guard on a gradient: a NaN in one element of one weight's gradient skips the step, and the
   warning names that weight, its optimizer group ("dense group" for every weight at world 1: experts
   form their own group only under expert parallelism) and the rank.
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -33,6 +36,7 @@ from r1_megatron.train.nonfinite import OBJECTIVE, NonFiniteError, StepGuard
 from r1_megatron.train.forward import ForwardModel as Reference
 from r1_megatron.train.sft import local_loss_tokens, sft_loss
 from r1_megatron.train.trainer import Trainer
+from r1_megatron.train.weights import export_hf
 from tests.dist._scenarios import global_batch
 
 CONFIG = "configs/micro_moe_sft.yaml"
@@ -186,6 +190,24 @@ def test_nan_gradient_names_the_weight_and_its_group(world, caplog, weight):
     assert f"non-finite gradient (grad norm nan), first in {weight} (dense group) on rank 0" in caplog.text
     assert "loss term" not in caplog.text  # the loss itself stayed finite
     assert all(torch.equal(a, p) for a, p in zip(weights, trainer.unwrapped.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_export_and_save_refuse_nonfinite_weights(world, tmp_path, value):
+    trainer = _trainer(_cfg())
+    weight = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
+    with torch.no_grad():
+        dict(trainer.unwrapped.named_parameters())[weight].view(-1)[7] = value
+    first = f"non-finite weights (first: {weight} on rank 0)"
+    hf, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    refusal = f"{hf}: refusing to export {first}"
+    with pytest.raises(dist_ckpt.CheckpointError, match=f"^{re.escape(refusal)}$"):
+        export_hf(trainer, hf)
+    assert not hf.exists()
+    refusal = f"{ckpt / 'step_000000'}: refusing to save {first}; {ckpt / 'latest'} still names no checkpoint"
+    with pytest.raises(dist_ckpt.CheckpointError, match=f"^{re.escape(refusal)}$"):
+        dist_ckpt.save(trainer, ckpt)
+    assert not ckpt.exists()
 
 
 def test_max_bad_steps_config(world):
