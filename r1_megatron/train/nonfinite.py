@@ -1,4 +1,5 @@
-"""The non-finite guard: a step whose loss or gradient is not finite never reaches the weights.
+"""The non-finite guard: a step whose loss or gradient is not finite never reaches the weights
+(docs/grpo.md#non-finite-steps).
 
 Why it is needed: DDP runs with check_for_nan_in_grad=False (that check raises rather than skips), the
 fp32 optimizer's prepare_grads never looks for inf/nan, and the bf16 path without a loss scaler has the
