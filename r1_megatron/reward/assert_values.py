@@ -183,6 +183,13 @@ def _bound_names(tree: ast.AST) -> set[str]:
     return names
 
 
+# Where an assert judges a value: comparisons, truth tests and arithmetic.
+_JUDGED_FIELDS: dict[type, tuple[str, ...]] = {
+    ast.Compare: ("left", "comparators"), ast.BoolOp: ("values",), ast.UnaryOp: ("operand",),
+    ast.BinOp: ("left", "right"), ast.IfExp: ("test",), ast.comprehension: ("ifs",),
+}
+
+
 class _Judge(ast.NodeTransformer):
     """Inside each assert: wraps every judged value in VOUCH. The arguments of the candidate's own calls
     are its inputs and stay as they are, as do the receivers of its methods."""
@@ -196,40 +203,14 @@ class _Judge(ast.NodeTransformer):
         self.inside = False
         return node
 
-    def visit_Compare(self, node: ast.Compare) -> ast.AST:
-        self.generic_visit(node)
-        if self.inside:
-            node.left, node.comparators = self._value(node.left), [self._value(c) for c in node.comparators]
-        return node
-
-    def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
-        self.generic_visit(node)
-        if self.inside:
-            node.values = [self._value(v) for v in node.values]
-        return node
-
-    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
-        self.generic_visit(node)
-        if self.inside:
-            node.operand = self._value(node.operand)
-        return node
-
-    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
-        self.generic_visit(node)
-        if self.inside:
-            node.left, node.right = self._value(node.left), self._value(node.right)
-        return node
-
-    def visit_IfExp(self, node: ast.IfExp) -> ast.AST:
-        self.generic_visit(node)
-        if self.inside:
-            node.test = self._value(node.test)
-        return node
-
-    def visit_comprehension(self, node: ast.comprehension) -> ast.AST:
-        self.generic_visit(node)
-        if self.inside:
-            node.ifs = [self._value(i) for i in node.ifs]
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        node = super().generic_visit(node)
+        if not self.inside:
+            return node
+        for name in _JUDGED_FIELDS.get(type(node), ()):
+            value = getattr(node, name)
+            judged = [self._value(v) for v in value] if isinstance(value, list) else self._value(value)
+            setattr(node, name, judged)
         return node
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
