@@ -285,13 +285,15 @@ def _exposed(node: ast.AST) -> bool:
         return True  # an empty container, e.g. the expected value of `assert f(0) == []`
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         return True
+    if isinstance(node, ast.Lambda):
+        return True  # the test's own code (a key= function, say), never a value to report
     if isinstance(node, ast.Name):
         return node.id in _CALLS
     if isinstance(node, ast.Call):
         # The arguments of the candidate's calls are inputs; a lambda that map or filter applies to its
         # results judges them (`all(map(lambda x: x == 2, f(3)))`).
         judging = isinstance(node.func, ast.Name) and node.func.id in _FUNCTION_FIRST and any(
-            isinstance(a, ast.Lambda) and _exposed(a.body) for a in node.args)
+            isinstance(a, ast.Lambda) for a in node.args)
         return judging or _is_safe_call(node) or _exposed(node.func)
     return any(_exposed(child) for child in ast.iter_child_nodes(node))
 
@@ -340,7 +342,9 @@ def _outside(node: ast.AST, probes: list[str]) -> _Eval:
     if isinstance(node, ast.Slice):
         parts = [sub(x) if x is not None else (lambda v: None) for x in (node.lower, node.upper, node.step)]
         return lambda v: slice(*(p(v) for p in parts))
-    starred = any(isinstance(e, ast.Starred) for e in getattr(node, "elts", getattr(node, "args", [])))
+    # A call's arguments or a display's items (a Lambda's `args` is an ast.arguments, not a list).
+    items = node.args if isinstance(node, ast.Call) else getattr(node, "elts", [])
+    starred = any(isinstance(e, ast.Starred) for e in items)
     if isinstance(node, ast.List | ast.Tuple | ast.Set) and not starred:
         kind = {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)]
         items = [sub(e) for e in node.elts]

@@ -13,7 +13,8 @@ cannot be gamed by a result object that lies about itself.
   `map` with a lambda, an iterator of liars, a function that rebinds its own name after an honest first
   call, and a program that shadows or patches `all`, `range` and `type` (each passes when the same test
   runs unguarded, the negative control). Honest programs with such asserts score as python judges them
-  (in the table below), infinite generators included.
+  (in the table below), infinite generators included. A lambda in an assert (a `key=` function) is the
+  test's own code, judged inside, never a value to report (it crashed the split).
 - stdin/stdout tests are untouched by all this.
 """
 
@@ -182,6 +183,8 @@ CASES = [
     ("assert all(abs(halve(i) - i / 2) < 1e-9 for i in range(3))", True),
     ("assert [p for p in pairs(3) if p[0]] == [(1, '1'), (2, '2')]", True),
     ("assert all(map(lambda x: x >= 0, gen(3)))", True),
+    ("assert max(range(4), key=lambda i: sq(i - 2)) == 0", True),  # a lambda next to a builtin
+    ("assert sorted(pairs(3), key=lambda p: -p[0])[0] == (2, '2')", True),
     ("assert all(map(lambda x: x > 0, gen(3)))", False),
     ("assert all(a == b for a, b in zip(naturals(), range(5)))", True),  # read lazily, as python does
     ("assert all(cplx(i, 1) != i for i in range(3))", True),
