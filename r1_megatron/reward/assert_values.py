@@ -6,11 +6,10 @@ top-level `assert` is split here, before anything runs:
 - probes: the sub-expressions that hold no expected value and no judgement, such as `f(2)`, `x` or
   `f([3, 1, 2]).count(1)` (arguments of the candidate's calls are its inputs). They are evaluated in the
   sandbox, and their values leave it serialized (`encode`, in sandbox_runner.py), as plain data only:
-  int, float, str, bytes, bool, None, and list, tuple, dict, set, frozenset, and the standard library's
-  OrderedDict, Counter, defaultdict (rebuilt as a dict) and deque of those, exact types (no
-  subclasses); also
-  a range, and a built-in iterator (a generator, map, ...) as its items. Nothing of the result object
-  runs for that: no `__eq__`, `__hash__`, `__repr__`, `__len__` or `__bool__`.
+  int, float, complex, str, bytes, bool, None, and list, tuple, dict, set, frozenset, and the standard
+  library's OrderedDict, Counter, defaultdict (rebuilt as a dict) and deque of those, exact types (no
+  subclasses); also a range, and a built-in iterator (a generator, map, ...) as its items. Nothing of
+  the result object runs for that: no `__eq__`, `__hash__`, `__repr__`, `__len__` or `__bool__`.
 - the rest, with the expected values (literals, type names), every comparison and truth test, and the
   builtins applied to results (`str`, `len`, `sorted`, `sum`, `abs`, `round`, `math.isclose`, ...),
   is evaluated out here on the decoded plain values.
@@ -18,10 +17,18 @@ A probe value that is not plain data makes the test `untrusted`; code.py then sc
 error "untrusted_result". Expected values never enter the sandbox, so code that subverts the sandbox's
 serializer can only report values it chose without seeing them.
 
-Left to run inside, as before (and so still open to a lying `__eq__`): other statements (setup such as
-`x = [1, 2]`, loops, calls like `check(f)`), and asserts this evaluator cannot take apart (a
-comprehension or lambda next to an expected value, e.g. `assert all(f(i) == 2 * i for i in range(3))`).
-A probe that names a setup variable reads it inside the sandbox.
+Left to run inside: other statements (setup such as `x = [1, 2]`, loops, calls like `check(f)`), and
+asserts this evaluator cannot take apart (a comprehension or lambda next to an expected value, e.g.
+`assert all(f(i) == 2 * i for i in range(3))`). A probe that names a setup variable reads it inside
+the sandbox. The asserts among them are rewritten (`judged`) so that the sandbox checks each value they
+judge (each operand of a comparison, truth test or arithmetic, each argument of a builtin applied to a
+result): it must be plain data as above, decided by the same `encode`, or the test is untrusted. The
+check sits at the assert, not on the candidate's functions, so it holds wherever the value came from: a
+method, a name the program rebinds while the asserts run, a variable set earlier in a loop. The
+builtins the test names (`all`, `range`, `len`, ...) are the real ones, taken before the program runs,
+unless the test binds the name itself.
+What stays open inside: a judgement written without `assert` (`if f(2) != 4: raise ...`), and code
+that attacks the harness rather than lying through a value (code.py's known limit).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from r1_megatron.reward.sandbox_runner import BUILTIN, VOUCH
 
 Values = list[Any]
 _Eval = Callable[[Values], Any]
@@ -52,6 +61,11 @@ _CALLS: dict[str, Callable] = {
               reversed, enumerate, zip, any, all, isinstance, type)
 }
 _MATH = {f.__name__: f for f in (math.isclose, math.isnan, math.isinf, math.fabs, math.sqrt)}
+# Builtins a judged assert in the sandbox uses in their real form: those applied to results out here,
+# and those that drive the loops and comprehensions the asserts sit in.
+_REAL = frozenset(_CALLS) | {"range", "iter", "next", "map", "filter", "repr", "hash", "frozenset", "bytes",
+                             "complex"}
+_FUNCTION_FIRST = {"map", "filter"}  # their first argument is a function, not a judged value
 # Bounds on what the candidate's values can make out here (the reward pool's timeout is the backstop).
 _MAX_ITEMS = 1_000_000  # a sequence repeated out here (`[0] * n`) stays below this many items
 _MAX_POWER_BITS = 1 << 20  # an integer power stays below about this many bits
@@ -132,7 +146,108 @@ def plan(code: str) -> AssertPlan:
             out.steps[-1][1] += "\n" + source
         else:
             out.steps.append(["exec", source])
+    for step in out.steps:
+        if step[0] == "exec":
+            step[1] = judged(step[1])
     return out
+
+
+def judged(source: str) -> str:
+    """`source`, python run in the sandbox, with each value its asserts judge wrapped in the sandbox's
+    check (VOUCH) and the builtins it names replaced by the real ones (BUILTIN + name); unchanged when
+    there is nothing to wrap (module docstring)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source  # fails inside, as python would
+    before = ast.dump(tree)
+    bound = _bound_names(tree)
+    tree = _Builtins(bound).visit(_Judge(bound).visit(tree))
+    return source if ast.dump(tree) == before else ast.unparse(tree)
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Every name the test binds itself (assigned, defined, imported, a parameter)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+# Where an assert judges a value: comparisons, truth tests and arithmetic.
+_JUDGED_FIELDS: dict[type, tuple[str, ...]] = {
+    ast.Compare: ("left", "comparators"), ast.BoolOp: ("values",), ast.UnaryOp: ("operand",),
+    ast.BinOp: ("left", "right"), ast.IfExp: ("test",), ast.comprehension: ("ifs",),
+}
+
+
+class _Judge(ast.NodeTransformer):
+    """Inside each assert: wraps every judged value in VOUCH. The arguments of the candidate's own calls
+    are its inputs and stay as they are, as do the receivers of its methods."""
+
+    def __init__(self, bound: set[str]) -> None:
+        self.bound, self.inside = bound, False
+
+    def visit_Assert(self, node: ast.Assert) -> ast.Assert:
+        self.inside = True
+        node.test = self._value(self.visit(node.test))
+        self.inside = False
+        return node
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        node = super().generic_visit(node)
+        if not self.inside:
+            return node
+        for name in _JUDGED_FIELDS.get(type(node), ()):
+            value = getattr(node, name)
+            judged = [self._value(v) for v in value] if isinstance(value, list) else self._value(value)
+            setattr(node, name, judged)
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        self.generic_visit(node)
+        if self.inside and self._real(node.func):
+            first = 1 if node.func.id in _FUNCTION_FIRST else 0
+            node.args = node.args[:first] + [self._value(a) for a in node.args[first:]]
+        return node
+
+    def _real(self, node: ast.AST) -> bool:
+        return isinstance(node, ast.Name) and node.id in _REAL and node.id not in self.bound
+
+    def _value(self, node: ast.expr) -> ast.expr:
+        if isinstance(node, ast.Constant) or self._real(node):
+            return node
+        if isinstance(node, ast.Starred):
+            node.value = self._value(node.value)
+        elif isinstance(node, ast.List | ast.Tuple | ast.Set):
+            node.elts = [self._value(e) for e in node.elts]
+        elif isinstance(node, ast.Dict):
+            node.keys = [k if k is None else self._value(k) for k in node.keys]
+            node.values = [self._value(v) for v in node.values]
+        else:
+            return ast.Call(func=ast.Constant(VOUCH), args=[node], keywords=[])
+        return node
+
+
+class _Builtins(ast.NodeTransformer):
+    """Every name of _REAL the test reads without binding it becomes BUILTIN + name."""
+
+    def __init__(self, bound: set[str]) -> None:
+        self.bound = bound
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if isinstance(node.ctx, ast.Load) and node.id in _REAL and node.id not in self.bound:
+            return ast.Constant(BUILTIN + node.id)
+        return node
 
 
 _MAPPINGS = {"dict": dict, "OrderedDict": collections.OrderedDict,
@@ -149,6 +264,8 @@ def decode(value: Any) -> Any:
             return _MAPPINGS[tag]((decode(k), decode(v)) for k, v in items)
         if tag == "range":
             return range(*items)
+        if tag == "complex":
+            return complex(*items)
         kind = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset, "bytes": bytes,
                 "deque": collections.deque, "iter": lambda x: iter(list(x))}[tag]
         return kind(decode(v) for v in items)
@@ -168,10 +285,16 @@ def _exposed(node: ast.AST) -> bool:
         return True  # an empty container, e.g. the expected value of `assert f(0) == []`
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         return True
+    if isinstance(node, ast.Lambda):
+        return True  # the test's own code (a key= function, say), never a value to report
     if isinstance(node, ast.Name):
         return node.id in _CALLS
     if isinstance(node, ast.Call):
-        return _is_safe_call(node) or _exposed(node.func)  # the arguments of the candidate's calls are inputs
+        # The arguments of the candidate's calls are inputs; a lambda that map or filter applies to its
+        # results judges them (`all(map(lambda x: x == 2, f(3)))`).
+        judging = isinstance(node.func, ast.Name) and node.func.id in _FUNCTION_FIRST and any(
+            isinstance(a, ast.Lambda) for a in node.args)
+        return judging or _is_safe_call(node) or _exposed(node.func)
     return any(_exposed(child) for child in ast.iter_child_nodes(node))
 
 
@@ -219,7 +342,9 @@ def _outside(node: ast.AST, probes: list[str]) -> _Eval:
     if isinstance(node, ast.Slice):
         parts = [sub(x) if x is not None else (lambda v: None) for x in (node.lower, node.upper, node.step)]
         return lambda v: slice(*(p(v) for p in parts))
-    starred = any(isinstance(e, ast.Starred) for e in getattr(node, "elts", getattr(node, "args", [])))
+    # A call's arguments or a display's items (a Lambda's `args` is an ast.arguments, not a list).
+    items = node.args if isinstance(node, ast.Call) else getattr(node, "elts", [])
+    starred = any(isinstance(e, ast.Starred) for e in items)
     if isinstance(node, ast.List | ast.Tuple | ast.Set) and not starred:
         kind = {ast.List: list, ast.Tuple: tuple, ast.Set: set}[type(node)]
         items = [sub(e) for e in node.elts]

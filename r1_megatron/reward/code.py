@@ -15,9 +15,12 @@ sandbox limit violation gives 0 with its typed reason ("sandbox:timeout", "sandb
 that is not plain data (an object with its own __eq__, __hash__ or __repr__, a subclass of int, ...)
 gives 0 with error "untrusted_result", in either mode.
 
-Known limit of assert tests: what assert_values.py cannot take apart (setup statements, loops, asserts
-with a comprehension next to an expected value) still runs in the program's own process, where an
-object can lie about itself. stdin/stdout tests have no such gap.
+The asserts assert_values.py cannot take apart (in loops, in helper functions such as `check(f)`, or
+with a comprehension next to an expected value) still run in the program's own process; there every
+value they judge must be plain data too, or the test is untrusted (assert_values.py `judged`). What
+stays open there is code that attacks the harness itself rather than lying through a result: the
+program runs in the same interpreter and can reach the runner's frames (sys._getframe, gc), where the
+proof marker lives. stdin/stdout tests have no such gap.
 """
 
 from __future__ import annotations
@@ -102,7 +105,10 @@ def code_reward(response: str, ground_truth) -> RewardResult:
 
 
 def _verdict(result, test: dict, plan: assert_values.AssertPlan | None) -> bool | str:
-    """True (passed), False (failed) or "untrusted" (a probe value was not plain data)."""
+    """True (passed), False (failed) or "untrusted" (a judged value was not plain data, out here or in
+    the sandbox)."""
+    if result.untrusted:
+        return "untrusted"
     if not result.completed:
         return False
     if plan is not None:

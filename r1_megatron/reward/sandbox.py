@@ -79,6 +79,7 @@ class TestRun:
     processes: int  # processes of the test still alive when it ended or was killed
     completed: bool  # exit 0 within the limits, and for an assert test the asserts ran to the end
     probes: list[str] = field(default_factory=list)  # an assert test's probe lines (JSON), in order
+    untrusted: bool = False  # an assert judged in the sandbox met a value that is not plain data
 
 
 @dataclass
@@ -396,6 +397,7 @@ def _parse(report: bytes, is_assert: list[bool], marker: str) -> list[TestRun]:
     runs: list[TestRun] = []
     proof = f"\n{marker}\n".encode()
     probe = re.compile(b"\n" + marker.encode() + b"=([^\n]*)\n")
+    not_plain = f"\n{marker}!\n".encode()
     pos = 0
     while pos < len(report) and len(runs) < len(is_assert):
         end = report.find(b"\n", pos)
@@ -409,7 +411,9 @@ def _parse(report: bytes, is_assert: list[bool], marker: str) -> list[TestRun]:
         stdout, stderr = report[end + 1 : out_end], report[out_end:err_end]
         ok = head["exit"] == 0 and not head["timed_out"] and not head["output_limited"]
         probes: list[str] = []
+        untrusted = False
         if is_assert[len(runs)]:
+            untrusted = not_plain in stdout
             ok = ok and stdout.endswith(proof)
             stdout = stdout[: -len(proof)] if ok else stdout
             probes = [m.decode(errors="replace") for m in re.findall(probe, stdout)]
@@ -426,6 +430,7 @@ def _parse(report: bytes, is_assert: list[bool], marker: str) -> list[TestRun]:
                 processes=head["processes"],
                 completed=ok,
                 probes=probes,
+                untrusted=untrusted,
             )
         )
         pos = err_end

@@ -6,10 +6,18 @@ After its source, it reads one JSON payload on stdin:
 applies the rlimits and runs the program; then, for an assert test, its steps (["exec", source]: python
 run in the program's namespace; ["probe", [expression, ...]]: one line "<marker>=<JSON list>" with the
 expressions' values, `encode`d as plain data only, judged outside by reward/assert_values.py), and a
-line with the marker. The runner feeds the child the test's stdin, reads its
-stdout and stderr up to the byte cap, and kills it at the wall-clock deadline. Per test it writes one frame
-to its own stdout, which is the report channel: a JSON header line, then the raw stdout and stderr bytes.
+line with the marker. The runner feeds the child the test's stdin, reads its stdout and stderr up to
+the byte cap, and kills it at the wall-clock deadline. Per test it writes one frame to its own stdout,
+which is the report channel: a JSON header line, then the raw stdout and stderr bytes.
 It stops after the first test that was killed, since any limit violation zeroes the reward.
+
+The asserts an exec step still judges in here were rewritten by assert_values.py `judged`: each value
+they judge passes through VOUCH, and the builtins they use are named BUILTIN + name. Both are string
+constants, replaced in the compiled code objects (`_bind`) by the check and by the real builtins taken
+before the candidate's code runs, so no rebinding of a name, in the program's namespace or in
+`builtins`, before or during the asserts, reaches them. The check (`_voucher`) lets plain data pass
+(what `encode` accepts; a built-in iterator's items are checked as they are drawn); anything else
+writes the line "<marker>!" straight to fd 1, which makes the test untrusted, and ends the test.
 
 Why a fork per test rather than a fresh sandbox per test: the namespaces and the interpreter start once
 per program, and forking the warm runner is cheap. Measured with bubblewrap on a loaded 2-core machine,
@@ -38,6 +46,15 @@ import sys
 import time
 import traceback
 import types
+import warnings
+
+# Taken when the runner starts, before any candidate code: what a judged assert's builtins resolve to,
+# and the runner's own builtins (so a program that rebinds builtins.type or builtins.len changes
+# nothing `encode` or the check sees). The same goes for the one os function the check calls.
+__builtins__ = _REAL_BUILTINS = dict(vars(builtins))
+_WRITE = os.write
+VOUCH = "\x00r1m:vouch"  # in a judged assert, the call that checks a value is plain data
+BUILTIN = "\x00r1m:builtin:"  # in a judged assert, BUILTIN + name stands for that real builtin
 
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
@@ -87,8 +104,8 @@ _DEQUE = collections.deque
 
 
 def encode(value: object, depth: int = 0) -> object:
-    """A JSON-able copy of plain data: int, float, str, bytes, bool, None, and list, tuple, dict, set,
-    frozenset, and the stdlib's OrderedDict, Counter, defaultdict (as a dict) and deque of those,
+    """A JSON-able copy of plain data: int, float, complex, str, bytes, bool, None, and list, tuple,
+    dict, set, frozenset, and the stdlib's OrderedDict, Counter, defaultdict (as a dict) and deque of those,
     containers tagged ({"list": [...]}, {"dict": [[k, v], ...]}); also a range, and a built-in iterator
     as the list of its items ({"iter": [...]}). Exact types only, found by type() and walked by the
     built-in containers' own iteration: nothing of a result object (its __eq__, __hash__, __repr__,
@@ -96,6 +113,8 @@ def encode(value: object, depth: int = 0) -> object:
     kind = type(value)
     if value is None or kind is bool or kind is int or kind is float or kind is str:
         return value
+    if kind is complex:
+        return {"complex": [value.real, value.imag]}
     if kind is range:
         return {"range": [value.start, value.stop, value.step]}
     if kind is bytes:
@@ -123,6 +142,56 @@ def _probe(expressions: list, scope: dict, marker: str) -> None:
     sys.stdout.write("\n" + marker + "=" + json.dumps(values) + "\n")
 
 
+class _NotPlain(BaseException):
+    """A judged value that is not plain data: ends the test (a test's `except Exception` cannot keep it)."""
+
+
+def _voucher(marker: str):
+    """The check that VOUCH stands for: plain data passes unchanged (a built-in iterator as a generator
+    that checks each item as it is drawn, so nothing is read ahead); anything else is reported on fd 1
+    (not through sys.stdout, which the program can replace) and ends the test."""
+    line = ("\n" + marker + "!\n").encode()
+
+    def items(iterator):
+        for value in iterator:
+            yield vouch(value)
+
+    def vouch(value):
+        if type(value) in _ITERATORS:
+            return items(value)
+        try:
+            encode(value)  # an iterator inside a container is read to its end here, as a probe reads it
+        except TypeError as e:
+            _WRITE(1, line)
+            raise _NotPlain(f"a judged value is not plain data: {e}") from None
+        return value
+
+    return vouch
+
+
+def _bind(code: types.CodeType, vouch) -> types.CodeType:
+    """`code` with the VOUCH and BUILTIN + name constants replaced, in nested code objects too."""
+    consts = []
+    for c in code.co_consts:
+        if type(c) is types.CodeType:
+            c = _bind(c, vouch)
+        elif type(c) is str and c == VOUCH:
+            c = vouch
+        elif type(c) is str and c.startswith(BUILTIN):
+            c = _REAL_BUILTINS[c[len(BUILTIN) :]]
+        consts.append(c)
+    return code.replace(co_consts=tuple(consts))
+
+
+def _compile_steps(steps: list, vouch) -> list:
+    """The exec steps compiled and bound before the candidate's code runs (compiling the call of a
+    string constant warns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        return [(kind, _bind(compile(arg, "tests.py", "exec"), vouch) if kind == "exec" else arg)
+                for kind, arg in steps]
+
+
 def _child(program: str, steps: list | None, marker: str, lim: dict, fds: tuple[int, int, int]) -> None:
     """Runs in the forked child: becomes the test's process and never returns."""
     for target, fd in enumerate(fds):
@@ -140,12 +209,13 @@ def _child(program: str, steps: list | None, marker: str, lim: dict, fds: tuple[
     sys.argv = ["main.py"]
     code = 0
     try:
+        compiled = None if steps is None else _compile_steps(steps, _voucher(marker))
         scope = {"__name__": "__main__", "__builtins__": builtins, "__file__": "main.py"}
         exec(compile(program, "main.py", "exec"), scope)  # noqa: S102 - running it is the point
-        if steps is not None:
-            for kind, arg in steps:
+        if compiled is not None:
+            for kind, arg in compiled:
                 if kind == "exec":
-                    exec(compile(arg, "tests.py", "exec"), scope)  # noqa: S102
+                    exec(arg, scope)  # noqa: S102
                 else:
                     _probe(arg, scope, marker)
             # Proof that the asserts ran to the end: a program that exits early never prints it.

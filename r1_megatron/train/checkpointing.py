@@ -1,8 +1,9 @@
 """A Trainer's checkpoints: its model chunks, optimizer, scheduler and step handed to
 checkpoint/dist.py as one TrainState, and the step it loads read back.
 
-Weights that hold a NaN/Inf are never written (the non-finite guard's check, train/nonfinite.py, on
-every rank before the collective save starts).
+Weights that hold a NaN/Inf are never written (`refuse_nonfinite`: the non-finite guard's check,
+train/nonfinite.py, on every rank before the collective save starts; the HF export, train/weights.py,
+runs the same check).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from r1_megatron.train.nonfinite import first_nonfinite_weight
 from r1_megatron.train.trainer import Trainer
 
 # Read through this module by the loops and by tests that take checkpoints.
-__all__ = ["CheckpointError", "latest", "load", "load_model_weights", "resume", "save", "step_dir_name"]
+__all__ = ["CheckpointError", "latest", "load", "load_model_weights", "refuse_nonfinite", "resume", "save",
+           "step_dir_name"]
 
 
 def train_state(trainer: Trainer) -> TrainState:
@@ -38,19 +40,23 @@ def save(
 ) -> Path:
     """checkpoint/dist.py `save` of the trainer as step_<trainer.step> under `root` (collective)."""
     root = Path(root)
-    _refuse_nonfinite(trainer, root, step_dir_name(trainer.step))
+    refuse_nonfinite(trainer, root / step_dir_name(trainer.step), "save", keeps=root / LATEST)
     return dist_ckpt.save(train_state(trainer), root, extra=extra, on_written=on_written,
                           with_optimizer=with_optimizer)
 
 
-def _refuse_nonfinite(trainer: Trainer, root: Path, name: str) -> None:
-    """Never write weights that hold a NaN/Inf (collective: every rank refuses alike)."""
+def refuse_nonfinite(trainer: Trainer, target: Path, action: str, keeps: Path | None = None) -> None:
+    """Raise a one-line CheckpointError naming `target` and the first NaN/Inf weight (by name and rank)
+    before anything is written to it; with `keeps`, a `latest` pointer, also what it still names.
+    Collective: every rank refuses alike."""
     bad = first_nonfinite_weight(trainer.unwrapped)
     if bad is not None:
-        pointer = root / LATEST
-        previous = pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
-        raise CheckpointError(f"{root / name}: refusing to save non-finite weights (first: {bad[1]} on "
-                              f"rank {bad[0]}); {pointer} still names {previous}")
+        tail = ""
+        if keeps is not None:
+            previous = keeps.read_text().strip() if keeps.is_file() else "no checkpoint"
+            tail = f"; {keeps} still names {previous}"
+        raise CheckpointError(f"{target}: refusing to {action} non-finite weights (first: {bad[1]} on "
+                              f"rank {bad[0]}){tail}")
 
 
 def load(trainer: Trainer, path: str | Path, *, with_optimizer: bool = True, verify: str | None = None) -> dict:

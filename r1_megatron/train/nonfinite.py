@@ -1,4 +1,5 @@
-"""The non-finite guard: a step whose loss or gradient is not finite never reaches the weights.
+"""The non-finite guard: a step whose loss or gradient is not finite never reaches the weights
+(docs/grpo.md#non-finite-steps).
 
 Why it is needed: DDP runs with check_for_nan_in_grad=False (that check raises rather than skips), the
 fp32 optimizer's prepare_grads never looks for inf/nan, and the bf16 path without a loss scaler has the
@@ -15,7 +16,12 @@ What it does (Trainer.train_step, before the optimizer touches anything):
 - the first non-finite loss term, or the first parameter (by name, dense or expert group, and rank)
   whose gradient is not finite, is logged; `optim.max_bad_steps` consecutive skips stop the run with
   NonFiniteError (one line, naming the step).
-`checkpoint/dist.py` refuses to save weights that hold a non-finite value (`first_nonfinite_weight`).
+Which term is "first": the named terms in the order of TERMS (GRPO's pg_loss, kl_loss, entropy_loss,
+then the auxiliary mtp_loss and moe_aux_loss), then the other metrics by name, and the objective (the
+loss handed to backward, and the `loss` metric that equals it) last. A NaN in one term also makes the
+objective NaN, so checking the objective first would always name 'loss'.
+train/checkpointing.py refuses to save, and train/weights.py to export, weights that hold a non-finite
+value (`first_nonfinite_weight`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from r1_megatron.parallel.collectives import all_reduce_
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "_objective"  # the key under which train_step sums the loss handed to backward
+# The loss terms, in the order they are checked (module docstring): the objective's own terms first.
+TERMS = ("pg_loss", "kl_loss", "entropy_loss", "mtp_loss", "moe_aux_loss")
+_TOTALS = ("loss", OBJECTIVE)  # checked last: a NaN in any term reaches them too
 
 
 class NonFiniteError(RuntimeError):
@@ -57,6 +66,8 @@ def _agree(local: str | None) -> tuple[int, str] | None:
 
 
 def _param_grads(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor | None]]:
+    """Each parameter's gradient, named with its megatron optimizer group: "expert" for the expert-parallel
+    weights (allreduce=False), "dense" for the rest (expert weights too when ep is 1)."""
     for name, p in model.named_parameters():
         group = "dense" if getattr(p, "allreduce", True) else "expert"
         grad = getattr(p, "main_grad", None)
@@ -93,7 +104,8 @@ class StepGuard:
         """Why step `step` must be skipped (None: it may update). Collective over the world."""
         if not self.enabled:
             return None
-        ordered = [OBJECTIVE, *sorted(k for k in metrics if k != OBJECTIVE)]
+        others = sorted(k for k in metrics if k not in TERMS and k not in _TOTALS)
+        ordered = [*TERMS, *others, *_TOTALS]
         bad_term = next((k for k in ordered if k in metrics and not math.isfinite(metrics[k])), None)
         flags = torch.tensor([float(bad_term is not None), float(found_inf or not math.isfinite(grad_norm))])
         if dist.is_initialized():
@@ -103,7 +115,7 @@ class StepGuard:
             return None
         parts = []
         if flags[0]:
-            term = "loss" if bad_term in (None, OBJECTIVE) else bad_term
+            term = "loss" if bad_term in (None, *_TOTALS) else bad_term
             parts.append(f"non-finite loss term '{term}'")
         if flags[1]:
             where = _agree(_first_nonfinite(_param_grads(self.model)))

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from r1_megatron.checkpoint import dist as dist_ckpt
+from r1_megatron.train.checkpointing import refuse_nonfinite
 from r1_megatron.train.metrics import is_rank0
 from r1_megatron.train.trainer import Trainer
 
@@ -34,11 +35,13 @@ def load_initial_weights(trainer: Trainer, source: str) -> None:
 
 def export_hf(trainer: Trainer, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path | None:
     """Write the trainer's weights as an HF directory (collective; rank 0 writes), with the tokenizer
-    files of `tokenizer_dir` (default: the job's tokenizer, data/tokenizer.py `tokenizer_dir`)."""
+    files of `tokenizer_dir` (default: the job's tokenizer, data/tokenizer.py `tokenizer_dir`).
+    Weights holding a NaN/Inf are refused before anything is written, as a checkpoint save refuses them."""
     from r1_megatron.checkpoint import hf_io
     from r1_megatron.data.tokenizer import tokenizer_dir as job_tokenizer_dir
     from r1_megatron.rollout.weight_export import export_weights
 
+    refuse_nonfinite(trainer, Path(out_dir), "export")
     stream = export_weights(trainer.unwrapped, trainer.cfg.model, dst=0)
     if is_rank0():
         return hf_io.save_hf(out_dir, stream, hf_io.hf_config(trainer.cfg.model),

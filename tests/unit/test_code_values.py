@@ -7,7 +7,14 @@ cannot be gamed by a result object that lies about itself.
   (the negative control runs the same tests the old way, through the sandbox alone, and they pass).
 - Honest programs score as they do when every assert runs in the sandbox: right and wrong answers over
   equality, tolerance, truth, membership, subscripts, setup statements, generators and containers.
-- What stays inside the sandbox: setup statements and asserts the evaluator cannot take apart.
+- What stays inside the sandbox: setup statements and asserts the evaluator cannot take apart. There
+  every value an assert judges must be plain data too: an always-equal result scores 0 with
+  "untrusted_result" through a comprehension, a loop, a loop variable, a helper `check(f)`, a method,
+  `map` with a lambda, an iterator of liars, a function that rebinds its own name after an honest first
+  call, and a program that shadows or patches `all`, `range` and `type` (each passes when the same test
+  runs unguarded, the negative control). Honest programs with such asserts score as python judges them
+  (in the table below), infinite generators included. A lambda in an assert (a `key=` function) is the
+  test's own code, judged inside, never a value to report (it crashed the split).
 - stdin/stdout tests are untouched by all this.
 """
 
@@ -19,6 +26,7 @@ from r1_megatron.config.schema import SandboxConfig
 from r1_megatron.reward import assert_values
 from r1_megatron.reward.code import score_program
 from r1_megatron.reward.sandbox import run_tests
+from r1_megatron.reward.sandbox_runner import VOUCH
 
 CFG = SandboxConfig(wall_seconds=3.0, cpu_seconds=2, memory_mb=256, max_processes=16, max_output_bytes=65536)
 
@@ -42,6 +50,40 @@ def test_lying_results_score_zero_with_their_reason(name):
     program = LIARS[name] + "def f(x):\n    return R()\n"
     tests = [{"assert": "assert f(3) == [9, 1]"}] if name == "in_a_list" else GAMEABLE
     inside = run_tests(program, tests, CFG)  # negative control: judged inside, the lie works
+    assert inside.violation is None and all(t.completed for t in inside.tests)
+    result = score_program(program, tests, CFG)
+    assert (result.score, result.error) == (0.0, "untrusted_result")
+
+
+LIAR = LIARS["eq_everything"] + "def f(x):\n    return R()\n"
+COMPREHENSION = "assert all(f(i) == 2 * i for i in range(3))"
+LOOP = "for i in range(3):\n    assert f(i) == i + 1"
+# (program, tests) that a lying result passes when the asserts run unguarded in the sandbox.
+JUDGED_INSIDE = {
+    "comprehension": (LIAR, [COMPREHENSION]),
+    "loop": (LIAR, [LOOP]),
+    "loop_variable": (LIAR, ["for i in range(3):\n    y = f(i)\n    assert y == i + 1"]),
+    "helper": (LIAR, ["def check(candidate):\n    assert candidate(2) == 4\ncheck(f)"]),
+    "method": (LIARS["eq_everything"] + "class S:\n    def f(self, i):\n        return R()\n",
+               ["s = S()\nfor i in range(3):\n    assert s.f(i) == i"]),
+    "map_lambda": (LIARS["eq_everything"] + "def f(n):\n    return [R() for _ in range(n)]\n",
+                   ["assert all(map(lambda x: x == 2, f(3)))"]),
+    "iterator": (LIARS["eq_everything"] + "def f(n):\n    return iter([R() for _ in range(n)])\n",
+                 ["assert all(a == b for a, b in zip(f(2), [1, 2]))"]),
+    "rebinds_itself": (LIARS["eq_everything"] + "def g(x):\n    return R()\n"
+                       "def f(x):\n    global f\n    f = g\n    return 2 * x\n", [COMPREHENSION]),
+    "shadows_builtins": (LIAR + "all = lambda *a: True\nrange = lambda n: []\n", [COMPREHENSION, LOOP]),
+    "patches_builtins": (
+        "import builtins\nbuiltins.all = lambda *a: True\nbuiltins.range = lambda *a: []\n"
+        "builtins.type = lambda *a: int\n" + LIAR, [COMPREHENSION, LOOP]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JUDGED_INSIDE))
+def test_asserts_judged_in_the_sandbox_refuse_lying_results(name):
+    program, asserts = JUDGED_INSIDE[name]
+    tests = [{"assert": t} for t in asserts]
+    inside = run_tests(program, tests, CFG)  # negative control: unguarded, the lie works
     assert inside.violation is None and all(t.completed for t in inside.tests)
     result = score_program(program, tests, CFG)
     assert (result.score, result.error) == (0.0, "untrusted_result")
@@ -77,6 +119,10 @@ HONEST = (
     "def window(n):\n    return collections.deque(range(n))\n"
     "def frozen(n):\n    return frozenset(range(n))\n"
     "def raw(n):\n    return bytes(range(n))\n"
+    "def cplx(a, b):\n    return complex(a, b)\n"
+    "def naturals():\n    n = 0\n    while True:\n        yield n\n        n += 1\n"
+    "class Stack:\n    def __init__(self):\n        self.items = []\n"
+    "    def push(self, x):\n        self.items.append(x)\n        return len(self.items)\n"
 )
 # (test, passes): the verdict of python itself, running the asserts on these functions.
 CASES = [
@@ -124,6 +170,26 @@ CASES = [
     ("assert frozen(3) == {0, 1, 2}", True),
     ("assert raw(3) == b'\\x00\\x01\\x02'", True),
     ("assert raw(2) == b'ab'", False),
+    ("assert cplx(1, 2) == 1 + 2j", True),
+    ("assert cplx(0, 1) ** 2 == -1", True),
+    # asserts judged inside the sandbox (loops, helpers, comprehensions), every judged value checked there
+    ("for i in range(4):\n    assert sq(i) == i * i", True),
+    ("for i in range(4):\n    assert sq(i) == i + i", False),
+    ("for i, v in enumerate(gen(3)):\n    y = sq(v)\n    assert y == i * i", True),
+    ("x = 0\nwhile x < 3:\n    assert sq(x) >= x\n    x += 1", True),
+    ("def check(candidate):\n    assert candidate(3) == 9\n    assert candidate(-3) == 9\ncheck(sq)", True),
+    ("def check(candidate):\n    assert candidate(3) == 6\ncheck(sq)", False),
+    ("assert any(sq(i) == 5 for i in range(4))", False),
+    ("assert all(abs(halve(i) - i / 2) < 1e-9 for i in range(3))", True),
+    ("assert [p for p in pairs(3) if p[0]] == [(1, '1'), (2, '2')]", True),
+    ("assert all(map(lambda x: x >= 0, gen(3)))", True),
+    ("assert max(range(4), key=lambda i: sq(i - 2)) == 0", True),  # a lambda next to a builtin
+    ("assert sorted(pairs(3), key=lambda p: -p[0])[0] == (2, '2')", True),
+    ("assert all(map(lambda x: x > 0, gen(3)))", False),
+    ("assert all(a == b for a, b in zip(naturals(), range(5)))", True),  # read lazily, as python does
+    ("assert all(cplx(i, 1) != i for i in range(3))", True),
+    ("s = Stack()\nassert all(s.push(i) == i + 1 for i in range(3)) and s.items == [0, 1, 2]", True),
+    ("s = Stack()\nfor i in range(3):\n    assert s.push(i) == i", False),
 ]
 
 
@@ -145,8 +211,11 @@ def test_the_split_keeps_expected_values_out_of_the_sandbox():
     sent = repr(plan.steps)
     assert "[1, 3]" not in sent and "3.14" not in sent
     assert assert_values.plan("assert f(0) == []").steps == [["probe", ["f(0)"]]]
-    # A comprehension next to an expected value cannot be taken apart: it runs inside as written.
-    assert assert_values.plan("assert all(f(i) == i for i in range(3))").steps[0][0] == "exec"
+    # A comprehension next to an expected value cannot be taken apart: it runs inside, each value it
+    # judges checked there.
+    [(kind, source)] = assert_values.plan("assert all(f(i) == i for i in range(3))").steps
+    assert kind == "exec" and f"{VOUCH!r}(f(i))" in source
+    assert assert_values.plan("x = [3, 1]").steps == [["exec", "x = [3, 1]"]]  # nothing judged: unchanged
 
 
 def test_output_and_stdin_tests_are_unchanged():

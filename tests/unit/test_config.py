@@ -1,10 +1,12 @@
 """The config is strict: unknown keys, wrong types, non-dividing layouts and missing cards are
-one-line errors naming the key (and the numbers); overrides and the resolved config round-trip."""
+one-line errors naming the key (and the numbers); overrides and the resolved config round-trip.
+Defaults that an issue fixed are pinned (the sandbox's process limit, 16)."""
 
 import pytest
 
 from r1_megatron.config import ConfigError, config_from_resolved, load_config, save_resolved, validate
 from r1_megatron.config.loader import MODELS_DIR
+from r1_megatron.config.schema import SandboxConfig
 
 
 def _err(*overrides: str, world_size: int | None = None) -> str:
@@ -120,3 +122,9 @@ def test_yaml_off_is_the_off_choice_not_a_bool(tmp_path):
     assert load_config(None, ["rl.router_replay=off"]).rl.router_replay == "off"
     with pytest.raises(ConfigError, match=r"rl.kl_in: False is not one of"):
         load_config(None, ["rl.kl_in=off"])
+
+
+def test_sandbox_allows_16_processes_by_default():
+    # The default issue 20 asked for (it was 64); the fork-bomb tests in test_sandbox.py set their own.
+    assert SandboxConfig().max_processes == 16
+    assert load_config(None, ["model.card=micro_moe"]).reward.sandbox.max_processes == 16

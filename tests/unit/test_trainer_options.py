@@ -10,11 +10,19 @@
 - The non-finite guard on a loss term: a NaN objective in one microbatch skips the step (weights and
   Adam state untouched), the warning names the loss; optim.max_bad_steps consecutive skips raise a
   one-line NonFiniteError naming the step; `rl.max_bad_steps` points to `optim.max_bad_steps`.
+  A NaN in one named term (pg_loss, kl_loss, ...) is named as that term although the objective that
+  sums it is NaN too; a NaN in the objective alone is named 'loss'.
+- Weights holding a NaN/Inf are refused by the HF export (before its directory exists) and by a
+  checkpoint save, each with a one-line error naming the weight.
+- The guard on a gradient: a NaN in one element of one weight's gradient skips the step, and the
+  warning names that weight, its optimizer group ("dense group" for every weight at world 1: experts
+  form their own group only under expert parallelism) and the rank.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -24,10 +32,11 @@ from r1_megatron.train import checkpointing as dist_ckpt
 from r1_megatron.config.loader import ConfigError, load_config
 from r1_megatron.parallel.device import seed_all, single_rank_world
 from r1_megatron.parallel.groups import resolve_layout
-from r1_megatron.train.nonfinite import NonFiniteError
+from r1_megatron.train.nonfinite import OBJECTIVE, NonFiniteError, StepGuard
 from r1_megatron.train.forward import ForwardModel as Reference
 from r1_megatron.train.sft import local_loss_tokens, sft_loss
 from r1_megatron.train.trainer import Trainer
+from r1_megatron.train.weights import export_hf
 from tests.dist._scenarios import global_batch
 
 CONFIG = "configs/micro_moe_sft.yaml"
@@ -141,6 +150,64 @@ def test_nan_loss_is_skipped_and_named(world, caplog):
     with pytest.raises(NonFiniteError, match=r"^train: 2 consecutive steps skipped \(optim\.max_bad_steps=2\), "
                                              r"the last at step 2: non-finite loss term 'loss'"):
         trainer.train_step(mbs, _nan_loss_in_second_microbatch(local_loss_tokens(mbs)))
+
+
+@pytest.mark.parametrize(("bad", "named"), [
+    ({"kl_loss"}, "kl_loss"),
+    ({"pg_loss", "entropy_loss"}, "pg_loss"),  # the fixed order: pg_loss, kl_loss, entropy_loss, ...
+    ({"entropy_loss", "kl_sum"}, "entropy_loss"),  # a named term before the other metrics
+    ({"moe_aux_loss"}, "moe_aux_loss"),
+    (set(), "loss"),  # the objective alone
+])
+def test_the_first_bad_loss_term_is_named_before_the_objective(world, bad, named):
+    guard = StepGuard(torch.nn.Linear(2, 2), max_bad_steps=3)
+    terms = ("pg_loss", "kl_loss", "entropy_loss", "kl_sum", "moe_aux_loss", "num_tokens")
+    metrics = {k: float("nan") if k in bad else 1.0 for k in terms}
+    metrics |= {OBJECTIVE: float("nan"), "loss": float("nan")}  # what a NaN term does to the sum
+    assert guard.check(1, metrics, grad_norm=1.0, found_inf=False) == f"non-finite loss term '{named}'"
+    assert guard.check(2, {k: 1.0 for k in metrics}, grad_norm=1.0, found_inf=False) is None
+
+
+def _nan_in_first_element(g: torch.Tensor) -> torch.Tensor:
+    g = g.clone()
+    g.view(-1)[0] = float("nan")
+    return g
+
+
+# The group is megatron's optimizer group (train/nonfinite.py `_param_grads`): an expert weight is in the
+# expert group only under expert parallelism (allreduce=False); at ep 1 it is reduced with the dense ones.
+@pytest.mark.parametrize("weight", ["decoder.layers.0.self_attention.linear_proj.weight",
+                                    "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"])
+def test_nan_gradient_names_the_weight_and_its_group(world, caplog, weight):
+    trainer = _trainer(_cfg())
+    param = dict(trainer.unwrapped.named_parameters())[weight]
+    weights = [p.detach().clone() for p in trainer.unwrapped.parameters()]
+    hook = param.register_hook(_nan_in_first_element)
+    with caplog.at_level(logging.WARNING, logger="r1_megatron.train.nonfinite"):
+        metrics = _step(trainer)
+    hook.remove()
+    assert metrics["update_ok"] == 0.0 and metrics["train/skipped_steps"] == 1.0
+    assert f"non-finite gradient (grad norm nan), first in {weight} (dense group) on rank 0" in caplog.text
+    assert "loss term" not in caplog.text  # the loss itself stayed finite
+    assert all(torch.equal(a, p) for a, p in zip(weights, trainer.unwrapped.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_export_and_save_refuse_nonfinite_weights(world, tmp_path, value):
+    trainer = _trainer(_cfg())
+    weight = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
+    with torch.no_grad():
+        dict(trainer.unwrapped.named_parameters())[weight].view(-1)[7] = value
+    first = f"non-finite weights (first: {weight} on rank 0)"
+    hf, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    refusal = f"{hf}: refusing to export {first}"
+    with pytest.raises(dist_ckpt.CheckpointError, match=f"^{re.escape(refusal)}$"):
+        export_hf(trainer, hf)
+    assert not hf.exists()
+    refusal = f"{ckpt / 'step_000000'}: refusing to save {first}; {ckpt / 'latest'} still names no checkpoint"
+    with pytest.raises(dist_ckpt.CheckpointError, match=f"^{re.escape(refusal)}$"):
+        dist_ckpt.save(trainer, ckpt)
+    assert not ckpt.exists()
 
 
 def test_max_bad_steps_config(world):
