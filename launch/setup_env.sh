@@ -19,4 +19,5 @@ pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -qq bubblewrap >/dev/null 2>&1 || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1)) || echo "setup: bubblewrap not installed; sandbox uses its fallback"
 fi
-python -c "import torch, megatron.core, vllm; print('setup ok: torch', torch.__version__, 'mcore', megatron.core.__version__, 'vllm', vllm.__version__)"
+# r1_megatron first: it filters megatron-core's known import warnings (r1_megatron/__init__.py).
+python -c "import r1_megatron, torch, megatron.core, vllm; print('setup ok: torch', torch.__version__, 'mcore', megatron.core.__version__, 'vllm', vllm.__version__)"
