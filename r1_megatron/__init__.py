@@ -11,6 +11,9 @@ for _message in (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed. Falling back to Torch Norm",
     "full scope is deprecated",
+    # Under sequence parallelism, megatron's expert linears at expert-TP 1 turn it off for themselves
+    # (what MoE with parallel.etp=1 wants) and say so, once per layer and rank.
+    "`sequence_parallel` is set to `True`, but tensor model parallel size is 1",
 ):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)
 del _message
@@ -22,6 +25,10 @@ for _message in (
     "`torch.distributed.reduce_op` is deprecated",
     "`load_state_dict` is deprecated and will be removed",
     "Please use DTensor instead and we are deprecating ShardedTensor",
+    # torch 2.13 renames these two collectives (`*_single`); megatron-core 0.16.1 (sequence parallelism,
+    # the DDP buffers) and our refit gather (rollout/weight_export.py) still call the old names.
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",
 ):
     warnings.filterwarnings("ignore", message=_message, category=FutureWarning)
 del _message
