@@ -14,6 +14,10 @@ for _message, _category in (
     # Under sequence parallelism, megatron's expert linears at expert-TP 1 turn it off for themselves
     # (what MoE with parallel.etp=1 wants) and say so, once per layer and rank.
     ("`sequence_parallel` is set to `True`, but tensor model parallel size is 1", UserWarning),
+    # megatron's tensor-parallel layers advise CUDA_DEVICE_MAX_CONNECTIONS=1 under sequence parallelism,
+    # for CUDA stream overlap: nothing to act on on CPU, and the GPU launch (launch/slurm/common.sh) sets it.
+    ("When using sequence parallelism it is recommended to set the environment variable "
+     "CUDA_DEVICE_MAX_CONNECTIONS", UserWarning),
     # vLLM 0.32's kernel dispatcher reads every attribute of torch.distributed when an engine starts,
     # the deprecated alias `reduce_op` among them.
     ("`torch.distributed.reduce_op` is deprecated", FutureWarning),

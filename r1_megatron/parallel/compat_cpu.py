@@ -31,7 +31,6 @@ import contextlib
 import importlib
 import math
 import types
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -494,9 +493,5 @@ def activate() -> bool:
         return False
     for fix in FIXES:
         fix.install()
-    # Not a patch: megatron's tensor-parallel layers advise CUDA_DEVICE_MAX_CONNECTIONS=1 under sequence
-    # parallelism, for CUDA stream overlap. There are no CUDA streams on CPU (the GPU launch sets it).
-    warnings.filterwarnings("ignore", message="When using sequence parallelism it is recommended to set the "
-                            "environment variable CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
     _ACTIVE = True
     return True
