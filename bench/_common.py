@@ -28,11 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ("refit", "rollout", "logprobs", "train")
 
 
-def make_hf_dir(out_dir: Path, seed: int = 0) -> Path:
-    """Random tiny_moe weights (transformers' own init) plus the shipped tokenizer, as one HF directory."""
+def make_hf_dir(out_dir: Path, seed: int = 0, card_overrides: list[str] | None = None) -> Path:
+    """Random tiny_moe weights (transformers' own init; `card_overrides` as `model.<key>=<value>`) plus
+    the shipped tokenizer, as one HF directory."""
     from r1_megatron.data.tokenizer import ASSET_DIR
 
-    make_hf_checkpoint(load_card("tiny_moe"), out_dir, seed=seed)
+    make_hf_checkpoint(load_card("tiny_moe", card_overrides), out_dir, seed=seed)
     for f in ASSET_DIR.iterdir():
         shutil.copy(f, out_dir / f.name)
     return out_dir

