@@ -3,7 +3,8 @@
 vLLM 0.32 names the method "mtp" (the older "deepseek_mtp" is an alias it rewrites): the drafter is
 the checkpoint's own MTP layer(s) (`model.layers.{num_layers + k}.*`), sharing the target's embedding
 and LM head. Rejection sampling keeps the target's distribution exactly; speculation changes only
-the speed, which on CPU needs `vllm_cpu_compat.patch_speculative_sampling` (see there).
+the speed, which on CPU needs `vllm_cpu_compat.patch_speculative_sampling` and
+`patch_moe_routing` (see there).
 
 Acceptance is read from vLLM's own spec-decode counters (Prometheus, through `LLM.get_metrics`; the
 engine turns stats logging on when speculating). They are process-wide running totals, so a step's

