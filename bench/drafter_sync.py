@@ -1,7 +1,7 @@
 """Does the MTP drafter stay in sync with the policy? 20 GRPO steps of the demo with speculative rollout
 (issue 19): acceptance of the trained and refitted drafter against the drafter frozen at its SFT weights.
 
-    python bench/drafter_sync.py --base DIR [--steps 20] [--coef 0.3] [--n 16] [key=value ...]
+    python bench/drafter_sync.py --base DIR [--steps 20] [--coef 0.3] [--n 16] [--also HF] [key=value ...]
 
 --base: the demo's SFT base, `r1m demo`'s stage sft_base (configs/demo_pipeline.yaml writes it to
 OUT/sft_base/; its MTP head is trained by the SFT's MTP loss), or its hf/ export. The bench does not
@@ -25,6 +25,8 @@ held-out prompts (data.num_eval), --n samples each at the demo's T=1.0, 32 token
   RESULT acceptance_start=<a>     the base (SFT trunk + SFT head)
   RESULT acceptance_trained=<a>   after the run, trained and refitted head
   RESULT acceptance_frozen=<a>    after the run, SFT head
+  RESULT acceptance_also=<a>      with --also HF: that checkpoint as it is (e.g. the full demo's hf/,
+                                  whose head stays the SFT one: rl.mtp_loss_coef 0, optim.weight_decay 0)
   RESULT inrun_acceptance_step1=<a> / inrun_acceptance_last3=<a>   the run's own rollout/spec_acceptance
   RESULT clipped_steps=<n>        steps whose grad_norm exceeded optim.clip_grad
   RATIO trained_vs_frozen=<trained / frozen>   (last line)
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coef", type=float, default=0.3, help="rl.mtp_loss_coef")
     parser.add_argument("--n", type=int, default=16, help="probe samples per held-out prompt")
     parser.add_argument("--seed", type=int, default=7, help="probe sampling seed")
+    parser.add_argument("--also", type=Path, default=None,
+                        help="another checkpoint (HF dir or a stage dir with hf/) to probe as it is")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the GRPO run's config")
     args = parser.parse_args(argv)
@@ -174,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         trained = Path(tmp) / "trained"
         frozen = with_drafter(trained, base, Path(tmp) / "frozen")
         prompts = [it["prompt_ids"] for it in heldout_items(cfg, job_tokenizer(cfg))]
-        arms = {name: probe(d, cfg, prompts, args.n, args.seed)
-                for name, d in (("start", base), ("trained", trained), ("frozen", frozen))}
-        moved = {"trained_vs_base": changes(base, trained), "frozen_vs_base": changes(base, frozen),
-                 "frozen_vs_trained": changes(trained, frozen)}
+        dirs = {"start": base, "trained": trained, "frozen": frozen}
+        if args.also:
+            dirs["also"] = base_hf(args.also)
+        arms = {name: probe(d, cfg, prompts, args.n, args.seed) for name, d in dirs.items()}
+        moved = {f"{name}_vs_base": changes(base, d) for name, d in dirs.items() if name != "start"}
+        moved["frozen_vs_trained"] = changes(trained, frozen)
     inrun = [r["rollout/spec_acceptance"] for r in rows if "rollout/spec_acceptance" in r]
     clip = cfg.optim.clip_grad
     clipped = sum(r.get("grad_norm", 0.0) > clip for r in rows)
