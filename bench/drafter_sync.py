@@ -30,8 +30,8 @@ held-out prompts (data.num_eval), --n samples each at the demo's T=1.0, 32 token
   RESULT inrun_acceptance_step1=<a> / inrun_acceptance_last3=<a>   the run's own rollout/spec_acceptance
   RESULT clipped_steps=<n>        steps whose grad_norm exceeded optim.clip_grad
   RATIO trained_vs_frozen=<trained / frozen>   (last line)
-Writes bench/results/drafter_sync.json. Acceptance under vLLM-CPU at T > 0 still carries a known
-speculative-sampling bias (rollout/vllm_cpu_compat.py); the counts compare arms on equal terms.
+Writes bench/results/drafter_sync.json (or --out). Speculative sampling on vLLM-CPU needs both
+patches of rollout/vllm_cpu_compat.py, which every engine here applies.
 """
 
 from __future__ import annotations
