@@ -13,11 +13,11 @@ the response tokens:
   routing causes (the rest is bf16 numerics, which replay cannot remove).
 
 Prints RESULT lines, then `RATIO mismatch_r3_reduction=<mean |dlogp| off / r3>`; writes
-bench/results/mismatch.json. `model.<key>=<value>` arguments change the random card (both sides),
-e.g. DeepSeek-like routing: model.num_experts=64 model.router_topk=6 model.n_group=8
+bench/results/mismatch.json (or out=PATH). `model.<key>=<value>` arguments change the random card
+(both sides), e.g. DeepSeek-like routing: model.num_experts=64 model.router_topk=6 model.n_group=8
 model.topk_group=4 model.num_layers=6.
 Usage: python bench/mismatch.py [prompts=8] [group=4] [max_new_tokens=32] [seed=0] [temperature=1.0]
-       [trainer_dtype=float32|bfloat16] [hf=DIR] [model.<key>=<value> ...]
+       [trainer_dtype=float32|bfloat16] [hf=DIR] [out=PATH] [model.<key>=<value> ...]
 """
 
 from __future__ import annotations
@@ -103,31 +103,36 @@ def main(argv: list[str]) -> int:
             batch, _ = run.rollout()
             mbs = microbatches(batch, cfg.data.seq_length, run.layout.micro_batch_size,
                                     share_prompts=cfg.rl.share_prompts)
-            report = {"rollout_dtype": "bfloat16", "trainer_dtype": trainer_dtype, "samples": len(batch.samples),
+            report = {"rollout_dtype": "bfloat16", "trainer_dtype": trainer_dtype,
+                      "samples": len(batch.samples),
                       "checkpoint": str(args.get("hf", "random"))}
             lps = {}
             for mode in ("off", "r3"):
-                plan = router_replay.StepRouting(run.trainer, mbs, batch.samples, replace(cfg.rl, router_replay=mode))
+                rl_cfg = replace(cfg.rl, router_replay=mode)
+                plan = router_replay.StepRouting(run.trainer, mbs, batch.samples, rl_cfg)
                 with plan.old_pass() as counts, used_routing(run.trainer) as used:
                     lps[mode] = run.trainer.forward_logprobs(mbs)
                 routing = counts.metrics()
-                report[mode] = {**gaps(mbs, lps[mode]), "routing_disagreement_own": routing["routing_mismatch/mean"],
+                report[mode] = {**gaps(mbs, lps[mode]),
+                                "routing_disagreement_own": routing["routing_mismatch/mean"],
                                 "routing_disagreement_used": disagreement(used, plan.targets),
                                 **{k: v for k, v in routing.items() if "layer" in k}}
             # The part of the gap that routing causes: the trainer against itself, own vs replayed routing.
-            report["routing_component_mean_abs_dlogp"] = float(torch.cat(
-                [(a - b).abs()[mb.loss_mask > 0] for mb, a, b in zip(mbs, lps["off"], lps["r3"], strict=True)]).mean())
+            own_vs_replayed = [(a - b).abs()[mb.loss_mask > 0]
+                               for mb, a, b in zip(mbs, lps["off"], lps["r3"], strict=True)]
+            report["routing_component_mean_abs_dlogp"] = float(torch.cat(own_vs_replayed).mean())
         finally:
             run.close()
     ratio = report["off"]["mean_abs_dlogp"] / max(report["r3"]["mean_abs_dlogp"], 1e-30)
     report["mismatch_r3_reduction"] = ratio
-    out = _common.REPO / "bench" / "results" / "mismatch.json"
+    out = Path(args.get("out", _common.REPO / "bench" / "results" / "mismatch.json"))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     for mode in ("off", "r3"):
         r = report[mode]
         print(f"RESULT {mode}: routing_disagreement={r['routing_disagreement_used']:.4f} "
-              f"mean_abs_dlogp={r['mean_abs_dlogp']:.5f} max_abs_dlogp={r['max_abs_dlogp']:.4f} k3_kl={r['k3_kl']:.3g}")
+              f"mean_abs_dlogp={r['mean_abs_dlogp']:.5f} max_abs_dlogp={r['max_abs_dlogp']:.4f} "
+              f"k3_kl={r['k3_kl']:.3g}")
     print(f"RESULT routing_component_mean_abs_dlogp={report['routing_component_mean_abs_dlogp']:.5f} "
           f"(trainer own vs replayed routing; the rest of the off gap is bf16 numerics)")
     print(f"RATIO mismatch_r3_reduction={ratio:.3f}")
