@@ -60,6 +60,10 @@ KNOWN_STARTUP = {
                                   "CPU backend doesn't allow to use `torch.set_num_threads`"),
     # The engine starts without a tokenizer (skip_tokenizer_init): we send token ids and decode ourselves.
     "vllm.renderers.base": ("Chat template warmup failed", "Using None for EOS token id"),
+    # vLLM's own CPU worker sets VLLM_DIST_IDENT in os.environ (cpu_worker.py) without listing it among
+    # its variables, so a process started by one that ran an engine (a pipeline stage, a test's
+    # subprocess) inherits it and vLLM flags its own variable.
+    "vllm.platforms.interface": ("Unknown vLLM environment variable detected: VLLM_DIST_IDENT",),
     # A separate engine process hands vLLM 0.32 token-id prompts directly (pinned; the Renderer path
     # it points to is for a later release).
     "vllm.v1.engine.input_processor": ("Passing raw prompts to InputProcessor is deprecated",),

@@ -6,6 +6,7 @@ GRPO); one with another seed is refused with the key and both values. Start-up i
 and no vLLM WARNING line in the output (rollout/vllm_process.py KNOWN_STARTUP, r1_megatron/__init__.py)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +20,9 @@ def test_demo_command_writes_its_outputs(tmp_path):
     cmd = [sys.executable, "-m", "r1_megatron.cli", "demo", "--out", str(out), "sft_steps=3", "rl.steps=2",
            "rl.prompts_per_step=2", "rl.group_size=4", "data.num_eval=4", "rl.eval_samples=2", "rl.eval_every=0",
            "data.sft_examples=64", "logging.progress=false"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=840)
+    # As started by a process that ran a vLLM-CPU engine (its CPU worker leaves this in os.environ).
+    env = {**os.environ, "VLLM_DIST_IDENT": "inherited"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=840, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"base_accuracy", "final_accuracy", "steps", "seconds"}
