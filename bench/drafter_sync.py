@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = demo_config(Path(tmp) / "run", base, args.steps, args.coef, args.overrides)
         print(f"base {base}; {args.steps} steps of {cfg.rl.prompts_per_step} prompts x "
               f"G={cfg.rl.group_size}, mtp_loss_coef {args.coef}; {load_average()}", flush=True)
-        rows, train_s = train(cfg, Path(tmp) / "trained")
         trained = Path(tmp) / "trained"
+        rows, train_s = train(cfg, trained)
         frozen = with_drafter(trained, base, Path(tmp) / "frozen")
         prompts = [it["prompt_ids"] for it in heldout_items(cfg, job_tokenizer(cfg))]
         dirs = {"start": base, "trained": trained, "frozen": frozen}

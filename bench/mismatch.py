@@ -69,19 +69,16 @@ def used_routing(trainer):
 
 
 def disagreement(maps: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """The fraction of rollout-routed (token, MoE layer) whose used expert set differs from the rollout's
-    (world 1: every router sees its microbatch's whole row)."""
+    """The fraction of rollout-routed (token, MoE layer) whose used expert set differs from the rollout's,
+    counted by the replay's own `RoutingCounts` (world 1: every router sees its microbatch's whole row)."""
     layers = targets[0].shape[0]
-    differ = total = 0
+    counts = router_replay.RoutingCounts(layers, sequence_parallel=False)
     for i, target in enumerate(targets):
         for layer in range(layers):
-            got = maps[i * layers + layer]
-            want = router_replay._local_rows(target[layer], got.shape[0], sequence_parallel=False)
-            valid = want[:, 0] >= 0
-            chosen = torch.zeros_like(got).scatter(1, want.clamp(min=0).long(), True)
-            differ += int((chosen != got).any(-1)[valid].sum())
-            total += int(valid.sum())
-    return differ / max(total, 1)
+            used = maps[i * layers + layer]  # bool [tokens, experts], top-k True per row
+            want = router_replay._local_rows(target[layer], used.shape[0], sequence_parallel=False)
+            counts.add(layer, used.nonzero()[:, 1].view(used.shape[0], -1), want)
+    return counts.metrics()["routing_mismatch/mean"]
 
 
 def main(argv: list[str]) -> int:
