@@ -39,15 +39,21 @@ def make_hf_dir(out_dir: Path, seed: int = 0, card_overrides: list[str] | None =
     return out_dir
 
 
+def run_overrides(run_dir: Path, hf_dir: Path, steps: int) -> list[str]:
+    """A bench run of configs/demo_cpu.yaml: into `run_dir`, from `hf_dir`, `steps` steps, quiet, no
+    saves, no resume, no eval."""
+    return [f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.progress=false",
+            f"checkpoint.load={hf_dir}", "checkpoint.save_every=0", "checkpoint.resume=false",
+            f"rl.steps={steps}", "rl.eval_every=0"]
+
+
 def our_config(run_dir: Path, hf_dir: Path, steps: int, *, prompts: int = 8, group: int = 8,
                max_new_tokens: int = 64, kl_coef: float = 0.001, lr: float = 1e-5,
                extra: tuple[str, ...] = ()) -> JobConfig:
     """configs/demo_cpu.yaml with the bench's shape; starts from `hf_dir`, saves nothing."""
     cfg = load_config(REPO / "configs" / "demo_cpu.yaml", [
-        f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.progress=false",
-        f"checkpoint.load={hf_dir}", "checkpoint.save_every=0", "checkpoint.resume=false",
-        f"rl.steps={steps}", f"rl.prompts_per_step={prompts}", f"rl.group_size={group}",
-        f"rl.kl_coef={kl_coef}", "rl.eval_every=0", "rl.num_minibatches=1", "rl.ppo_epochs=1",
+        *run_overrides(run_dir, hf_dir, steps), f"rl.prompts_per_step={prompts}", f"rl.group_size={group}",
+        f"rl.kl_coef={kl_coef}", "rl.num_minibatches=1", "rl.ppo_epochs=1",
         f"rollout.max_new_tokens={max_new_tokens}", f"rollout.max_model_len={max_new_tokens + 64}",
         f"optim.lr={lr}",
         # vLLM's own default mode: dynamo traces the model once and inductor compiles it (~15 s once,

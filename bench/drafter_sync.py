@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, BenchRun, load_average, mean, quiet_vllm  # noqa: E402
+from _common import REPO, BenchRun, load_average, mean, quiet_vllm, run_overrides  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "drafter_sync.json"
 
@@ -66,9 +66,7 @@ def demo_config(run_dir: Path, hf_dir: Path, steps: int, coef: float, extra: lis
     from r1_megatron.config import load_config, validate
 
     cfg = load_config(REPO / "configs" / "demo_cpu.yaml", [
-        f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.progress=false",
-        f"checkpoint.load={hf_dir}", "checkpoint.save_every=0", "checkpoint.resume=false",
-        f"rl.steps={steps}", "rl.eval_every=0",
+        *run_overrides(run_dir, hf_dir, steps),
         "rollout.speculative.method=mtp", "rollout.speculative.num_speculative_tokens=1",
         f"rl.mtp_loss_coef={coef}", "rl.mtp_detach_trunk=true", *extra,
     ])
